@@ -1,0 +1,50 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# `make setup` is idempotent: it reinstalls only when pyproject.toml changes.
+
+PYTHON  ?= python3.11
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# System packages the optional backends build against (FFCV needs these at build time).
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+EXTRAS  ?= dev
+DATA    ?= data/synthetic
+
+.PHONY: setup apt test demo data bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+# Installs only what is missing; never purges or autoremoves (OpenCV's dev packages depend on libmunge2).
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "apt: installing $$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q
+
+$(DATA)/.complete: | setup
+	$(PY) -m pipeline.synthetic --out $(DATA)
+
+data: $(DATA)/.complete
+
+demo: setup data
+	$(PY) -m benchmarks.loader --data $(DATA)/train --workers 2 --batch 32
+
+bench: setup data
+	$(PY) -m benchmarks.correspondence
+	$(PY) -m benchmarks.loader --data $(DATA)/train
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache .hypothesis

@@ -1,0 +1,209 @@
+"""The embedded data set: procedural scenes with dense ground truth, generated deterministically in seconds.
+
+Each scene is a smooth-noise background on a ground plane with a few textured shapes in front of it. Every
+shape class has its own texture family and hue range, so dense features can tell classes apart locally (what a
+linear probe on 1/4-scale features can measure). Written to disk as::
+
+    ROOT/{train,val}/<class>/<stem>.jpg          ImageFolder layout (class = largest visible shape)
+    ROOT/labels/{train,val}/<class>/<stem>.png   per-pixel class id (0 = background, i+1 = CLASSES[i])
+    ROOT/labels/{train,val}/<class>/<stem>_depth.png   per-pixel depth, uint16 millimetres
+    ROOT/videos/JPEGImages/<video>/<frame>.jpg   short clips of moving shapes (DAVIS layout)
+    ROOT/videos/Annotations/<video>/<frame>.png  palette PNG instance masks (0 = background)
+    ROOT/meta.json                               classes, sizes and the seed; ROOT/.complete marks a full write
+
+Run ``python -m pipeline.synthetic --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+CLASSES = ("disc", "square", "triangle", "ring")
+TEXTURES = ("stripes", "checker", "dots", "waves")  # texture family of each class, same order
+HUES = (0.0, 0.33, 0.6, 0.83)  # centre hue of each class
+DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128] + [255] * (3 * 249)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    height: int = 144
+    width: int = 192
+    train_per_class: int = 64
+    val_per_class: int = 16
+    videos: int = 4
+    frames: int = 12
+    max_shapes: int = 4
+    jpeg_quality: int = 90
+    seed: int = 0
+
+
+@dataclass
+class Shape:
+    cls: int
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    depth: float  # metres
+    colours: tuple[np.ndarray, np.ndarray]
+    period: float
+    velocity: tuple[float, float] = (0.0, 0.0)
+
+
+def _hsv(h, s, v) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), np.float32) * 255
+
+
+def _texture(kind: str, x: np.ndarray, y: np.ndarray, period: float) -> np.ndarray:
+    """A binary-ish pattern in [0, 1] over object-centred coordinates."""
+    if kind == "stripes":
+        return (np.sin(2 * np.pi * x / period) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(x / period) + np.floor(y / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        u, v = np.mod(x, period) - period / 2, np.mod(y, period) - period / 2
+        return (u * u + v * v < (0.3 * period) ** 2).astype(np.float32)
+    if kind == "waves":
+        return (np.sin(2 * np.pi * (y + 0.3 * period * np.sin(2 * np.pi * x / (2 * period))) / period) > 0
+                ).astype(np.float32)
+    raise ValueError(kind)
+
+
+def _shape_mask(cls: int, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Mask of shape ``cls`` over rotated, object-centred coordinates."""
+    name = CLASSES[cls]
+    d2 = x * x + y * y
+    if name == "disc":
+        return d2 < r * r
+    if name == "square":
+        return (np.abs(x) < 0.8 * r) & (np.abs(y) < 0.8 * r)
+    if name == "triangle":  # equilateral, pointing up, inscribed in radius r
+        return (y < 0.5 * r) & (np.sqrt(3) * x - y < r) & (-np.sqrt(3) * x - y < r)
+    if name == "ring":
+        return (d2 < r * r) & (d2 > (0.55 * r) ** 2)
+    raise ValueError(cls)
+
+
+def _random_shape(rng: np.random.Generator, cfg: SyntheticConfig, cls: int | None = None) -> Shape:
+    cls = int(rng.integers(len(CLASSES))) if cls is None else cls
+    h = HUES[cls] + rng.uniform(-0.06, 0.06)
+    light = _hsv(h, rng.uniform(0.5, 0.9), rng.uniform(0.75, 1.0))
+    dark = _hsv(h + rng.uniform(-0.04, 0.04), rng.uniform(0.6, 1.0), rng.uniform(0.2, 0.45))
+    short = min(cfg.height, cfg.width)
+    return Shape(cls, rng.uniform(0.15, 0.85) * cfg.width, rng.uniform(0.2, 0.85) * cfg.height,
+                 rng.uniform(0.14, 0.3) * short, rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 4.0),
+                 (light, dark), rng.uniform(0.035, 0.07) * short,
+                 (rng.uniform(-2.5, 2.5), rng.uniform(-1.5, 1.5)))
+
+
+def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth two-colour value noise, and ground-plane depth (far at the top, 6 m -> 1.5 m)."""
+    cells = rng.random((4, 5)).astype(np.float32)
+    noise = np.asarray(Image.fromarray(cells, mode="F").resize((cfg.width, cfg.height), Image.BICUBIC))
+    noise = np.clip((noise - noise.min()) / max(np.ptp(noise), 1e-6), 0, 1)[..., None]
+    a = _hsv(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.35, 0.8))
+    b = _hsv(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.35, 0.8))
+    image = a * noise + b * (1 - noise)
+    rows = np.linspace(0, 1, cfg.height, dtype=np.float32)[:, None]
+    depth = np.broadcast_to(6.0 - 4.5 * rows, (cfg.height, cfg.width)).astype(np.float32)
+    return image, depth.copy()
+
+
+def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: float = 0.0):
+    """Paint shapes far-to-near at time ``t``; returns (RGB uint8, class ids, instance ids, depth metres)."""
+    image, depth = background[0].copy(), background[1].copy()
+    h, w = depth.shape
+    classes = np.zeros((h, w), np.uint8)
+    instances = np.zeros((h, w), np.uint8)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    order = sorted(range(len(shapes)), key=lambda i: -shapes[i].depth)
+    for i in order:
+        s = shapes[i]
+        dx, dy = xs - (s.cx + t * s.velocity[0]), ys - (s.cy + t * s.velocity[1])
+        ca, sa = np.cos(s.angle), np.sin(s.angle)
+        u, v = ca * dx + sa * dy, -sa * dx + ca * dy
+        mask = _shape_mask(s.cls, u, v, s.radius)
+        pattern = _texture(TEXTURES[s.cls], u, v, s.period)[..., None]
+        paint = s.colours[0] * pattern + s.colours[1] * (1 - pattern)
+        image[mask] = paint[mask]
+        classes[mask] = s.cls + 1
+        instances[mask] = i + 1
+        depth[mask] = s.depth
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), classes, instances, depth
+
+
+def _save_scene(root: Path, split: str, stem: str, cls: int, scene, quality: int) -> None:
+    image, classes, _, depth = scene
+    name = CLASSES[cls]
+    (root / split / name).mkdir(parents=True, exist_ok=True)
+    (root / "labels" / split / name).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / split / name / f"{stem}.jpg", quality=quality)
+    Image.fromarray(classes).save(root / "labels" / split / name / f"{stem}.png")
+    Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(root / "labels" / split / name / f"{stem}_depth.png")
+
+
+def _scene(rng: np.random.Generator, cfg: SyntheticConfig, cls: int):
+    """A scene whose largest visible shape has class ``cls`` (so the ImageFolder label is meaningful)."""
+    while True:
+        shapes = [_random_shape(rng, cfg, cls)] + [_random_shape(rng, cfg) for _ in
+                                                    range(int(rng.integers(0, cfg.max_shapes)))]
+        scene = render(_background(rng, cfg), shapes)
+        areas = np.bincount(scene[1].ravel(), minlength=len(CLASSES) + 1)[1:]
+        if areas.argmax() == cls:
+            return scene
+
+
+def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress: bool = True) -> Path:
+    """Write the data set under ``out`` (replacing an incomplete one); returns the root."""
+    root = Path(out)
+    if (root / ".complete").exists() and json.loads((root / "meta.json").read_text())["config"] == asdict(cfg):
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    jobs = [(split, cls, i) for split, n in (("train", cfg.train_per_class), ("val", cfg.val_per_class))
+            for cls in range(len(CLASSES)) for i in range(n)]
+    split_ids = {"train": 0, "val": 1}
+    for split, cls, i in tqdm(jobs, desc="synthetic scenes", disable=not progress, unit="img"):
+        rng = np.random.default_rng([cfg.seed, split_ids[split], cls, i])
+        _save_scene(root, split, f"{CLASSES[cls]}_{i:05d}", cls, _scene(rng, cfg, cls), cfg.jpeg_quality)
+    for v in tqdm(range(cfg.videos), desc="synthetic videos", disable=not progress, unit="clip"):
+        rng = np.random.default_rng([cfg.seed, 2, v])
+        background = _background(rng, cfg)
+        shapes = [_random_shape(rng, cfg) for _ in range(int(rng.integers(2, cfg.max_shapes + 1)))]
+        frames_dir, masks_dir = root / "videos" / "JPEGImages" / f"clip{v:03d}", root / "videos" / "Annotations" / f"clip{v:03d}"
+        frames_dir.mkdir(parents=True)
+        masks_dir.mkdir(parents=True)
+        for f in range(cfg.frames):
+            image, _, instances, _ = render(background, shapes, t=float(f))
+            Image.fromarray(image).save(frames_dir / f"{f:05d}.jpg", quality=cfg.jpeg_quality)
+            mask = Image.fromarray(instances, mode="P")
+            mask.putpalette(DAVIS_PALETTE)
+            mask.save(masks_dir / f"{f:05d}.png")
+    (root / "meta.json").write_text(json.dumps({"classes": ["background", *CLASSES], "config": asdict(cfg)}, indent=1))
+    (root / ".complete").touch()
+    return root
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    for field, value in asdict(SyntheticConfig()).items():
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(p.parse_args(argv))
+    root = generate(args.pop("out"), SyntheticConfig(**args))
+    n = sum(1 for _ in root.glob("train/*/*.jpg"))
+    print(f"synthetic data set: {root} ({n} train images, classes {', '.join(CLASSES)})")
+
+
+if __name__ == "__main__":
+    main()
