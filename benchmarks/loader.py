@@ -1,0 +1,126 @@
+"""Loader throughput: the reference view-pair loader beside a naive torchvision baseline and the decode-only
+ceiling of the same decoder, on the same files, workers and batch size, in one run.
+
+    python -m benchmarks.loader --data DIR|synthetic [--workers 2] [--batch 32] [--epochs 2] [--reps 3]
+
+``synthetic`` writes (once) an embedded-style set at ImageNet-like resolution (500x375) under data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.folder import decode_rgb, scan_image_folder
+from pipeline.geometry import ViewSpec
+from pipeline.loader import make_loader
+from pipeline.synthetic import SyntheticConfig, generate
+
+from .common import machine, time_loader
+
+
+class DecodeOnly(Dataset):
+    """Read + decode with the loader's decoder and nothing else: the ceiling for a decode-once loader."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], "rb") as f:
+            return decode_rgb(f.read()).shape[0]
+
+
+class NaiveTwoView(Dataset):
+    """What one writes without this project: PIL decode, torchvision RandomResizedCrop + flip twice, and the
+    correspondence recomputed per sample in numpy, redrawing views until 32 cells match."""
+
+    def __init__(self, files, size=224, stride=4, k=32):
+        self.files, self.size, self.stride, self.k = files, size, stride, k
+        g = (np.mgrid[0: size // stride, 0: size // stride] + 0.5) * stride
+        self.centres = np.stack([g[1].ravel(), g[0].ravel()], -1)  # (x, y) view-pixel centres
+
+    def __len__(self):
+        return len(self.files)
+
+    def _view(self, im):
+        i, j, h, w = RandomResizedCrop.get_params(im, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+        flip = bool(torch.rand(1) < 0.5)
+        v = F.resized_crop(im, i, j, h, w, [self.size, self.size], antialias=True)
+        return F.pil_to_tensor(F.hflip(v) if flip else v), (i, j, h, w, flip)
+
+    def _to_source(self, p, xy):
+        i, j, h, w, flip = p
+        x = xy[:, 0] if not flip else self.size - xy[:, 0]
+        return np.stack([j + x * w / self.size, i + xy[:, 1] * h / self.size], -1)
+
+    def __getitem__(self, idx):
+        im = Image.open(self.files[idx]).convert("RGB")
+        while True:
+            (v1, p1), (v2, p2) = self._view(im), self._view(im)
+            src = self._to_source(p1, self.centres)
+            i, j, h, w, flip = p2
+            x2 = (src[:, 0] - j) * self.size / w
+            x2 = self.size - x2 if flip else x2
+            y2 = (src[:, 1] - i) * self.size / h
+            valid = np.flatnonzero((x2 >= 0) & (x2 < self.size) & (y2 >= 0) & (y2 < self.size))
+            if len(valid) >= self.k:
+                break
+        pick = np.random.choice(valid, self.k, replace=False)
+        g = self.size // self.stride
+        m2 = (y2[pick] // self.stride).astype(np.int64) * g + (x2[pick] // self.stride).astype(np.int64)
+        return v1, v2, torch.from_numpy(np.stack([pick, m2], -1)), idx
+
+
+def resolve_data(data: str) -> Path:
+    if data != "synthetic":
+        return Path(data)
+    cfg = SyntheticConfig(height=375, width=500, train_per_class=64, val_per_class=0, videos=0)
+    return generate(Path("data") / "bench-synthetic-500x375", cfg) / "train"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="synthetic", help="ImageFolder root, or 'synthetic'")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per timed repetition")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--size", type=int, default=224, help="view size")
+    args = p.parse_args(argv)
+
+    root = resolve_data(args.data)
+    files = list(scan_image_folder(root).files)
+    kw = dict(batch_size=args.batch, num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=True)
+    decode = DataLoader(DecodeOnly(files), **kw)
+    naive = DataLoader(NaiveTwoView(files, args.size), **kw)
+    ours = make_loader(files, args.batch, args.workers, spec=ViewSpec(size=(args.size, args.size)))
+
+    count = {"tuple": lambda b: b[0].shape[0], "tensor": lambda b: b.shape[0]}
+    results = [
+        time_loader("decode only (simplejpeg, same files)", decode, args.epochs, args.reps, count["tensor"]),
+        time_loader("naive torchvision two-view + numpy matches", naive, args.epochs, args.reps, count["tuple"]),
+        time_loader("reference loader (decode once, Numba matches)", ours, args.epochs, args.reps),
+    ]
+    results[0].unit = "img/s"
+    print(f"loader throughput: {len(files)} images in {root}, {args.workers} workers, batch {args.batch}, "
+          f"{args.size}px views; {machine()}")
+    print(f"{'':44s} {'median':>12s} {'':8s} [{'min-max':>17s}] vs naive")
+    for r in results:
+        print(r.row(results[1].median))
+    ours_rate, ceiling = results[2].median, results[0].median
+    print(f"reference loader = {ours_rate / results[1].median:.2f}x naive (target >= 1.5x), "
+          f"{100 * ours_rate / ceiling:.0f}% of decode-only (target >= 80%)")
+
+
+if __name__ == "__main__":
+    main()
