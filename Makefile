@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Installs only what is missing; never purges or autoremoves (OpenCV's dev packages depend on libmunge2).
 apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || printf '%s ' $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  echo "apt: installing $$missing"; \
