@@ -39,8 +39,8 @@ $(DATA)/.complete: | setup
 
 data: $(DATA)/.complete
 
-demo: setup data
-	$(PY) -m benchmarks.loader --data $(DATA)/train --workers 2 --batch 32
+demo: setup
+	$(PY) -m train.demo --data $(DATA) --out runs/demo
 
 bench: setup data
 	$(PY) -m benchmarks.correspondence

@@ -164,5 +164,7 @@ def make_loader(data, batch_size: int, workers: int = 2, seed: int = 0, spec: Vi
         num_workers=workers, collate_fn=CollateViewPairs(num_matches, spec.size, stride, parallel=workers == 0),
         drop_last=drop_last,
         pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
+        # its own generator: starting an epoch must not draw from torch's global RNG (exact resume)
+        generator=torch.Generator().manual_seed(seed),
         prefetch_factor=prefetch_factor if workers > 0 else None,
     )

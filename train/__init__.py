@@ -1,1 +1,1 @@
-"""Filled in by later issues."""
+"""Trainer: ``python -m train key=value ...`` (see ``train.config.TrainConfig`` for every option)."""

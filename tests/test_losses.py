@@ -1,0 +1,109 @@
+"""Each loss against a slow, obviously-correct float64 reference written with explicit loops."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model.losses import densecl_dense_loss, gather_cells, info_nce, sample_bilinear, vader_loss
+
+T = 0.07
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def ref_info_nce(q, k, queue, t):
+    total = 0.0
+    for i in range(len(q)):
+        logits = [float(q[i] @ k[i]) / t] + [float(q[i] @ queue[:, j]) / t for j in range(queue.shape[1])]
+        top = max(logits)
+        total += -(logits[0] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(q)
+
+
+def ref_bilinear(emb, x, y):
+    """Value of a [C,H,W] map at continuous (x, y) with pixel centres at +0.5, clamped at the border."""
+    _, h, w = emb.shape
+    px, py = min(max(x - 0.5, 0.0), w - 1.0), min(max(y - 0.5, 0.0), h - 1.0)
+    x0, y0 = int(math.floor(px)), int(math.floor(py))
+    x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
+    fx, fy = px - x0, py - y0
+    return ((1 - fx) * (1 - fy) * emb[:, y0, x0] + fx * (1 - fy) * emb[:, y0, x1]
+            + (1 - fx) * fy * emb[:, y1, x0] + fx * fy * emb[:, y1, x1])
+
+
+def unit(v):
+    return v / v.norm()
+
+
+def random_case(seed, b=3, k=5, c=8, h=6, w=7, q=11):
+    g = torch.Generator().manual_seed(seed)
+    q_emb, k_emb = torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g)
+    cells = torch.stack([torch.randperm(h * w, generator=g)[:k] for _ in range(b)])
+    xy = torch.rand(b, k, 2, generator=g) * torch.tensor([w, h])
+    matches = torch.stack([cells, (xy[..., 1].floor() * w + xy[..., 0].floor()).long()], -1)
+    queue = F.normalize(torch.randn(c, q, generator=g), dim=0)
+    return q_emb, k_emb, matches, xy, queue
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_info_nce(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    queue = F.normalize(torch.randn(8, 13, generator=g), dim=0)
+    assert float(info_nce(q, k, queue, 0.2)) == pytest.approx(ref_info_nce(q, k, queue, 0.2), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_vader_loss(seed, reverse):
+    q_emb, k_emb, matches, xy, queue = random_case(seed)
+    got, keys = vader_loss(q_emb, k_emb, matches, xy, queue, T, 10.0, reverse=reverse)
+    w = q_emb.shape[-1]
+    qs, ks = [], []
+    for b in range(q_emb.shape[0]):
+        for j in range(matches.shape[1]):
+            cell = int(matches[b, j, 0])
+            x, y = float(xy[b, j, 0]), float(xy[b, j, 1])
+            if not reverse:  # query at view-1 cell, key at the exact view-2 point
+                qs.append(unit(q_emb[b, :, cell // w, cell % w]))
+                ks.append(unit(ref_bilinear(k_emb[b], x, y)))
+            else:
+                qs.append(unit(ref_bilinear(q_emb[b], x, y)))
+                ks.append(unit(k_emb[b, :, cell // w, cell % w]))
+    qs, ks = torch.stack(qs), torch.stack(ks)
+    assert float(got) == pytest.approx(10.0 * ref_info_nce(qs, ks, queue, T), rel=1e-10)
+    torch.testing.assert_close(keys, ks)
+
+
+def test_bilinear_at_cell_centres_equals_gather():
+    q_emb, _, matches, _, _ = random_case(7)
+    w = q_emb.shape[-1]
+    cells = matches[..., 0]
+    centres = torch.stack([cells % w, cells // w], -1).double() + 0.5
+    torch.testing.assert_close(sample_bilinear(q_emb, centres), gather_cells(q_emb, cells))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_densecl_dense_loss(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, d, c, s, nq = 2, 6, 10, 9, 7
+    qd, kd = torch.randn(b, d, s, generator=g), torch.randn(b, d, s, generator=g)
+    qf, kf = torch.randn(b, c, s, generator=g), torch.randn(b, c, s, generator=g)
+    queue = F.normalize(torch.randn(d, nq, generator=g), dim=0)
+    qs, ks = [], []
+    for i in range(b):
+        for loc in range(s):
+            sims = [float(unit(qf[i, :, loc]) @ unit(kf[i, :, other])) for other in range(s)]
+            best = max(range(s), key=lambda o: sims[o])
+            qs.append(unit(qd[i, :, loc]))
+            ks.append(unit(kd[i, :, best]))
+    want = ref_info_nce(torch.stack(qs), torch.stack(ks), queue, 0.2)
+    assert float(densecl_dense_loss(qd, kd, qf, kf, queue, 0.2)) == pytest.approx(want, rel=1e-10)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+import torchvision
+
+from model.builder import MoCo, MoCoConfig
+from model.network import DenseNetwork, load_encoder_weights
+
+
+def test_vader_network_shapes_and_decoder_size():
+    net = DenseNetwork("resnet18", "vader").eval()
+    out = net(torch.randn(2, 3, 64, 96))
+    assert out["dense"].shape == (2, 128, 16, 24)
+    decoder50 = DenseNetwork("resnet50", "vader").decoder
+    assert 1.5e6 < sum(p.numel() for p in decoder50.parameters()) < 3e6  # "about 2M"
+
+
+def test_heads_per_objective():
+    x = torch.randn(2, 3, 64, 64)
+    dense = DenseNetwork("resnet18", "densecl").eval()(x)
+    assert dense["global"].shape == (2, 128) and dense["dense"].shape == (2, 128, 2, 2)
+    assert set(DenseNetwork("resnet18", "mocov2").eval()(x)) == {"c5", "global"}
+
+
+def test_loads_torchvision_and_moco_checkpoints(tmp_path):
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    moco = {f"module.encoder_q.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    moco["module.encoder_q.fc.0.weight"] = torch.randn(512, 512)  # MoCo v2's MLP head, dropped
+    torch.save({"state_dict": moco, "epoch": 200}, tmp_path / "moco.pth.tar")
+    for name in ("tv.pth", "moco.pth.tar"):
+        net = DenseNetwork("resnet18", "vader")
+        load_encoder_weights(net.encoder, tmp_path / name)
+        torch.testing.assert_close(net.encoder.net.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_encoder_weights(DenseNetwork("resnet18", "vader").encoder, tmp_path / "r50.pth")
+
+
+def test_queue_pointer_wraps_and_rejects_bad_sizes():
+    m = MoCo(MoCoConfig(arch="resnet18", queue_size=12, dim=8))
+    for step in range(4):
+        keys = torch.full((4, 8), float(step))
+        m.enqueue("queue_dense", keys)
+    assert int(m.queue_dense_ptr) == 4 and (m.queue_dense[:, :4] == 3).all() and (m.queue_dense[:, 4:8] == 1).all()
+    with pytest.raises(ValueError, match="not a multiple"):
+        m.enqueue("queue_dense", torch.zeros(5, 8))
+
+
+def test_momentum_update():
+    m = MoCo(MoCoConfig(arch="resnet18", queue_size=64, momentum=0.9))
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in m.encoder_k.parameters()]
+    m.momentum_update()
+    for k, b, q in zip(m.encoder_k.parameters(), before, m.encoder_q.parameters()):
+        torch.testing.assert_close(k, 0.9 * b + 0.1 * q)
+
+
+def test_shuffle_bn_unshuffles_keys():
+    m = MoCo(MoCoConfig(arch="resnet18", queue_size=64)).eval()
+    # with fixed BN statistics, shuffling then unshuffling must give exactly the plain forward
+    x = torch.randn(6, 3, 64, 64)
+    torch.testing.assert_close(m.encode_keys(x)["dense"], m.encoder_k(x)["dense"])
+
+
+@pytest.mark.parametrize("objective", ["vader", "densecl", "mocov2"])
+def test_objectives_train_step(objective):
+    torch.manual_seed(0)
+    m = MoCo(MoCoConfig(objective=objective, arch="resnet18", queue_size=64 * 4, symmetric=objective == "vader"))
+    v1, v2 = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    matches = torch.randint(0, 256, (4, 8, 2))
+    xy = torch.rand(4, 8, 2) * 16
+    loss, _ = m(v1, v2, matches, xy)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in m.encoder_q.parameters()]
+    assert all(g is not None for g in grads) and all(p.grad is None for p in m.encoder_k.parameters())

@@ -1,0 +1,128 @@
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from train import checkpoint
+from train.config import TrainConfig, parse
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(synthetic_root, run_dir, **extra):
+    args = dict(data=str(synthetic_root / "train"), arch="resnet18", view_size=64, batch_size=4, workers=2,
+                queue_size=256, num_matches=8, min_matches=8, run_dir=str(run_dir), progress="false",
+                checkpoint_every=1, lr=0.1, decoder_lr=0.1)
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def losses(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"objective": "simclr"}, "objective='simclr'"),
+    ({"batch_size": 6}, "not divisible by the world size 4"),
+    ({"queue_size": 1000}, "not a multiple of the 8192 keys"),
+    ({"num_matches": 64}, "raise min_matches"),
+    ({"view_size": 100}, "multiple of 32"),
+    ({"data": "/nonexistent"}, "no such folder"),
+    ({"resume": "/nonexistent.pt"}, "no such checkpoint"),
+])
+def test_config_errors_say_what_to_change(override, message):
+    cfg = TrainConfig(**{"batch_size": 256, **override})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate(world_size=4)
+
+
+def test_parse_yaml_then_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("objective: densecl\nbatch_size: 64\n")
+    cfg = parse(["--config", str(tmp_path / "c.yaml"), "batch_size=32", "symmetric=true"])
+    assert (cfg.objective, cfg.batch_size, cfg.symmetric) == ("densecl", 32, True)
+    with pytest.raises(Exception, match="no_such_key"):
+        parse(["no_such_key=1"])
+
+
+def test_checkpoints_are_pruned_and_corrupt_ones_skipped(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save({"step": step}, tmp_path, step, keep=2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
+    latest = checkpoint.checkpoints(tmp_path)[-1]
+    latest.write_bytes(latest.read_bytes()[:20])  # truncated, as by a crash mid-copy
+    with pytest.warns(UserWarning, match="unreadable"):
+        state, path = checkpoint.load_latest(tmp_path)
+    assert state == {"step": 2} and path.name == "step_00000002.pt"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def run_train(args, **kw):
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_path):
+    steps = 10
+    ref = run_train(tiny_args(synthetic_root, tmp_path / "ref", steps=steps))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    args = tiny_args(synthetic_root, tmp_path / "cut", steps=steps, resume="auto")
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "step_00000004.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = int(resumed.stdout.split("at step ")[1].split()[0])
+    assert 4 <= start < steps, resumed.stdout
+    want, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, steps + 1)), "a step was lost or repeated"
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-4), f"step {step}"
+
+
+def _ddp_worker(rank, world, port, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from train.trainer import run
+    model = run(parse(args))
+    torch.save({"queue": model.queue_dense, "ptr": model.queue_dense_ptr,
+                "params": torch.cat([p.detach().flatten() for p in model.encoder_q.parameters()])},
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_keeps_queues_identical(synthetic_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = tiny_args(synthetic_root, tmp_path / "ddp", steps=3, workers=0, batch_size=8, checkpoint_every=100)
+    mp.start_processes(_ddp_worker, args=(2, port, args, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert int(r0["ptr"]) == int(r1["ptr"]) == 3 * 8 * 8 % 256
+    torch.testing.assert_close(r0["queue"], r1["queue"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)
+    assert (tmp_path / "ddp" / "checkpoints" / "step_00000003.pt").exists()
+
+
+def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
+    from train.demo import main
+    out = tmp_path / "demo"
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--batch", "8",
+                 "--view-size", "64", "--probe-epochs", "2"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| VADeR (trained) |" in report and "| random init |" in report
+    for png in ("loss.png", "pca.png"):
+        assert (out / png).stat().st_size > 1000

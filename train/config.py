@@ -1,0 +1,108 @@
+"""Training configuration: one dataclass, overridable from YAML files and ``key=value`` arguments (OmegaConf).
+
+    python -m train --config my.yaml objective=densecl arch=resnet50 batch_size=256 data=/data/imagenet/train
+
+Every check that can fail is done here, before data is scanned or a model is built.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from model.builder import OBJECTIVES
+from model.network import ARCHS
+
+BACKENDS = ("torch",)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "synthetic"  # ImageFolder root, or 'synthetic' for the embedded set
+    synthetic_dir: str = "data/synthetic"
+    backend: str = "torch"
+    objective: str = "vader"
+    arch: str = "resnet50"
+    init_encoder: Optional[str] = None  # MoCo v2 or torchvision checkpoint for the encoder
+    view_size: int = 224
+    batch_size: int = 256  # global, over all ranks
+    workers: int = 8
+    epochs: int = 200
+    steps: int = 0  # > 0: stop after this many steps instead of `epochs`
+    lr: float = 0.03  # encoder, for a global batch of 256 (scaled linearly)
+    decoder_lr: float = 0.03  # decoder and projection heads, same scaling
+    warmup_steps: int = 0
+    sgd_momentum: float = 0.9
+    weight_decay: float = 1e-4
+    queue_size: int = 65536
+    moco_momentum: float = 0.999
+    temperature: Optional[float] = None  # default: 0.07 for vader, 0.2 otherwise
+    num_matches: int = 32
+    min_matches: int = 32
+    loss_scale: float = 10.0
+    symmetric: bool = False
+    densecl_lambda: float = 0.5
+    densecl_warmup_steps: int = 1000  # lambda is 0 before this step, as in DenseCL
+    sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN
+    amp: bool = True  # bf16 autocast on GPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: str = ""  # '', 'auto' (latest in run_dir, if any) or a checkpoint path
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def validate(self, world_size: int = 1) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.objective in OBJECTIVES, f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        need(self.arch in ARCHS, f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
+        need(self.backend in BACKENDS, f"backend={self.backend!r}: available backends are {', '.join(BACKENDS)}")
+        need(self.view_size % 32 == 0, f"view_size={self.view_size} must be a multiple of 32 (the encoder stride)")
+        need(self.batch_size % world_size == 0,
+             f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
+        need(self.num_matches <= self.min_matches,
+             f"num_matches={self.num_matches} > min_matches={self.min_matches}: raise min_matches")
+        grid = (self.view_size // 4) ** 2
+        need(self.min_matches <= grid, f"min_matches={self.min_matches} exceeds the {grid} cells of the feature grid")
+        keys = self.batch_size * (self.num_matches * (2 if self.symmetric else 1) if self.objective == "vader" else 1)
+        need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
+             f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
+        need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
+        need(self.resume in ("", "auto") or Path(self.resume).is_file(),
+             f"resume={self.resume!r}: no such checkpoint file (use 'auto' or a path)")
+        need(self.init_encoder is None or Path(self.init_encoder).is_file(),
+             f"init_encoder={self.init_encoder!r}: no such file")
+        need(self.data == "synthetic" or Path(self.data).is_dir(), f"data={self.data!r}: no such folder")
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """``[--config FILE.yaml ...] [key=value ...]``: later sources override earlier ones."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        for f in fields(TrainConfig):
+            print(f"  {f.name}={f.default}")
+        raise SystemExit(0)
+    merged = OmegaConf.structured(TrainConfig)
+    while "--config" in argv:
+        i = argv.index("--config")
+        merged = OmegaConf.merge(merged, OmegaConf.load(argv[i + 1]))
+        del argv[i:i + 2]
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"error: expected key=value overrides, got {bad}")
+    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(argv))
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,245 @@
+"""The training loop: loader -> device augmentation -> MoCo objective -> SGD, with exact resume.
+
+Launch with ``python -m train key=value ...`` on one process, or under torchrun / Slurm (``WORLD_SIZE`` set)
+for DDP over env:// (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.builder import MoCo, MoCoConfig
+from model.network import load_encoder_weights
+from pipeline import PhotometricAugment, ViewSpec, make_loader
+from pipeline.synthetic import generate
+
+from . import checkpoint
+from .config import TrainConfig, to_yaml
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(minutes=10))
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
+    if cfg.data != "synthetic":
+        return Path(cfg.data)
+    if rank == 0:
+        generate(cfg.synthetic_dir, progress=cfg.progress)
+    _barrier(world)
+    return Path(cfg.synthetic_dir) / "train"
+
+
+def learning_rate(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero (MoCo v2's schedule, per step)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class MetricsLog:
+    """metrics.csv in the run folder; on resume, rows after the checkpoint's step are dropped."""
+
+    FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "data_wait", "loss_global", "loss_dense")
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if path.exists() and resume_step > 0:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, self.FIELDS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _rng_state(augment_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "augment": augment_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    augment_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_objects(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MoCo(MoCoConfig(objective=cfg.objective, arch=cfg.arch, queue_size=cfg.queue_size,
+                            momentum=cfg.moco_momentum, temperature=cfg.temperature, loss_scale=cfg.loss_scale,
+                            symmetric=cfg.symmetric, densecl_lambda=cfg.densecl_lambda,
+                            shuffle_bn=not cfg.sync_bn))
+    if cfg.init_encoder:
+        load_encoder_weights(model.encoder_q.encoder, cfg.init_encoder)
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    if cfg.sync_bn:
+        if device.type != "cuda" or world == 1:
+            raise ValueError("sync_bn=true needs DDP on GPUs; on one process or CPU use shuffle-BN (the default)")
+        model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+        model.encoder_k = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def run(cfg: TrainConfig) -> MoCo:
+    """Train per ``cfg``; returns the (unwrapped) model. Safe to call again after a crash with resume='auto'."""
+    rank, world, device = setup_distributed()
+    cfg.validate(world)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    root = data_root(cfg, rank, world)
+    per_rank = cfg.batch_size // world
+    loader = make_loader(root, per_rank, cfg.workers, cfg.seed, ViewSpec(size=(cfg.view_size, cfg.view_size)),
+                         cfg.num_matches, cfg.min_matches, 4, rank, world, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+
+    model = build_model(cfg, device, world)
+    scale = cfg.batch_size / 256
+    encoder_params = list(model.encoder_q.encoder.parameters())
+    ids = {id(p) for p in encoder_params}
+    head_params = [p for p in model.encoder_q.parameters() if id(p) not in ids]
+    base_lrs = [cfg.lr * scale, cfg.decoder_lr * scale]
+    optimizer = torch.optim.SGD([{"params": encoder_params}, {"params": head_params}], lr=base_lrs[0],
+                                momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    augment = PhotometricAugment().to(device)
+    augment_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # shuffle-BN permutations
+    epoch = step_in_epoch = global_step = 0
+
+    resumed = None
+    if cfg.resume == "auto":
+        resumed = checkpoint.load_latest(ckpt_dir)
+    elif cfg.resume:
+        resumed = torch.load(cfg.resume, map_location="cpu", weights_only=False), Path(cfg.resume)
+    if resumed is not None:
+        state, path = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        _set_rng_state(state["rng"][rank], augment_gen)
+        if rank == 0:
+            print(f"resumed from {path} at step {global_step} (epoch {epoch}, batch {step_in_epoch})")
+
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                  broadcast_buffers=False) if world > 1 else model
+    forward = torch.compile(net) if cfg.compile else net
+    use_amp = cfg.amp and device.type == "cuda"
+    log = MetricsLog(run_dir / "metrics.csv", global_step) if rank == 0 else None
+    bar = tqdm(total=total, initial=global_step, disable=rank != 0 or not cfg.progress, unit="step",
+               dynamic_ncols=True)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    while global_step < total:
+        loader.sampler.set_epoch(epoch, start=step_in_epoch * per_rank)
+        batches = iter(loader)
+        while global_step < total:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            loaded = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            v1 = augment(batch["view1"], augment_gen).contiguous(memory_format=memory_format)
+            v2 = augment(batch["view2"], augment_gen).contiguous(memory_format=memory_format)
+            lrs = [learning_rate(b, global_step, total, cfg.warmup_steps) for b in base_lrs]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            lam = 0.0 if global_step < cfg.densecl_warmup_steps else cfg.densecl_lambda
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {global_step + 1}; batch indices "
+                                         f"{batch['index'].tolist()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            step_in_epoch += 1
+            if step_in_epoch == steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+            now = time.perf_counter()
+            if log is not None:
+                log.write({"step": global_step, "epoch": epoch, "loss": f"{value:.6f}", "lr": f"{lrs[0]:.6g}",
+                           "images_per_s": f"{cfg.batch_size / (now - start):.1f}",
+                           "data_wait": f"{(loaded - start) / (now - start):.4f}",
+                           **{k: f"{v.item():.6f}" for k, v in stats.items()}})
+            bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
+            bar.update()
+            if global_step % cfg.checkpoint_every == 0 or global_step == total:
+                rngs = _gather_objects(_rng_state(augment_gen), world)
+                if rank == 0:
+                    checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                                     "rng": rngs, "config": asdict(cfg)}, ckpt_dir, global_step,
+                                    cfg.keep_checkpoints)
+                _barrier(world)
+            if step_in_epoch == 0:
+                break  # epoch finished: the next one reshuffles
+    bar.close()
+    if log is not None:
+        log.close()
+    return model
+
+
+def main(argv=None) -> None:
+    from .config import parse
+
+    cfg = parse(argv)
+    try:
+        run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
