@@ -3,7 +3,7 @@
 | objective | positives | negatives | loss |
 | --- | --- | --- | --- |
 | ``vader`` | 32 matched pixels per pair (decoder, 1/4 scale) | queue of pixel keys | 10 x InfoNCE, T=0.07 |
-| ``densecl`` | global view + argmax-similar backbone cells | queue of global keys, queue of pooled dense keys | (1-l) Lg + l Ld, T=0.2 |
+| ``densecl`` | global view + argmax-similar backbone cells | global keys; pooled dense keys | (1-l)Lg + lLd, T=0.2 |
 | ``mocov2`` | the other view, globally pooled | queue of global keys | InfoNCE, T=0.2 |
 
 Under DDP every rank enqueues the same all-gathered keys, so queues and pointers stay identical by construction

@@ -180,7 +180,8 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
         rng = np.random.default_rng([cfg.seed, 2, v])
         background = _background(rng, cfg)
         shapes = [_random_shape(rng, cfg) for _ in range(int(rng.integers(2, cfg.max_shapes + 1)))]
-        frames_dir, masks_dir = root / "videos" / "JPEGImages" / f"clip{v:03d}", root / "videos" / "Annotations" / f"clip{v:03d}"
+        frames_dir = root / "videos" / "JPEGImages" / f"clip{v:03d}"
+        masks_dir = root / "videos" / "Annotations" / f"clip{v:03d}"
         frames_dir.mkdir(parents=True)
         masks_dir.mkdir(parents=True)
         for f in range(cfg.frames):

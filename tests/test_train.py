@@ -126,3 +126,11 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     assert "| VADeR (trained) |" in report and "| random init |" in report
     for png in ("loss.png", "pca.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.gpu
+def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
+    from train.trainer import run
+    model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true")))
+    assert next(model.parameters()).is_cuda
+    assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()

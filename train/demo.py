@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {miou:.3f} | " + " | ".join(f"{float(v):.3f}" for v in per) + " |")
     verdict = "beat" if learned > random_miou else "did NOT beat"
     lines += ["", f"Learned features {verdict} random init ({learned:.3f} vs {random_miou:.3f} mIoU).", "",
-              "![loss](loss.png)", "", "The loss first rises while the queue of random initial keys fills with real ones.", "",
+              "![loss](loss.png)", "",
+             "The loss first rises while the queue's random initial keys are replaced by real ones.", "",
              "![pca](pca.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     print(f"segmentation probe mIoU: learned {learned:.3f}, random init {random_miou:.3f} -> learned features "
