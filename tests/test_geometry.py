@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torchvision.transforms import RandomResizedCrop
 
 from pipeline.correspondence import count_valid, flow
-from pipeline.geometry import (Crop, ViewSpec, apply_affine, compose, crop_affine, invert_affine,
-                               sample_crop_window, sample_view_pair)
+from pipeline.geometry import (Crop, ViewSpec, apply_affine, compose, crop_affine, crop_overlap_cells,
+                               invert_affine, sample_crop_window, sample_view_pair)
 
 sizes = st.integers(1, 2000)
 
@@ -93,6 +93,17 @@ def test_view_pairs_share_min_matches(h, w, seed, min_matches):
         np.testing.assert_array_equal(a, crop_affine(crop, spec.size))
 
 
+@settings(max_examples=300, deadline=None)
+@given(crops(), st.data())
+def test_exact_overlap_formula_equals_the_kernel_count(case, data):
+    (h, w), c1 = case
+    ch, cw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
+    c2 = Crop(data.draw(st.integers(0, h - ch)), data.draw(st.integers(0, w - cw)), ch, cw, data.draw(st.booleans()))
+    view = data.draw(st.sampled_from([(224, 224), (64, 96)]))
+    a1, a2 = crop_affine(c1, view), crop_affine(c2, view)
+    assert crop_overlap_cells(c1, c2, view, 4) == count_valid(a1, a2, view[0] // 4, view[1] // 4, 4.0)
+
+
 def test_view_pair_rejects_impossible_requests():
     with pytest.raises(ValueError, match="impossible"):
         sample_view_pair(np.random.default_rng(0), 100, 100, ViewSpec(size=(32, 32)), min_matches=65)
@@ -100,3 +111,15 @@ def test_view_pair_rejects_impossible_requests():
         sample_view_pair(np.random.default_rng(0), 0, 100)
     with pytest.raises(ValueError, match="scale"):
         ViewSpec(scale=(0.5, 0.2))
+
+
+def test_overlap_count_on_exact_ties():
+    """Crop 2's edges sit exactly on view-1 cell centres (every 4 px here): the float kernel must decide ties
+    as exact arithmetic does."""
+    c1 = Crop(0, 0, 64, 64, False)
+    for left in range(0, 24):
+        for width in (2, 4, 6, 8, 30, 40):
+            for flip in (False, True):
+                c2 = Crop(left, left, width, width, flip)
+                a1, a2 = crop_affine(c1, (64, 64)), crop_affine(c2, (64, 64))
+                assert crop_overlap_cells(c1, c2, (64, 64), 4) == count_valid(a1, a2, 16, 16, 4.0), (left, width)
