@@ -49,15 +49,23 @@ class Crop:
     flip: bool
 
 
+def crop_affines(top, left, height, width, flip, out_hw: tuple[int, int]) -> np.ndarray:
+    """``[B,2,3]`` source->view matrices of resizing crop windows to ``out_hw`` and then flipping those with
+    ``flip`` set (arrays of length B)."""
+    top, left, height, width = (np.asarray(v, np.float64).reshape(-1) for v in (top, left, height, width))
+    sx, sy = out_hw[1] / width, out_hw[0] / height
+    mirrored = np.asarray(flip).reshape(-1) > 0
+    out = np.zeros((len(top), 2, 3))
+    out[:, 0, 0] = np.where(mirrored, -sx, sx)
+    out[:, 0, 2] = np.where(mirrored, out_hw[1] + left * sx, -left * sx)  # flipped: x' = W - (x - left) * sx
+    out[:, 1, 1] = sy
+    out[:, 1, 2] = -top * sy
+    return out
+
+
 def crop_affine(crop: Crop, out_hw: tuple[int, int]) -> np.ndarray:
     """The 2x3 source->view matrix of resizing ``crop`` to ``out_hw`` and then (optionally) flipping it."""
-    sx = out_hw[1] / crop.width
-    sy = out_hw[0] / crop.height
-    if crop.flip:  # x' = W - (x - left) * sx
-        row_x = (-sx, 0.0, out_hw[1] + crop.left * sx)
-    else:
-        row_x = (sx, 0.0, -crop.left * sx)
-    return np.array([row_x, (0.0, sy, -crop.top * sy)], dtype=np.float64)
+    return crop_affines(crop.top, crop.left, crop.height, crop.width, crop.flip, out_hw)[0]
 
 
 def invert_affine(a: np.ndarray) -> np.ndarray:

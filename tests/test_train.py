@@ -134,3 +134,11 @@ def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path
     model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true")))
     assert next(model.parameters()).is_cuda
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()
+
+
+def test_trains_with_the_dali_backend(synthetic_root, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from train.trainer import run
+    model = run(parse(tiny_args(synthetic_root, tmp_path / "dali", steps=3, backend="dali")))
+    assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
+    assert len(losses(tmp_path / "dali")) == 3

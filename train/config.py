@@ -17,14 +17,14 @@ from omegaconf import OmegaConf
 from model.builder import OBJECTIVES
 from model.network import ARCHS
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "dali")
 
 
 @dataclass
 class TrainConfig:
     data: str = "synthetic"  # ImageFolder root, or 'synthetic' for the embedded set
     synthetic_dir: str = "data/synthetic"
-    backend: str = "torch"
+    backend: str = "torch"  # 'torch' (reference CPU loader) or 'dali' (GPU decode with a GPU, else CPU)
     objective: str = "vader"
     arch: str = "resnet50"
     init_encoder: Optional[str] = None  # MoCo v2 or torchvision checkpoint for the encoder
@@ -66,6 +66,11 @@ class TrainConfig:
         need(self.objective in OBJECTIVES, f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         need(self.arch in ARCHS, f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
         need(self.backend in BACKENDS, f"backend={self.backend!r}: available backends are {', '.join(BACKENDS)}")
+        if self.backend == "dali":
+            try:
+                import nvidia.dali  # noqa: F401
+            except ImportError:
+                need(False, "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)")
         need(self.view_size % 32 == 0, f"view_size={self.view_size} must be a multiple of 32 (the encoder stride)")
         need(self.batch_size % world_size == 0,
              f"batch_size={self.batch_size} is not divisible by the world size {world_size}")

@@ -111,6 +111,24 @@ def _gather_objects(obj, world: int) -> list:
     return out
 
 
+def build_loader(cfg: TrainConfig, root: Path, per_rank: int, rank: int, world: int, device: torch.device):
+    spec = ViewSpec(size=(cfg.view_size, cfg.view_size))
+    if cfg.backend == "dali":
+        from pipeline.dali import DaliViewPairLoader
+        return DaliViewPairLoader(root, per_rank, cfg.workers, device.index if device.type == "cuda" else None,
+                                  cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank, world)
+    return make_loader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank,
+                       world, pin_memory=device.type == "cuda")
+
+
+def set_epoch(loader, epoch: int, batches_done: int) -> None:
+    """Position any backend at ``batches_done`` batches into ``epoch``."""
+    if hasattr(loader, "sampler"):  # torch DataLoader over SeededSampler: skips samples, no decoding
+        loader.sampler.set_epoch(epoch, start=batches_done * loader.batch_size)
+    else:
+        loader.set_epoch(epoch, batches_done)
+
+
 def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MoCo(MoCoConfig(objective=cfg.objective, arch=cfg.arch, queue_size=cfg.queue_size,
@@ -140,8 +158,7 @@ def run(cfg: TrainConfig) -> MoCo:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     root = data_root(cfg, rank, world)
     per_rank = cfg.batch_size // world
-    loader = make_loader(root, per_rank, cfg.workers, cfg.seed, ViewSpec(size=(cfg.view_size, cfg.view_size)),
-                         cfg.num_matches, cfg.min_matches, 4, rank, world, pin_memory=device.type == "cuda")
+    loader = build_loader(cfg, root, per_rank, rank, world, device)
     steps_per_epoch = len(loader)
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
@@ -182,7 +199,7 @@ def run(cfg: TrainConfig) -> MoCo:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     while global_step < total:
-        loader.sampler.set_epoch(epoch, start=step_in_epoch * per_rank)
+        set_epoch(loader, epoch, step_in_epoch)
         batches = iter(loader)
         while global_step < total:
             start = time.perf_counter()
