@@ -31,7 +31,7 @@ _TIE = 1e-9
 
 
 @njit(inline="always")
-def _splitmix64(state):
+def splitmix64(state):
     """Advance a splitmix64 state; returns (new_state, 64 random bits)."""
     state = state + _GOLDEN
     z = state
@@ -117,7 +117,7 @@ def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
     state = np.uint64(seed)
     take = min(k, n)
     for i in range(take):  # partial Fisher-Yates: uniform without replacement
-        state, bits = _splitmix64(state)
+        state, bits = splitmix64(state)
         j = i + int((bits >> np.uint64(11)) * _INV_2_53 * (n - i))
         tmp = buf[i]
         buf[i] = buf[j]

@@ -5,17 +5,18 @@ at (c + 0.5, r + 0.5); this is the half-pixel convention of PIL, OpenCV, DALI an
 a crop box resized to the view size is exactly the affine returned by ``crop_affine``.
 
 Random views follow torchvision's ``RandomResizedCrop`` (including its 10-try loop and centre-crop fallback)
-and ``RandomHorizontalFlip``, drawn from a numpy ``Generator`` so every loader backend can reproduce them.
+and ``RandomHorizontalFlip``, drawn by a Numba function from a splitmix64 stream seeded per sample, so the
+reference loader and compiled loaders (FFCV decoders) share one sampler and reproduce each other's views.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
-from .correspondence import count_valid
+from .correspondence import _INV_2_53, count_valid, splitmix64
 
 
 @dataclass(frozen=True)
@@ -52,20 +53,13 @@ class Crop:
 def crop_affines(top, left, height, width, flip, out_hw: tuple[int, int]) -> np.ndarray:
     """``[B,2,3]`` source->view matrices of resizing crop windows to ``out_hw`` and then flipping those with
     ``flip`` set (arrays of length B)."""
-    top, left, height, width = (np.asarray(v, np.float64).reshape(-1) for v in (top, left, height, width))
-    sx, sy = out_hw[1] / width, out_hw[0] / height
-    mirrored = np.asarray(flip).reshape(-1) > 0
-    out = np.zeros((len(top), 2, 3))
-    out[:, 0, 0] = np.where(mirrored, -sx, sx)
-    out[:, 0, 2] = np.where(mirrored, out_hw[1] + left * sx, -left * sx)  # flipped: x' = W - (x - left) * sx
-    out[:, 1, 1] = sy
-    out[:, 1, 2] = -top * sy
-    return out
+    cols = [np.asarray(v).reshape(-1) for v in (top, left, height, width, flip)]
+    return _crop_matrices(*(c.astype(np.float64) for c in cols[:4]), cols[4] > 0, out_hw[0], out_hw[1])
 
 
 def crop_affine(crop: Crop, out_hw: tuple[int, int]) -> np.ndarray:
     """The 2x3 source->view matrix of resizing ``crop`` to ``out_hw`` and then (optionally) flipping it."""
-    return crop_affines(crop.top, crop.left, crop.height, crop.width, crop.flip, out_hw)[0]
+    return _crop_matrix(crop.top, crop.left, crop.height, crop.width, crop.flip, out_hw[0], out_hw[1])
 
 
 def invert_affine(a: np.ndarray) -> np.ndarray:
@@ -84,33 +78,93 @@ def apply_affine(a: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ a[:, :2].T + a[:, 2]
 
 
-def sample_crop_window(rng: np.random.Generator, height: int, width: int,
-                       scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, h, w) with torchvision ``RandomResizedCrop.get_params`` semantics."""
+@njit(inline="always")
+def _uniform(state):
+    state, bits = splitmix64(state)
+    return state, (bits >> np.uint64(11)) * _INV_2_53
+
+
+@njit(cache=True)
+def _crop_window(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi):
+    """torchvision ``RandomResizedCrop.get_params`` semantics on a splitmix64 stream: (state, top, left, h, w)."""
     area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    log_lo, log_hi = np.log(ratio_lo), np.log(ratio_hi)
     for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        state, u = _uniform(state)
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * u)
+        state, u = _uniform(state)
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u)
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
+            state, u = _uniform(state)
+            top = int(u * (height - h + 1))
+            state, u = _uniform(state)
+            return state, top, int(u * (width - w + 1)), h, w
     in_ratio = width / height  # fallback: the largest centre crop within the ratio range
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
+    if in_ratio < ratio_lo:
+        w, h = width, int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        h, w = height, int(round(height * ratio_hi))
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return state, (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int, spec: ViewSpec) -> Crop:
-    top, left, h, w = sample_crop_window(rng, height, width, spec.scale, spec.ratio)
-    return Crop(top, left, h, w, bool(rng.random() < spec.flip_p))
+@njit(cache=True)
+def _crop_matrix(top, left, h, w, flip, out_h, out_w):
+    """The source->view matrix of one crop window resized to (out_h, out_w), then flipped if ``flip``."""
+    a = np.zeros((2, 3))
+    sx, sy = out_w / w, out_h / h
+    a[0, 0] = -sx if flip else sx
+    a[0, 2] = out_w + left * sx if flip else -left * sx  # flipped: x' = W - (x - left) * sx
+    a[1, 1] = sy
+    a[1, 2] = -top * sy
+    return a
+
+
+@njit(cache=True)
+def _crop_matrices(top, left, h, w, flip, out_h, out_w):
+    out = np.empty((len(top), 2, 3))
+    for i in range(len(top)):
+        out[i] = _crop_matrix(top[i], left[i], h[i], w[i], flip[i], out_h, out_w)
+    return out
+
+
+@njit(cache=True)
+def view_pair_params(seed, height, width, out_h, out_w, scale_lo, scale_hi, ratio_lo, ratio_hi, flip_p,
+                     min_matches, stride, max_tries):
+    """The view-pair sampler as a Numba function, callable from other compiled loaders (FFCV decoders).
+
+    Returns int64[12]: top, left, h, w, flip of view 1 and of view 2, the draws needed (0: fallback), and the
+    stream's next state (the seed for this pair's matches; reinterpret as uint64).
+    """
+    state = np.uint64(seed)
+    out = np.zeros(12, np.int64)
+    gh, gw = out_h // stride, out_w // stride
+    for attempt in range(1, max_tries + 1):
+        state, t1, l1, h1, w1 = _crop_window(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
+        state, u1 = _uniform(state)
+        state, t2, l2, h2, w2 = _crop_window(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
+        state, u2 = _uniform(state)
+        f1, f2 = u1 < flip_p, u2 < flip_p
+        a1 = _crop_matrix(t1, l1, h1, w1, f1, out_h, out_w)
+        a2 = _crop_matrix(t2, l2, h2, w2, f2, out_h, out_w)
+        if count_valid(a1, a2, gh, gw, float(stride)) >= min_matches:
+            out[10] = attempt
+            break
+    else:  # view 2 reuses view 1's window (full overlap) with its own flip
+        t2, l2, h2, w2 = t1, l1, h1, w1
+    out[0], out[1], out[2], out[3], out[4] = t1, l1, h1, w1, f1
+    out[5], out[6], out[7], out[8], out[9] = t2, l2, h2, w2, f2
+    out[11] = np.int64(state)
+    return out
+
+
+def sample_crop_window(seed: int, height: int, width: int, scale=(0.2, 1.0),
+                       ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) with torchvision ``RandomResizedCrop.get_params`` semantics, from an integer seed."""
+    return tuple(int(v) for v in _crop_window(np.uint64(seed), height, width, *scale, *ratio)[1:])
 
 
 def axis_overlap(p1, l1, p2, l2, cells, mirrored, floor, ceil, minimum, maximum):
@@ -144,11 +198,12 @@ class ViewPair:
     affine1: np.ndarray
     affine2: np.ndarray
     tries: int  # draws needed to reach min_matches; 0 means the same-window fallback was used
+    match_seed: int  # continues the pair's random stream: seeds its matches
 
 
-def sample_view_pair(rng: np.random.Generator, height: int, width: int, spec: ViewSpec = ViewSpec(),
-                     min_matches: int = 32, stride: int = 4, max_tries: int = 50) -> ViewPair:
-    """Two random views that share at least ``min_matches`` feature-grid cells.
+def sample_view_pair(seed: int, height: int, width: int, spec: ViewSpec = ViewSpec(), min_matches: int = 32,
+                     stride: int = 4, max_tries: int = 50) -> ViewPair:
+    """Two random views (from an integer seed) that share at least ``min_matches`` feature-grid cells.
 
     Pairs are redrawn whole (both views) until they overlap enough, so accepted pairs follow the
     RandomResizedCrop distribution conditioned on overlap. After ``max_tries`` failures (tiny or extreme
@@ -159,11 +214,8 @@ def sample_view_pair(rng: np.random.Generator, height: int, width: int, spec: Vi
         raise ValueError(f"min_matches={min_matches} is impossible on a {gh}x{gw} feature grid")
     if height <= 0 or width <= 0:
         raise ValueError(f"source image has no pixels ({height}x{width})")
-    for attempt in range(1, max_tries + 1):
-        c1 = sample_crop(rng, height, width, spec)
-        c2 = sample_crop(rng, height, width, spec)
-        a1, a2 = crop_affine(c1, spec.size), crop_affine(c2, spec.size)
-        if count_valid(a1, a2, gh, gw, float(stride)) >= min_matches:
-            return ViewPair(c1, c2, a1, a2, attempt)
-    c2 = Crop(c1.top, c1.left, c1.height, c1.width, bool(rng.random() < spec.flip_p))
-    return ViewPair(c1, c2, a1, crop_affine(c2, spec.size), 0)
+    p = view_pair_params(np.uint64(seed), height, width, spec.size[0], spec.size[1], *spec.scale, *spec.ratio,
+                         spec.flip_p, min_matches, stride, max_tries)
+    c1, c2 = Crop(*map(int, p[:4]), bool(p[4])), Crop(*map(int, p[5:9]), bool(p[9]))
+    return ViewPair(c1, c2, crop_affine(c1, spec.size), crop_affine(c2, spec.size), int(p[10]),
+                    int(np.int64(p[11]).view(np.uint64)))

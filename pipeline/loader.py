@@ -90,8 +90,7 @@ class ViewPairDataset(Dataset):
         index, seed = key
         with open(self.files[index], "rb") as f:
             pixels = decode_rgb(f.read())
-        rng = np.random.default_rng(seed)
-        pair = sample_view_pair(rng, pixels.shape[0], pixels.shape[1], self.spec, self.min_matches, self.stride)
+        pair = sample_view_pair(seed, pixels.shape[0], pixels.shape[1], self.spec, self.min_matches, self.stride)
         image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         return {
             "view1": render_view(image, pair.crop1, self.spec.size),
@@ -99,7 +98,7 @@ class ViewPairDataset(Dataset):
             "geometry1": pair.affine1,
             "geometry2": pair.affine2,
             "index": index,
-            "match_seed": int(rng.integers(0, _SEED_SPACE)),
+            "match_seed": pair.match_seed,
         }
 
 

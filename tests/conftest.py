@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 
 from pipeline.synthetic import SyntheticConfig, generate
+
+# The first call of a Numba function compiles it (seconds on a fresh clone): no per-example deadline.
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 TINY = SyntheticConfig(height=96, width=128, train_per_class=6, val_per_class=2, videos=1, frames=3)
 
