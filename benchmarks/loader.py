@@ -1,10 +1,12 @@
 """Loader throughput: the reference view-pair loader beside a naive torchvision baseline and the decode-only
 ceiling of the same decoder, on the same files, workers and batch size, in one run.
 
-    python -m benchmarks.loader --data DIR|synthetic [--backend torch,dali] [--workers 2] [--batch 32]
+    python -m benchmarks.loader --data DIR|synthetic [--backend torch,dali,ffcv] [--workers 2] [--batch 32]
                                 [--epochs 2] [--reps 3]
 
-``synthetic`` writes (once) an embedded-style set at ImageNet-like resolution (500x375) under data/.
+``synthetic`` writes (once) an embedded-style set at ImageNet-like resolution (500x375) under data/. With
+``ffcv``, the files are written (once) to a .beton beside them, and stock FFCV with two decoder pipelines on the
+same .beton is timed too.
 """
 
 from __future__ import annotations
@@ -106,6 +108,24 @@ def decoder_rates(files, limit=200) -> dict[str, float]:
     return rates
 
 
+def stock_ffcv_two_view(beton, batch: int, workers: int, size: int):
+    """What FFCV offers for two views: two RandomResizedCrop decoder pipelines on one field (each JPEG decoded
+    twice), flips, no crop windows out and so no matches: a lower bound on the work our loader does."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip
+
+    def view():
+        return RandomResizedCropRGBImageDecoder((size, size), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+
+    pipelines = {"image": [view(), RandomHorizontalFlip()], "label": None, "index": [IntDecoder()],
+                 "image2": PipelineSpec("image", decoder=view(), transforms=[RandomHorizontalFlip()])}
+    return Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                  pipelines=pipelines)
+
+
 def resolve_data(data: str) -> Path:
     if data != "synthetic":
         return Path(data)
@@ -125,9 +145,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", type=int, default=None, help="GPU for DALI's mixed decode (default: CPU)")
     args = p.parse_args(argv)
     backends = args.backend.split(",")
-    unknown = set(backends) - {"torch", "dali"}
+    unknown = set(backends) - {"torch", "dali", "ffcv"}
     if unknown:
-        p.error(f"unknown backend(s) {sorted(unknown)}; choose from torch, dali")
+        p.error(f"unknown backend(s) {sorted(unknown)}; choose from torch, dali, ffcv")
 
     root = resolve_data(args.data)
     files = list(scan_image_folder(root).files)
@@ -157,6 +177,18 @@ def main(argv=None) -> None:
         r = dali.retry_stats
         print(f"DALI overlap rule: {100 * r['redrawn'] / r['pairs']:.2f}% of pairs redrawn, "
               f"{100 * r['fallback'] / r['pairs']:.3f}% fell back to a shared window ({r['pairs']} pairs)")
+    if "ffcv" in backends:
+        from pipeline.ffcv import FfcvViewPairLoader, write_beton
+        beton = root.parent / f"{root.name}.beton"
+        if not beton.is_file():
+            write_beton(root, beton.with_suffix(".partial"), workers=args.workers).rename(beton)
+        stock = stock_ffcv_two_view(beton, args.batch, args.workers, args.size)
+        results.append(time_loader("stock FFCV, two decoder pipelines", stock, args.epochs, args.reps,
+                                   count["tuple"]))
+        ffcv = FfcvViewPairLoader(beton, args.batch, args.workers, spec=spec)
+        results.append(time_loader("FFCV one-decode view pairs + matches", ffcv, args.epochs, args.reps))
+        print(f"FFCV one-decode loader: {results[-1].median / results[-2].median:.2f}x stock two-pipeline FFCV "
+              f"({beton})")
     print(f"loader throughput: {len(files)} images in {root}, {args.workers} workers, batch {args.batch}, "
           f"{args.size}px views; {machine()}")
     print(f"{'':44s} {'median':>12s} {'':8s} [{'min-max':>17s}] vs naive")

@@ -30,10 +30,12 @@ def ramp_source_coords(view_chw: torch.Tensor, xy: np.ndarray, source_hw) -> np.
     return np.stack([rgb[:, 0] / 255 * source_hw[1], rgb[:, 1] / 255 * source_hw[0]], -1)
 
 
-def ramp_errors(batches, files, stride=4, mirror=False):
+def ramp_errors(batches, files, stride=4, mirror=False, stored=None):
     """Source-pixel errors (x, y) at every match: decoded view 1 vs its geometry, and view 1 vs view 2.
 
     ``mirror=True`` predicts with a horizontally mirrored view-1 geometry, a control the check must reject.
+    ``stored`` (dataset index -> HxWx3 image) compares against a loader's own stored copy of each source, read at
+    the predicted point, instead of the ideal ramp: a re-encoding store (FFCV's JPEG) shifts colours, not geometry.
     """
     from PIL import Image
     geometry_err, pair_err = [], []
@@ -51,6 +53,9 @@ def ramp_errors(batches, files, stride=4, mirror=False):
             predicted = apply_affine(invert_affine(g1), p1)
             if mirror:
                 predicted[:, 0] = src_hw[1] - predicted[:, 0]
+            if stored is not None:
+                source = torch.from_numpy(stored[int(batch["index"][b])]).permute(2, 0, 1)
+                predicted = ramp_source_coords(source, predicted, src_hw)
             geometry_err.append(s1 - predicted)
             pair_err.append(s1 - s2)
     return np.concatenate(geometry_err), np.concatenate(pair_err)

@@ -38,6 +38,8 @@ def losses(run_dir):
     ({"view_size": 100}, "multiple of 32"),
     ({"data": "/nonexistent"}, "no such folder"),
     ({"resume": "/nonexistent.pt"}, "no such checkpoint"),
+    ({"data": "/data/train.beton"}, "set backend=ffcv"),
+    ({"backend": "ffcv", "ffcv_order": "quasi_random"}, "use ffcv_order=random"),
 ])
 def test_config_errors_say_what_to_change(override, message):
     cfg = TrainConfig(**{"batch_size": 256, **override})
@@ -136,9 +138,11 @@ def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()
 
 
-def test_trains_with_the_dali_backend(synthetic_root, tmp_path):
-    pytest.importorskip("nvidia.dali")
+@pytest.mark.parametrize("backend,module", [("dali", "nvidia.dali"), ("ffcv", "ffcv")])
+def test_trains_with_each_backend(synthetic_root, tmp_path, backend, module):
+    if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
+        pytest.importorskip(module)
     from train.trainer import run
-    model = run(parse(tiny_args(synthetic_root, tmp_path / "dali", steps=3, backend="dali")))
+    model = run(parse(tiny_args(synthetic_root, tmp_path / backend, steps=3, backend=backend)))
     assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
-    assert len(losses(tmp_path / "dali")) == 3
+    assert len(losses(tmp_path / backend)) == 3

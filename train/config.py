@@ -7,6 +7,7 @@ Every check that can fail is done here, before data is scanned or a model is bui
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,14 +18,20 @@ from omegaconf import OmegaConf
 from model.builder import OBJECTIVES
 from model.network import ARCHS
 
-BACKENDS = ("torch", "dali")
+BACKENDS = ("torch", "dali", "ffcv")
+INSTALL_HINTS = {
+    "dali": ("nvidia.dali", "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)"),
+    "ffcv": ("ffcv", "backend=ffcv needs FFCV 1.0.2: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
+                     "then pip install -e '.[ffcv]' (or run make setup)"),
+}
 
 
 @dataclass
 class TrainConfig:
-    data: str = "synthetic"  # ImageFolder root, or 'synthetic' for the embedded set
+    data: str = "synthetic"  # ImageFolder root, 'synthetic' for the embedded set, or a .beton (backend=ffcv)
     synthetic_dir: str = "data/synthetic"
-    backend: str = "torch"  # 'torch' (reference CPU loader) or 'dali' (GPU decode with a GPU, else CPU)
+    backend: str = "torch"  # 'torch' (reference CPU loader), 'dali' (GPU decode with a GPU, else CPU) or 'ffcv'
+    ffcv_order: str = "random"  # FFCV order: random, quasi_random (data larger than RAM; one process) or sequential
     objective: str = "vader"
     arch: str = "resnet50"
     init_encoder: Optional[str] = None  # MoCo v2 or torchvision checkpoint for the encoder
@@ -66,11 +73,14 @@ class TrainConfig:
         need(self.objective in OBJECTIVES, f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         need(self.arch in ARCHS, f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
         need(self.backend in BACKENDS, f"backend={self.backend!r}: available backends are {', '.join(BACKENDS)}")
-        if self.backend == "dali":
-            try:
-                import nvidia.dali  # noqa: F401
-            except ImportError:
-                need(False, "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)")
+        if self.backend in INSTALL_HINTS:
+            module, hint = INSTALL_HINTS[self.backend]
+            need(importlib.util.find_spec(module.split(".")[0]) is not None
+                 and importlib.util.find_spec(module) is not None, hint)
+        need(self.ffcv_order in ("random", "quasi_random", "sequential"),
+             f"ffcv_order={self.ffcv_order!r}: choose random, quasi_random or sequential")
+        need(not (self.backend == "ffcv" and self.ffcv_order == "quasi_random" and world_size > 1),
+             "ffcv_order=quasi_random is not available with several processes in FFCV 1.0.2: use ffcv_order=random")
         need(self.view_size % 32 == 0, f"view_size={self.view_size} must be a multiple of 32 (the encoder stride)")
         need(self.batch_size % world_size == 0,
              f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
@@ -86,7 +96,11 @@ class TrainConfig:
              f"resume={self.resume!r}: no such checkpoint file (use 'auto' or a path)")
         need(self.init_encoder is None or Path(self.init_encoder).is_file(),
              f"init_encoder={self.init_encoder!r}: no such file")
-        need(self.data == "synthetic" or Path(self.data).is_dir(), f"data={self.data!r}: no such folder")
+        if self.data.endswith(".beton"):
+            need(self.backend == "ffcv", f"data={self.data!r} is an FFCV .beton: set backend=ffcv")
+            need(Path(self.data).is_file(), f"data={self.data!r}: no such file")
+        else:
+            need(self.data == "synthetic" or Path(self.data).is_dir(), f"data={self.data!r}: no such folder")
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:

@@ -47,12 +47,22 @@ def _barrier(world: int) -> None:
 
 
 def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
-    if cfg.data != "synthetic":
-        return Path(cfg.data)
-    if rank == 0:
-        generate(cfg.synthetic_dir, progress=cfg.progress)
+    """The ImageFolder (or .beton) to train on; the embedded set is generated, and with backend=ffcv an
+    ImageFolder is written once to ``run_dir/train.beton`` (for ImageNet, write it ahead: python -m pipeline.ffcv)."""
+    root = Path(cfg.data)
+    if cfg.data == "synthetic":
+        if rank == 0:
+            generate(cfg.synthetic_dir, progress=cfg.progress)
+        root = Path(cfg.synthetic_dir) / "train"
+    if cfg.backend == "ffcv" and root.suffix != ".beton":
+        beton = Path(cfg.run_dir) / "train.beton"
+        if rank == 0 and not beton.is_file():
+            from pipeline.ffcv import write_beton
+            print(f"writing {beton} from {root} (once; pass data=<file>.beton to reuse one)", flush=True)
+            write_beton(root, beton.with_suffix(".partial"), workers=cfg.workers).rename(beton)
+        root = beton
     _barrier(world)
-    return Path(cfg.synthetic_dir) / "train"
+    return root
 
 
 def learning_rate(base: float, step: int, total: int, warmup: int) -> float:
@@ -117,6 +127,10 @@ def build_loader(cfg: TrainConfig, root: Path, per_rank: int, rank: int, world: 
         from pipeline.dali import DaliViewPairLoader
         return DaliViewPairLoader(root, per_rank, cfg.workers, device.index if device.type == "cuda" else None,
                                   cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank, world)
+    if cfg.backend == "ffcv":
+        from pipeline.ffcv import FfcvViewPairLoader
+        return FfcvViewPairLoader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4,
+                                  order=cfg.ffcv_order, distributed=world > 1)
     return make_loader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank,
                        world, pin_memory=device.type == "cuda")
 

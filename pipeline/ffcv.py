@@ -1,0 +1,267 @@
+"""FFCV view-pair backend: a .beton writer, and a field decoder that decodes each JPEG once and cuts both views.
+
+Stock FFCV gets two views by running two decoder pipelines over the same field, decoding every JPEG twice, and
+its random-crop decoder keeps the window it chose to itself (ffcv #395). ``TwoViewDecoder`` decodes once, draws
+the pair with the project's Numba view-pair sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
+redrawn until ``min_matches`` cells are shared) and resizes both windows.
+
+FFCV's compiled decoders only see the batch's sample indices, so each pair's seed is derived from
+``(seed, sample index, an order-sensitive key of the batch)``. The iterator derives the same seeds from the
+batch's ``index`` field and reruns the same sampler, which rebuilds every window and flip exactly, so the
+decoder needs no side channel. With RANDOM / QUASI_RANDOM order the batches, and hence the views, change every
+epoch; FFCV's ordering is seeded, so the same seed gives the same batches. (SEQUENTIAL order repeats the
+views every epoch: it is meant for evaluation.)
+
+``import pipeline.ffcv`` needs the ``ffcv`` extra (FFCV 1.0.2 builds against libturbojpeg and OpenCV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from numba import njit
+
+try:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the FFCV backend needs FFCV 1.0.2: run `make setup` (installs libturbojpeg0-dev, "
+                      "libopencv-dev, pkg-config, then pip install -e '.[ffcv]')") from err
+
+from .correspondence import sample_matches, splitmix64
+from .folder import decode_rgb, scan_image_folder
+from .geometry import ViewSpec, crop_affines, view_pair_params
+
+ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
+          "sequential": OrderOption.SEQUENTIAL}
+
+
+class _Samples:
+    """ImageFolder as FFCV's indexed dataset: (HxWx3 uint8 image, label, index)."""
+
+    def __init__(self, files, labels):
+        self.files, self.labels = files, labels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], "rb") as f:
+            return decode_rgb(f.read()), int(self.labels[i]), i
+
+
+def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_quality: int = 90,
+                write_mode: str = "jpg", workers: int = 2) -> Path:
+    """Write an ImageFolder (or the embedded set's ``train`` folder) to ``out`` with fields image, label, index.
+
+    ``max_resolution`` shrinks images whose longer side exceeds it (geometry then refers to the stored image).
+    FFCV's writer shows a progress bar.
+    """
+    folder = scan_image_folder(data)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                                     jpeg_quality=jpeg_quality),
+              "label": IntField(), "index": IntField()}
+    DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(_Samples(folder.files, folder.labels))
+    return out
+
+
+def read_stored_image(beton: str | Path, index: int) -> np.ndarray:
+    """Sample ``index``'s image as the .beton stores it and FFCV decodes it (HxWx3 uint8): what views are cut from.
+
+    FFCV re-encodes JPEGs (OpenCV, 4:2:0 chroma), may shrink to ``max_resolution``, and its fast decoder reads
+    red and blue about one level darker than libjpeg-turbo's accurate mode; this shows the combined result.
+    """
+    reader = Reader(str(beton))
+    field = reader.metadata[f"f{reader.field_names.index('image')}"][index]
+    table = reader.alloc_table
+    size = int(table["size"][np.flatnonzero(table["ptr"] == field["data_ptr"])[0]])
+    data = np.fromfile(str(beton), np.uint8, count=size, offset=int(field["data_ptr"]))
+    h, w = int(field["height"]), int(field["width"])
+    if field["mode"] != IMAGE_MODES["jpg"]:
+        return data.reshape(h, w, 3)
+    image = np.empty((h, w, 3), np.uint8)
+    imdecode(data, image.reshape(-1), h, w, h, w, 0, 0, 1, 1, False, False)
+    return image
+
+
+@njit(cache=True)
+def batch_key(indices, seed):
+    """An order-sensitive hash of a batch's sample indices (changes whenever FFCV reshuffles)."""
+    key = np.uint64(seed)
+    for i in indices:
+        _, key = splitmix64(key ^ np.uint64(i))
+    return key
+
+
+@njit(cache=True)
+def pair_seed(key, index):
+    return splitmix64(key ^ (np.uint64(index) * np.uint64(0xD1B54A32D192ED03)))[1]
+
+
+@njit(cache=True)
+def _flip_columns(view):
+    w = view.shape[1]
+    for r in range(view.shape[0]):
+        for c in range(w // 2):
+            for ch in range(3):
+                tmp = view[r, c, ch]
+                view[r, c, ch] = view[r, w - 1 - c, ch]
+                view[r, w - 1 - c, ch] = tmp
+
+
+@njit(cache=True)
+def batch_params(indices, heights, widths, seed, out_h, out_w, scale_lo, scale_hi, ratio_lo, ratio_hi, flip_p,
+                 min_matches, stride, max_tries):
+    """``view_pair_params`` of every sample of a batch, with the decoder's seeds: [B, 12]."""
+    key = batch_key(indices, seed)
+    out = np.empty((len(indices), 12), np.int64)
+    for k in range(len(indices)):
+        i = indices[k]
+        out[k] = view_pair_params(pair_seed(key, i), heights[i], widths[i], out_h, out_w, scale_lo, scale_hi,
+                                  ratio_lo, ratio_hi, flip_p, min_matches, stride, max_tries)
+    return out
+
+
+class TwoViewDecoder(SimpleRGBImageDecoder):
+    """Decodes an ``RGBImageField`` once per sample into ``[2, H, W, 3]``: view 1 and view 2.
+
+    A subclass of the field's own decoder class: FFCV treats the first op of a pipeline as its decoder only then
+    (otherwise it silently prepends a default decoder and runs this as a transform).
+    """
+
+    def __init__(self, spec: ViewSpec = ViewSpec(), seed: int = 0, min_matches: int = 32, stride: int = 4,
+                 max_tries: int = 50):
+        super().__init__()
+        self.spec, self.seed, self.min_matches, self.stride, self.max_tries = spec, seed, min_matches, stride, max_tries
+
+    def sampler_args(self) -> tuple:
+        s = self.spec
+        return (np.uint64(self.seed), s.size[0], s.size[1], *s.scale, *s.ratio, s.flip_p, self.min_matches,
+                self.stride, self.max_tries)
+
+    def declare_state_and_memory(self, previous_state):
+        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
+        shape = (2, self.spec.size[0], self.spec.size[1], 3)
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8)))
+
+    def generate_code(self):
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        jpg = IMAGE_MODES["jpg"]
+        seed, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p, min_matches, stride, max_tries = self.sampler_args()
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch = storage
+            key = batch_key(batch_indices, seed)
+            for k in my_range(len(batch_indices)):
+                index = batch_indices[k]
+                field = metadata[index]
+                data = mem_read(field["data_ptr"], storage_state)
+                h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = scratch[k]
+                    imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False)
+                    image = buffer.reshape(-1)[: 3 * h * w].reshape(h, w, 3)
+                else:
+                    image = data.reshape(h, w, 3)
+                p = view_pair_params(pair_seed(key, index), h, w, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
+                                     min_matches, stride, max_tries)
+                for v in range(2):
+                    top, left, ch, cw, flip = p[5 * v], p[5 * v + 1], p[5 * v + 2], p[5 * v + 3], p[5 * v + 4]
+                    resize_crop_c(image, top, top + ch, left, left + cw, destination[k, v])
+                    if flip:
+                        _flip_columns(destination[k, v])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class FfcvViewPairLoader:
+    """The project's batch contract over an FFCV ``Loader`` (page reading, ordering, OS cache, distributed)."""
+
+    def __init__(self, beton: str | Path, batch_size: int, workers: int = 4, seed: int = 0,
+                 spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
+                 order: str = "random", distributed: bool = False, drop_last: bool = True, os_cache: bool = True,
+                 copy: bool = True, batches_ahead: int = 3):
+        if num_matches > min_matches:
+            raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: choose one of {', '.join(ORDERS)}")
+        if distributed and order == "quasi_random":
+            raise ValueError("order='quasi_random' is not available with distributed=True in FFCV 1.0.2: use 'random'")
+        if not Path(beton).is_file():
+            raise FileNotFoundError(f"{beton} does not exist: write it with python -m pipeline.ffcv")
+        self.decoder = TwoViewDecoder(spec, seed, min_matches, stride)
+        self.spec, self.num_matches, self.stride, self.copy = spec, num_matches, stride, copy
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
+                             seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,
+                             batches_ahead=batches_ahead,
+                             pipelines={"image": [self.decoder], "label": [IntDecoder()], "index": [IntDecoder()]})
+        reader = self.loader.reader
+        meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # FFCV names metadata columns f0, f1..
+        self.heights, self.widths = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """FFCV orders epoch ``epoch`` from its seed; ``start`` batches are skipped (a resumed run)."""
+        self.loader.next_epoch, self.start = epoch, start
+
+    def __iter__(self):
+        for i, (views, _, index) in enumerate(self.loader):
+            if i >= self.start:
+                yield self._to_batch(views, index.reshape(-1).astype(np.int64))
+        self.start = 0
+
+    def _to_batch(self, views: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
+        p = batch_params(index, self.heights, self.widths, *self.decoder.sampler_args())
+        g1 = crop_affines(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], self.spec.size)
+        g2 = crop_affines(p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9], self.spec.size)
+        matches, xy2, _ = sample_matches(g1, g2, p[:, 11].view(np.uint64), self.num_matches, self.spec.size,
+                                         self.stride)
+        pixels = torch.from_numpy(views.copy() if self.copy else views)  # FFCV reuses its output buffers
+        return {
+            "view1": pixels[:, 0].permute(0, 3, 1, 2),  # HWC memory: channels_last, as the other backends
+            "view2": pixels[:, 1].permute(0, 3, 1, 2),
+            "geometry1": torch.from_numpy(g1.astype(np.float32)),
+            "geometry2": torch.from_numpy(g2.astype(np.float32)),
+            "matches": torch.from_numpy(matches),
+            "match_xy2": torch.from_numpy(xy2),
+            "index": torch.from_numpy(index),
+        }
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write an ImageFolder to an FFCV .beton (fields image, label, index)")
+    p.add_argument("data", help="ImageFolder root (ROOT/<class>/<image>)")
+    p.add_argument("out", help="output .beton file")
+    p.add_argument("--max-resolution", type=int, default=None, help="shrink longer sides above this")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "smart", "proportion"])
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    out = write_beton(args.data, args.out, args.max_resolution, args.jpeg_quality, args.write_mode, args.workers)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
