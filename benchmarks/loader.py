@@ -12,6 +12,7 @@ same .beton is timed too.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,16 +127,29 @@ def stock_ffcv_two_view(beton, batch: int, workers: int, size: int):
                   pipelines=pipelines)
 
 
-def resolve_data(data: str) -> Path:
+def resolve_data(data: str, copies: int = 1) -> Path:
+    """``data``, or the synthetic benchmark set; ``copies`` > 1 links each synthetic file that many times (a
+    bigger epoch for fast GPU loaders without generating more scenes)."""
     if data != "synthetic":
         return Path(data)
     cfg = SyntheticConfig(height=375, width=500, train_per_class=64, val_per_class=0, videos=0)
-    return generate(Path("data") / "bench-synthetic-500x375", cfg) / "train"
+    base = generate(Path("data") / "bench-synthetic-500x375", cfg) / "train"
+    if copies <= 1:
+        return base
+    root = base.parent.with_name(f"{base.parent.name}-x{copies}") / "train"
+    for f in map(Path, scan_image_folder(base).files):
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        for c in range(copies):
+            link = root / f.parent.name / f"{c:03d}_{f.name}"
+            if not link.exists():
+                os.link(f, link)
+    return root
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="synthetic", help="ImageFolder root, or 'synthetic'")
+    p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times (bigger epochs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2, help="epochs per timed repetition")
@@ -149,7 +163,7 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown backend(s) {sorted(unknown)}; choose from torch, dali, ffcv")
 
-    root = resolve_data(args.data)
+    root = resolve_data(args.data, args.copies)
     files = list(scan_image_folder(root).files)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -2,6 +2,9 @@
 device) and fed by each loader backend, with the fraction of step time spent waiting for data.
 
     python -m benchmarks.train_step [--arch resnet50] [--size 224] [--batch 8] [--steps 5] [--data synthetic]
+                                    [--backends torch,dali,ffcv] [--workers 2]
+
+DALI decodes on the GPU (``mixed``) when there is one; FFCV reads a .beton written beside the data.
 """
 
 from __future__ import annotations
@@ -55,6 +58,34 @@ def timed_steps(model, augment, optimizer, batches, steps: int, device, warmup: 
     return pairs / total, wait / total
 
 
+def backend_loader(backend: str, root, batch: int, workers: int, spec: ViewSpec, device: torch.device):
+    if backend == "torch":
+        return make_loader(list(scan_image_folder(root).files), batch, workers, spec=spec,
+                           pin_memory=device.type == "cuda")
+    if backend == "dali":
+        from pipeline.dali import DaliViewPairLoader
+        return DaliViewPairLoader(root, batch, workers, (device.index or 0) if device.type == "cuda" else None,
+                                  spec=spec)
+    if backend == "ffcv":
+        from pipeline.ffcv import FfcvViewPairLoader, write_beton
+        beton = root.parent / f"{root.name}.beton"
+        if not beton.is_file():
+            write_beton(root, beton.with_suffix(".partial"), workers=workers).rename(beton)
+        return FfcvViewPairLoader(beton, batch, workers, spec=spec)
+    raise SystemExit(f"error: unknown backend {backend!r}; choose from torch, dali, ffcv")
+
+
+def forever(loader):
+    epoch = 0
+    while True:
+        if hasattr(loader, "sampler"):
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
@@ -63,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="synthetic")
+    p.add_argument("--backends", default="torch", help="comma-separated: torch, dali, ffcv")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,19 +105,12 @@ def main(argv=None) -> None:
 
     rows = [("model only (synthetic tensors)",
              *timed_steps(model, augment, optimizer, synthetic_batches(args.batch, args.size), args.steps, device))]
-    files = list(scan_image_folder(resolve_data(args.data)).files)
-    loader = make_loader(files, args.batch, args.workers, spec=ViewSpec(size=(args.size, args.size)),
-                         pin_memory=device.type == "cuda")
-
-    def forever():
-        epoch = 0
-        while True:
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    rows.append((f"torch reference loader, {args.workers} workers",
-                 *timed_steps(model, augment, optimizer, forever(), args.steps, device)))
+    root = resolve_data(args.data)
+    spec = ViewSpec(size=(args.size, args.size))
+    for backend in args.backends.split(","):
+        loader = backend_loader(backend, root, args.batch, args.workers, spec, device)
+        rows.append((f"{backend} loader, {args.workers} workers",
+                     *timed_steps(model, augment, optimizer, forever(loader), args.steps, device)))
     print(f"train step: VADeR {args.arch}+FPN, {args.size}px views, batch {args.batch}, {args.steps} timed steps; "
           f"{machine()}")
     for name, rate, wait in rows:

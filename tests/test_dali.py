@@ -1,4 +1,5 @@
-"""DALI backend, run in CPU-only mode (device_id=None) so CI needs no GPU."""
+"""DALI backend, run in CPU-only mode (device_id=None) so CI needs no GPU; GPU (mixed decode) variants are
+marked ``gpu`` and skip without one."""
 
 import os
 
@@ -19,6 +20,7 @@ from pipeline.loader import render_view  # noqa: E402
 from ramp import assert_ramp_agrees, ramp_errors  # noqa: E402
 
 SPEC = ViewSpec(size=(96, 96))
+DEVICES = [None, pytest.param(0, marks=pytest.mark.gpu, id="gpu")]
 
 
 def dali_loader(root, **kw):
@@ -35,9 +37,10 @@ def crop_from_affine(a: np.ndarray, size) -> Crop:
     return Crop(round(-a[1, 2] / sy), round(left), round(size[0] / sy), round(size[1] / sx), bool(flip))
 
 
-def test_batch_contract_and_ramp_end_to_end(ramp_root):
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_batch_contract_and_ramp_end_to_end(ramp_root, device_id):
     files = scan_image_folder(ramp_root).files
-    batches = list(dali_loader(ramp_root))
+    batches = list(dali_loader(ramp_root, device_id=device_id))
     assert set(batches[0]) == set(BATCH_KEYS)
     assert batches[0]["view1"].shape == (4, 3, 96, 96) and batches[0]["view1"].dtype == torch.uint8
     for err in ramp_errors(batches, files):
@@ -46,15 +49,16 @@ def test_batch_contract_and_ramp_end_to_end(ramp_root):
         assert_ramp_agrees(ramp_errors(batches, files, mirror=True)[0])
 
 
-def test_views_rebuilt_from_returned_geometry(synthetic_root):
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_views_rebuilt_from_returned_geometry(synthetic_root, device_id):
     files = scan_image_folder(synthetic_root / "train").files
-    batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8)))
+    batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8, device_id=device_id)))
     right, wrong = [], []
     for b in range(8):
         image = torch.from_numpy(decode_rgb(open(files[int(batch["index"][b])], "rb").read())).permute(2, 0, 1)[None]
         for v in ("1", "2"):
             crop = crop_from_affine(batch["geometry" + v][b].double().numpy(), SPEC.size)
-            got = batch["view" + v][b].permute(1, 2, 0).float().numpy()
+            got = batch["view" + v][b].permute(1, 2, 0).float().cpu().numpy()
             rebuilt = render_view(image, crop, SPEC.size).astype(np.float32)
             mirrored = render_view(image, Crop(crop.top, crop.left, crop.height, crop.width, not crop.flip),
                                    SPEC.size).astype(np.float32)
