@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (workers start, JIT, autotune)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="synthetic")
     p.add_argument("--backends", default="torch", help="comma-separated: torch, dali, ffcv")
@@ -104,13 +105,14 @@ def main(argv=None) -> None:
     augment = PhotometricAugment().to(device)
 
     rows = [("model only (synthetic tensors)",
-             *timed_steps(model, augment, optimizer, synthetic_batches(args.batch, args.size), args.steps, device))]
+             *timed_steps(model, augment, optimizer, synthetic_batches(args.batch, args.size), args.steps, device,
+                         args.warmup))]
     root = resolve_data(args.data)
     spec = ViewSpec(size=(args.size, args.size))
     for backend in args.backends.split(","):
         loader = backend_loader(backend, root, args.batch, args.workers, spec, device)
         rows.append((f"{backend} loader, {args.workers} workers",
-                     *timed_steps(model, augment, optimizer, forever(loader), args.steps, device)))
+                     *timed_steps(model, augment, optimizer, forever(loader), args.steps, device, args.warmup)))
     print(f"train step: VADeR {args.arch}+FPN, {args.size}px views, batch {args.batch}, {args.steps} timed steps; "
           f"{machine()}")
     for name, rate, wait in rows:

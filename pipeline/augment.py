@@ -137,4 +137,4 @@ class PhotometricAugment(nn.Module):
             x = gaussian_blur(x, sigma, kernel)
         if self.solarize_p > 0:
             x = torch.where(coin(self.solarize_p).view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(x)) / self.std.to(x)  # works whichever device the module was left on
