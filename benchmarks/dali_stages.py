@@ -68,8 +68,8 @@ def main(argv=None) -> None:
     rows = [time_pipe("read + decode", decode_pipeline(files, dev, 0, 224, **kw), batches, args.reps, args.batch),
             time_pipe("+ two ROI resizes", decode_pipeline(files, dev, 2, 224, **kw), batches, args.reps, args.batch)]
     order = list(range(len(files)))
-    full = view_pair_pipeline(files, order, spec, 32, 4, 3, 0, 1, dev, **kw)
-    rows.append(time_pipe("+ overlap rule, redraws, windows out", full, batches, args.reps, args.batch))
+    full = view_pair_pipeline(files, order, spec, 32, 4, 50, 0, 1, dev, **kw)
+    rows.append(time_pipe("+ Numba pair sampler, params out", full, batches, args.reps, args.batch))
     loader = DaliViewPairLoader(root, args.batch, args.threads, args.device, spec=spec)
     rows.append(time_loader("full loader (iterator, matches)", loader, 1, args.reps))
     print(f"DALI stages: {len(files)} images in {root}, {dev} decode, {args.threads} threads, batch {args.batch}; "

@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (workers start, JIT, autotune)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="synthetic")
+    p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times (bigger epochs)")
     p.add_argument("--backends", default="torch", help="comma-separated: torch, dali, ffcv")
     args = p.parse_args(argv)
 
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
     rows = [("model only (synthetic tensors)",
              *timed_steps(model, augment, optimizer, synthetic_batches(args.batch, args.size), args.steps, device,
                          args.warmup))]
-    root = resolve_data(args.data)
+    root = resolve_data(args.data, args.copies)
     spec = ViewSpec(size=(args.size, args.size))
     for backend in args.backends.split(","):
         loader = backend_loader(backend, root, args.batch, args.workers, spec, device)

@@ -1,17 +1,16 @@
 """DALI view-pair backend: decode once (GPU ``mixed`` or CPU), cut two views, and return the windows used.
 
-DALI's fused random-crop operators keep their crop windows to themselves (DALI issues #2576, #2206). Here the
-windows are drawn explicitly with ``fn.random_crop_generator`` (RandomResizedCrop semantics), the two views are
-resized from one decoded image with ``fn.resize(roi_start, roi_end)``, and windows and flips are pipeline
-outputs, so the iterator rebuilds each view's affine matrix and samples matches with the Numba kernel.
+DALI's fused random-crop operators keep their crop windows to themselves (DALI issues #2576, #2206). Here each
+pair is drawn by the project's own Numba sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
+redrawn until ``min_matches`` grid cells are shared, else view 2 reuses view 1's window) running inside the
+graph as a DALI ``numba_function`` operator, from a per-sample seed drawn by DALI's seeded RNG. Both views are
+resized from one decoded image with ``fn.resize(roi_start, roi_end)``, and the sampler's 12 parameters are an
+output, so the iterator rebuilds each view's affine matrix and samples matches with the Numba kernel.
 
-The >= ``min_matches`` shared-cell rule is enforced in the graph by *resampling the whole pair*: the exact
-overlap count (``geometry.axis_overlap``, integer arithmetic, equal to the Numba kernel's) is computed for the
-first pair; samples that fail enter one DALI conditional that draws ``attempts - 1`` more pairs and keeps the
-first acceptable one; if none is, view 2 reuses view 1's window, which overlaps fully. The iterator counts
-redraws and fallbacks (``retry_stats``). Measured on 500x375 images: 0.22% of first pairs are redrawn, so with
-the default 3 attempts about 5 pairs in a million fall back. Every extra attempt adds graph operators that
-run each batch (10 attempts cost 35% of CPU throughput, 3 attempts about 5%).
+The same sampler as the reference and FFCV loaders means the same view distribution and overlap rule in every
+backend. An earlier graph built the rule from DALI arithmetic operators and a redraw conditional: on an H100
+that capped the loader at 3,500 pairs/s while read + decode + two resizes ran at 20,000 (benchmarks/RESULTS.md).
+The iterator counts redraws and fallbacks (``retry_stats``).
 
 ``import pipeline.dali`` needs the ``dali`` extra (``nvidia-dali-cuda130`` or ``-cuda120``).
 """
@@ -23,7 +22,7 @@ import torch
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
+    from nvidia.dali.plugin.numba.fn.experimental import numba_function
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("the DALI backend needs NVIDIA DALI: pip install 'densessl[dali]' "
@@ -31,77 +30,49 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .correspondence import sample_matches
 from .folder import scan_image_folder
-from .geometry import ViewSpec, axis_overlap, crop_affines
+from .geometry import ViewSpec, crop_affines, view_pair_params
 
-OUTPUTS = ("view1", "view2", "anchor1", "shape1", "flip1", "anchor2", "shape2", "flip2", "index", "tries")
-_OPS = (dmath.floor, dmath.ceil, dmath.min, dmath.max)
-
-
-def _f64(x):
-    return fn.cast(x, dtype=types.FLOAT64)
+OUTPUTS = ("view1", "view2", "params", "index")
+_SEED_RANGE = 2**31  # two DALI int32 draws make one 62-bit sampler seed
 
 
-def _f32(x):
-    return fn.cast(x, dtype=types.FLOAT)
+def _params_shape(outs, ins):
+    for i in range(len(outs[0])):
+        outs[0][i][0] = 12
 
 
-def _overlap(a1, s1, a2, s2, flip2, grid_hw):
-    """Exact count of view-1 grid cells inside view 2 for crop windows (y, x) anchors and (h, w) shapes."""
-    a1, s1, a2, s2 = _f64(a1), _f64(s1), _f64(a2), _f64(s2)
-    ny = axis_overlap(a1[0], s1[0], a2[0], s2[0], float(grid_hw[0]), 0.0, *_OPS)
-    nx = axis_overlap(a1[1], s1[1], a2[1], s2[1], float(grid_hw[1]), _f64(flip2), *_OPS)
-    return nx * ny
+def _sampler(spec: ViewSpec, min_matches: int, stride: int, max_tries: int):
+    """A DALI numba_function body: image shape (H, W, C) and two seed halves -> view_pair_params' int64[12]."""
+    out_h, out_w = spec.size
+    (s_lo, s_hi), (r_lo, r_hi), flip_p = spec.scale, spec.ratio, spec.flip_p
+
+    def run(params, shape, seed_hi, seed_lo):
+        seed = (np.int64(seed_hi[0]) << 31) | np.int64(seed_lo[0])
+        params[:] = view_pair_params(seed, shape[0], shape[1], out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
+                                     min_matches, stride, max_tries)
+    return run
 
 
-def _candidate(shape, spec: ViewSpec, grid, min_matches: int) -> dict:
-    """One random view pair and whether it shares at least ``min_matches`` grid cells (int64 0/1)."""
-    c = {}
-    for v in ("1", "2"):
-        anchor, size = fn.random_crop_generator(shape, random_area=list(spec.scale),
-                                                random_aspect_ratio=list(spec.ratio))
-        flip = fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32)
-        # int64 throughout, so both sides of the retry conditional merge with one type
-        c["a" + v], c["s" + v], c["f" + v] = (fn.cast(x, dtype=types.INT64) for x in (anchor, size, flip))
-    ok = fn.cast(_overlap(c["a1"], c["s1"], c["a2"], c["s2"], c["f2"], grid) >= min_matches, dtype=types.INT64)
-    return c, ok
-
-
-_KEYS = ("a1", "s1", "a2", "s2", "f1", "f2")
-
-
-@pipeline_def(enable_conditionals=True)
-def view_pair_pipeline(files, indices, spec: ViewSpec, min_matches: int, stride: int, attempts: int,
+@pipeline_def
+def view_pair_pipeline(files, indices, spec: ViewSpec, min_matches: int, stride: int, max_tries: int,
                        shard_id: int, num_shards: int, decode_device: str):
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
-    shape = fn.peek_image_shape(jpegs)  # from the header: geometry is drawn before the decode finishes
+    shape = fn.peek_image_shape(jpegs)  # from the header: the pair is drawn while the decode runs
     image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    grid = (spec.size[0] // stride, spec.size[1] // stride)
+    seed_hi, seed_lo = (fn.random.uniform(range=[0, _SEED_RANGE], dtype=types.INT32, shape=[1]) for _ in range(2))
+    params = numba_function(shape, seed_hi, seed_lo, run_fn=_sampler(spec, min_matches, stride, max_tries),
+                            setup_fn=_params_shape, out_types=[types.INT64], outs_ndim=[1],
+                            in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
 
-    pair, ok = _candidate(shape, spec, grid, min_matches)
-    a1, s1, a2, s2, f1, f2 = (pair[k] for k in _KEYS)
-    tries = ok  # 1: the first pair was accepted
-    # Only the few failing samples enter this branch; inside it the redraws are selected arithmetically.
-    if ok == 0:
-        chosen = {k: pair[k] * 0 for k in _KEYS}
-        pending = ok * 0 + 1
-        for attempt in range(2, attempts + 1):
-            redraw, good = _candidate(shape, spec, grid, min_matches)
-            take = pending * good
-            chosen = {k: chosen[k] + take * redraw[k] for k in _KEYS}
-            tries = tries + take * attempt
-            pending = pending - take
-        fallback = {"a1": pair["a1"], "s1": pair["s1"], "a2": pair["a1"], "s2": pair["s1"], "f1": pair["f1"],
-                    "f2": pair["f2"]}
-        a1, s1, a2, s2, f1, f2 = (chosen[k] + pending * fallback[k] for k in _KEYS)
+    def view(first):  # params[first:first + 5] = top, left, height, width, flip
+        start = fn.cast(params[first:first + 2], dtype=types.FLOAT)
+        out = fn.resize(image, roi_start=start, roi_end=start + fn.cast(params[first + 2:first + 4],
+                                                                         dtype=types.FLOAT),
+                        roi_relative=False, size=list(spec.size), interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.flip(out, horizontal=fn.cast(params[first + 4], dtype=types.INT32))
 
-    def view(anchor, size, flipped):
-        start = _f32(anchor)
-        out = fn.resize(image, roi_start=start, roi_end=start + _f32(size), roi_relative=False,
-                        size=list(spec.size), interp_type=types.INTERP_LINEAR, antialias=True)
-        return fn.flip(out, horizontal=fn.cast(flipped, dtype=types.INT32))
-
-    return view(a1, s1, f1), view(a2, s2, f2), a1, s1, f1, a2, s2, f2, index, tries
+    return view(0), view(5), params, index
 
 
 class DaliViewPairLoader:
@@ -114,7 +85,7 @@ class DaliViewPairLoader:
 
     def __init__(self, data, batch_size: int, threads: int = 4, device_id: int | None = None, seed: int = 0,
                  spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True, attempts: int = 3,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True, max_tries: int = 50,
                  prefetch: int = 2):
         if num_matches > min_matches:
             raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
@@ -124,7 +95,7 @@ class DaliViewPairLoader:
         self.spec, self.num_matches, self.stride, self.seed = spec, num_matches, stride, seed
         self.size, self.epoch, self.start = len(files), 0, 0
         self.pipe = view_pair_pipeline(
-            [files[i] for i in order], order.tolist(), spec, min_matches, stride, attempts, rank, world_size,
+            [files[i] for i in order], order.tolist(), spec, min_matches, stride, max_tries, rank, world_size,
             "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
             device_id=device_id, seed=seed, prefetch_queue_depth=prefetch)
         self.pipe.build()
@@ -137,25 +108,24 @@ class DaliViewPairLoader:
         return len(self.iterator)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Seeds this epoch's matches; ``start`` batches are skipped (a resumed run). DALI reshuffles after each
-        epoch from its own reader state, so a resumed run sees a fresh order, not the interrupted one's."""
+        """``start`` batches are skipped (a resumed run). DALI's reader and RNG carry on from their own state
+        (reshuffling after each epoch), so a resumed run sees fresh orders and views, not the interrupted one's."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        seeds = np.random.default_rng([self.seed, self.epoch, 2]).integers(0, 2**63, self.size, dtype=np.int64)
         for i, out in enumerate(self.iterator):
             if i >= self.start:
-                yield self._to_batch(out[0], seeds)
+                yield self._to_batch(out[0])
         self.epoch, self.start = self.epoch + 1, 0
 
-    def _to_batch(self, out: dict, seeds: np.ndarray) -> dict[str, torch.Tensor]:
-        host = {k: out[k].cpu().numpy() for k in OUTPUTS[2:]}
-        index = host["index"].reshape(-1).astype(np.int64)
-        g1, g2 = (crop_affines(host[f"anchor{v}"][:, 0], host[f"anchor{v}"][:, 1], host[f"shape{v}"][:, 0],
-                               host[f"shape{v}"][:, 1], host[f"flip{v}"], self.spec.size) for v in (1, 2))
-        matches, xy2, _ = sample_matches(g1, g2, seeds[index].astype(np.uint64), self.num_matches,
-                                         self.spec.size, self.stride)
-        tries = host["tries"].reshape(-1)
+    def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
+        p = out["params"].cpu().numpy()
+        index = out["index"].cpu().numpy().reshape(-1).astype(np.int64)
+        g1 = crop_affines(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], self.spec.size)
+        g2 = crop_affines(p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9], self.spec.size)
+        matches, xy2, _ = sample_matches(g1, g2, p[:, 11].view(np.uint64), self.num_matches, self.spec.size,
+                                         self.stride)
+        tries = p[:, 10]
         self.retry_stats["pairs"] += len(tries)
         self.retry_stats["redrawn"] += int((tries != 1).sum())
         self.retry_stats["fallback"] += int((tries == 0).sum())

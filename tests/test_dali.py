@@ -100,7 +100,7 @@ def test_crop_windows_follow_the_reference_distribution(synthetic_root):
 
 
 def test_overlap_rule_enforced_and_retries_counted(synthetic_root):
-    loader = dali_loader(synthetic_root / "train", min_matches=400, num_matches=32, attempts=3)
+    loader = dali_loader(synthetic_root / "train", min_matches=400, num_matches=32, max_tries=3)
     batches = list(loader)  # the kernel raises if any pair shares fewer than 32 cells
     stats = loader.retry_stats
     assert stats["pairs"] == sum(len(b["index"]) for b in batches)
