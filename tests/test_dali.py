@@ -64,7 +64,7 @@ def test_views_rebuilt_from_returned_geometry(synthetic_root, device_id):
                                    SPEC.size).astype(np.float32)
             right.append(np.abs(got - rebuilt).mean())
             wrong.append(np.abs(got - mirrored).mean())
-    assert max(right) < 2.0, right  # grey levels: DALI's and torch's antialiased resizes differ slightly
+    assert max(right) < 3.0, right  # grey levels: decoders (nvJPEG on GPU) and antialiased resizes differ slightly
     assert np.mean(wrong) > 5 * np.mean(right)
 
 
