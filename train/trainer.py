@@ -10,6 +10,8 @@ import csv
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -44,6 +46,29 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+_STOP = threading.Event()
+
+
+def request_stop(*_) -> None:
+    """Ask ``run`` to finish its current step, checkpoint and return (a signal handler: preemption, time-out)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def _all_agree_to_stop(world: int, device: torch.device) -> bool:
+    """Ranks may get the signal at different steps; the max over ranks makes every rank stop at the same one."""
+    if world == 1:
+        return _STOP.is_set()
+    flag = torch.tensor([int(_STOP.is_set())], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        _STOP.set()
+    return bool(flag.item())
 
 
 def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
@@ -212,7 +237,8 @@ def run(cfg: TrainConfig) -> MoCo:
                dynamic_ncols=True)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    while global_step < total:
+    stopping = False
+    while global_step < total and not stopping:
         set_epoch(loader, epoch, step_in_epoch)
         batches = iter(loader)
         while global_step < total:
@@ -249,7 +275,8 @@ def run(cfg: TrainConfig) -> MoCo:
                            **{k: f"{v.item():.6f}" for k, v in stats.items()}})
             bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
             bar.update()
-            if global_step % cfg.checkpoint_every == 0 or global_step == total:
+            stopping = _all_agree_to_stop(world, device)
+            if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
                 rngs = _gather_objects(_rng_state(augment_gen), world)
                 if rank == 0:
                     checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -257,6 +284,10 @@ def run(cfg: TrainConfig) -> MoCo:
                                      "rng": rngs, "config": asdict(cfg)}, ckpt_dir, global_step,
                                     cfg.keep_checkpoints)
                 _barrier(world)
+            if stopping:
+                if rank == 0:
+                    print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
+                break
             if step_in_epoch == 0:
                 break  # epoch finished: the next one reshuffles
     bar.close()
@@ -269,6 +300,7 @@ def main(argv=None) -> None:
     from .config import parse
 
     cfg = parse(argv)
+    signal.signal(signal.SIGUSR2, request_stop)  # e.g. sbatch --signal=USR2@120: checkpoint before the limit
     try:
         run(cfg)
     finally:

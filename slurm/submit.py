@@ -1,0 +1,226 @@
+"""Launch training on Slurm (or on this machine) with submitit: one task per GPU, requeued on preemption/time-out.
+
+    python -m slurm.submit --nodes 2 --gpus-per-node 8 --partition gpu --time 4320 -- \\
+        data=/data/imagenet/train batch_size=256 objective=vader
+    python -m slurm.submit --local --tasks-per-node 2 -- data=synthetic arch=resnet18 steps=20
+
+Everything after ``--`` is passed to the trainer (``python -m train`` syntax); ``resume=auto`` is always added,
+so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2 ``--signal-delay``
+seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a preemption notice
+would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is written, and rank
+0 requeues the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import submitit
+
+# Slurm states after which a job will not produce results (no sacct needed: scontrol knows recent jobs).
+ENDED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def weights_digest(model) -> str:
+    """A short hash of the weights and the MoCo queues: equal on every rank when DDP kept them in sync.
+
+    BatchNorm running statistics are left out: under shuffle-BN each rank keeps its own (as in MoCo; the
+    checkpoint holds rank 0's), and they only matter for evaluation.
+    """
+    h = hashlib.sha256()
+    per_rank = ("running_mean", "running_var", "num_batches_tracked")
+    for name, t in sorted(model.state_dict().items()):
+        if name.endswith(per_rank):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """The submitted callable: sets up torch.distributed from Slurm's variables and runs the trainer.
+
+    A ``Checkpointable``, so if submitit's own handler sees the signal first (before ``__call__`` replaces it) the
+    job is still requeued with the same arguments; resume=auto makes that safe.
+    """
+
+    def __init__(self, train_args: list[str]):
+        self.train_args = list(train_args)
+
+    def __call__(self) -> dict:
+        from train import trainer
+        from train.config import parse
+
+        env = submitit.JobEnvironment()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # Our handler only raises a flag: the checkpoint is written at a step boundary by every rank together.
+        signal.signal(signal.SIGUSR2, trainer.request_stop)
+        print(f"rank {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id}); "
+              f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
+        cfg = parse(self.train_args + ["resume=auto"])
+        try:
+            model = trainer.run(cfg)
+            digest = weights_digest(model)
+            print(f"final weights digest {digest}", flush=True)
+            if trainer.stop_requested():
+                self._requeue(env)
+            return {"rank": env.global_rank, "digest": digest, "run_dir": cfg.run_dir}
+        finally:
+            if trainer.dist.is_initialized():
+                trainer.dist.destroy_process_group()
+
+    @staticmethod
+    def _requeue(env) -> None:
+        """Rank 0 requeues before anyone exits (a task that exits first could end the job); all ranks then exit
+        without a result, so watchers keep waiting for the requeued run's."""
+        from train import trainer
+
+        if env.global_rank == 0:
+            if env.cluster == "slurm":
+                subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+                print(f"requeued job {env.job_id}", flush=True)
+            else:
+                print("stopped on request; not on Slurm, so not requeued (relaunch to resume)", flush=True)
+        if trainer.dist.is_initialized():
+            trainer.dist.barrier()
+            trainer.dist.destroy_process_group()
+        if env.cluster == "slurm":
+            sys.exit(-1)
+
+
+def slurm_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def _result(task):
+    outcome, value = submitit.core.utils.pickle_load(task.paths.result_pickle)
+    if outcome != "success":
+        raise RuntimeError(f"task {task.task_id} of job {task.job_id} failed:\n{value}")
+    return value
+
+
+def wait(job, timeout_s: float, poll_s: float = 1.0) -> list:
+    """Every task's result, or an error naming the logs. Bounded, and reads results and Slurm's own job record
+    (scontrol) directly: without accounting there is no sacct, and submitit alone would wait forever on a job
+    that was cancelled or killed, since no result file ever appears."""
+    tasks = [job.task(i) for i in range(job.num_tasks)]
+    deadline = time.monotonic() + timeout_s
+    ended_at = None
+    while time.monotonic() < deadline:
+        if all(t.paths.result_pickle.exists() for t in tasks):
+            return [_result(t) for t in tasks]
+        if isinstance(job, submitit.SlurmJob) and slurm_state(job.job_id) in ENDED:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > 10:  # results of tasks that did finish have had time to land
+                raise RuntimeError(f"job {job.job_id} ended {slurm_state(job.job_id)} without results from every "
+                                   f"rank; see the logs in {job.paths.folder}")
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job.job_id} not finished after {timeout_s:.0f} s; it keeps running "
+                       f"(logs in {job.paths.folder})")
+
+
+def build_executor(args) -> submitit.Executor:
+    tasks = args.gpus_per_node or args.tasks_per_node
+    folder = Path(args.job_dir) / "%j"
+    if args.local:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(nodes=1, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+                                   timeout_min=args.time, signal_delay_s=args.signal_delay)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder)
+    optional = {"partition": args.partition, "account": args.account, "qos": args.qos,
+                "constraint": args.constraint, "mem": args.mem, "exclusive": True if args.exclusive else None}
+    executor.update_parameters(
+        job_name=args.name, nodes=args.nodes, ntasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
+        gpus_per_node=args.gpus_per_node or None, time=args.time, signal_delay_s=args.signal_delay,
+        **{k: v for k, v in optional.items() if v is not None})
+    return executor
+
+
+def parse_args(argv: list[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        own, train_args = argv[:i], argv[i + 1:]
+    else:
+        own, train_args = argv, []
+    p = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+                                epilog="Trainer arguments (key=value) follow `--`.")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU tasks")
+    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node (ignored with GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint", help="node features, e.g. 'a100|h100'")
+    p.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    p.add_argument("--mem", help="memory per node, e.g. 200G (0 = all)")
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the limit at which SIGUSR2 asks for a checkpoint and requeue")
+    p.add_argument("--name", default="densessl")
+    p.add_argument("--job-dir", default="runs/slurm", help="submitit folder: one subfolder per job")
+    p.add_argument("--local", action="store_true", help="run on this machine with submitit's local executor")
+    p.add_argument("--wait", action="store_true", help="block until the job ends and print each rank's result")
+    p.add_argument("--wait-timeout", type=float, default=24 * 3600)
+    args = p.parse_args(own)
+    if args.nodes < 1 or args.tasks_per_node < 1 or args.gpus_per_node < 0:
+        p.error("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+    if args.local and args.nodes != 1:
+        p.error("--local runs on this machine: use --nodes 1")
+    if any("=" not in a for a in train_args):
+        p.error(f"trainer arguments must be key=value, got {[a for a in train_args if '=' not in a]}")
+    if not any(a.startswith("run_dir=") for a in train_args):
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        train_args.append(f"run_dir={Path(args.job_dir).resolve() / f'{args.name}-{stamp}'}")
+    return args, train_args
+
+
+def submit(argv: list[str]):
+    """Submit; returns (job, run_dir). Validates the trainer config first, so mistakes fail here, not in the queue."""
+    from train.config import parse
+
+    args, train_args = parse_args(argv)
+    tasks = (args.gpus_per_node or args.tasks_per_node) * args.nodes
+    parse(train_args).validate(world_size=tasks)
+    job = build_executor(args).submit(TrainJob(train_args))
+    run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run_dir="))
+    per_node = args.gpus_per_node or args.tasks_per_node
+    folder = job.paths.folder
+    lines = [f"submitted job {job.job_id}: {args.nodes} node(s) x {per_node} task(s)"
+             f"{' (one GPU each)' if args.gpus_per_node else ''}, {args.time} min limit",
+             f"  job folder  {folder}",
+             f"  rank logs   {folder}/{job.job_id}_<rank>_log.out|err",
+             f"  run folder  {run_dir}  (checkpoints, metrics.csv, config.yaml)",
+             f"  follow      tail -f {folder}/{job.job_id}_0_log.out"]
+    if not args.local:
+        lines += [f"  preempt     scancel --signal=USR2 {job.job_id}   (checkpoint + requeue)",
+                  f"  cancel      scancel {job.job_id}"]
+    print("\n".join(lines), flush=True)
+    if args.wait:
+        for result in wait(job, args.wait_timeout):
+            print(result)
+    return job, run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        submit(list(sys.argv[1:] if argv is None else argv))
+    except (ValueError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
