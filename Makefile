@@ -10,7 +10,7 @@ APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 EXTRAS  ?= dev,dali,ffcv
 DATA    ?= data/synthetic
 
-.PHONY: setup apt test demo data bench clean
+.PHONY: setup apt test demo eval data bench clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ data: $(DATA)/.complete
 
 demo: setup
 	$(PY) -m train.demo --data $(DATA) --out runs/demo
+
+# After make demo: segmentation, depth and propagation on the embedded set, demo checkpoint vs random init.
+eval: setup
+	$(PY) -m evaluation all --checkpoint runs/demo --root $(DATA) --out runs/demo/eval
 
 bench: setup data
 	$(PY) -m benchmarks.correspondence

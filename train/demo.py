@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
-from PIL import Image
 
-from evaluation.segmentation import linear_probe, load_image, synthetic_split
+from evaluation.datasets import synthetic
+from evaluation.probe import linear_probe
+from evaluation.visualize import plot_pca
 from model.builder import MoCo, MoCoConfig
 from pipeline.synthetic import SyntheticConfig, generate
 
@@ -26,18 +26,6 @@ from .config import TrainConfig
 from .trainer import run
 
 PROBE_SIZE = (128, 160)
-
-
-def pca_rgb(feats: torch.Tensor) -> np.ndarray:
-    """``[N, C, h, w]`` features -> ``[N, h, w, 3]`` uint8: the first 3 principal components as colours."""
-    n, c, h, w = feats.shape
-    x = feats.permute(0, 2, 3, 1).reshape(-1, c).double()
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)
-    y = x @ v[:3].T
-    lo, hi = y.quantile(0.01, 0), y.quantile(0.99, 0)
-    y = ((y - lo) / (hi - lo)).clamp(0, 1)
-    return (y.reshape(n, h, w, 3).numpy() * 255).astype(np.uint8)
 
 
 def plot_loss(metrics: Path, out: Path) -> None:
@@ -49,26 +37,6 @@ def plot_loss(metrics: Path, out: Path) -> None:
     ax[0].set(xlabel="step", ylabel="VADeR loss (x10 InfoNCE)", title="training loss")
     ax[1].plot(steps, [100 * float(r["data_wait"]) for r in rows])
     ax[1].set(xlabel="step", ylabel="% of step time", title="time waiting for data")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def plot_pca(networks: dict, images: list[Path], out: Path) -> None:
-    x = torch.stack([load_image(p, PROBE_SIZE) for p in images])
-    rows = [np.stack([np.asarray(Image.open(p).convert("RGB").resize(PROBE_SIZE[::-1])) for p in images])]
-    for net in networks.values():
-        rgb = pca_rgb(net(x)["dense"].float())
-        rows.append(np.stack([np.asarray(Image.fromarray(r).resize(PROBE_SIZE[::-1], Image.NEAREST)) for r in rgb]))
-    fig, ax = plt.subplots(len(rows), len(images), figsize=(2.2 * len(images), 1.9 * len(rows)), squeeze=False)
-    for i, (label, row) in enumerate(zip(["image", *networks], rows)):
-        for j, im in enumerate(row):
-            ax[i, j].imshow(im)
-            ax[i, j].set_xticks([])
-            ax[i, j].set_yticks([])
-        ax[i, 0].set_ylabel(label)
-    fig.suptitle("first three principal components of the dense features as RGB")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -100,21 +68,22 @@ def main(argv=None) -> int:
     random_init = MoCo(MoCoConfig(arch="resnet18")).eval()
     networks = {"VADeR (trained)": model.encoder_q, "random init": random_init.encoder_q}
 
-    train_set, test_set = synthetic_split(root, "train"), synthetic_split(root, "val")
-    results = {name: linear_probe(lambda x, n=net: n(x)["dense"], train_set, test_set, PROBE_SIZE,
-                                  epochs=args.probe_epochs) for name, net in networks.items()}
+    extractors = {name: (lambda x, n=net: n(x)["dense"]) for name, net in networks.items()}
+    train_set, test_set = synthetic(root, "train"), synthetic(root, "val")
+    results = {name: linear_probe(fn, train_set, test_set, PROBE_SIZE, epochs=args.probe_epochs)
+               for name, fn in extractors.items()}
     plot_loss(out / "metrics.csv", out / "loss.png")
-    plot_pca(networks, test_set.images[:: max(1, len(test_set.images) // 6)][:6], out / "pca.png")
+    plot_pca(extractors, test_set.images[:: max(1, len(test_set.images) // 6)][:6], out / "pca.png", PROBE_SIZE)
 
     classes = ["background", "disc", "square", "triangle", "ring"]
-    learned, random_miou = results["VADeR (trained)"][0], results["random init"][0]
+    learned, random_miou = results["VADeR (trained)"]["mIoU"], results["random init"]["mIoU"]
     lines = ["# VADeR demo on the embedded data set", "",
              f"resnet18 + FPN, {args.steps} steps, batch {args.batch}, {args.view_size}px views, CPU.",
              "Linear probe (1x1 conv on frozen 1/4-scale features), trained on the train scenes, "
              "evaluated on held-out val scenes.", "",
              "| features | mIoU | " + " | ".join(classes) + " |", "|---" * (len(classes) + 2) + "|"]
-    for name, (miou, per) in results.items():
-        lines.append(f"| {name} | {miou:.3f} | " + " | ".join(f"{float(v):.3f}" for v in per) + " |")
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['mIoU']:.3f} | " + " | ".join(f"{float(v):.3f}" for v in r["IoU"]) + " |")
     verdict = "beat" if learned > random_miou else "did NOT beat"
     lines += ["", f"Learned features {verdict} random init ({learned:.3f} vs {random_miou:.3f} mIoU).", "",
               "![loss](loss.png)", "",

@@ -1,0 +1,143 @@
+"""Downstream evaluation of frozen dense features.
+
+    python -m evaluation all --checkpoint runs/demo       # newest checkpoint of a run; embedded set; one table
+    python -m evaluation segmentation --dataset voc --root VOCdevkit/VOC2012 --features checkpoint:CKPT random:resnet50
+    python -m evaluation depth --dataset nyu --root nyu_depth_v2 --features checkpoint:CKPT torchvision:r50.pth
+    python -m evaluation propagation --dataset davis --root DAVIS --features checkpoint:CKPT mocov2:moco.pth.tar
+    python -m evaluation visualize --features checkpoint:CKPT random:resnet18 --images a.jpg b.jpg c.jpg
+    python -m evaluation export --checkpoint CKPT --out exported/
+
+``--features`` takes any number of extractors (see evaluation/features.py), so baselines run the same code.
+Results are printed as a markdown table and written to ``--out`` (results.json, table.md, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import datasets
+from .features import feature_extractor, load_checkpoint_model, resolve_checkpoint
+from .probe import linear_probe
+from .propagation import evaluate_videos
+from .visualize import plot_pca, plot_retrieval
+
+SEGMENTATION = {"voc": (datasets.voc, "train", "val"), "cityscapes": (datasets.cityscapes, "train", "val"),
+                "synthetic": (lambda root, split: datasets.synthetic(root, split), "train", "val")}
+DEPTH = {"nyu": (datasets.nyu_depth, "train", "test"),
+         "synthetic": (lambda root, split: datasets.synthetic(root, split, "depth"), "train", "val")}
+VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datasets.synthetic_videos}
+
+
+def _extractors(specs: list[str], arch: str, device) -> dict:
+    out = {}
+    for spec in specs:
+        name, module = feature_extractor(spec, arch)
+        out[name] = module.to(device)
+    return out
+
+
+def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
+    lines = ["| features | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = _table(rows, metrics)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(f"# {title}\n\n{table}\n")
+    print(f"{title}\n{table}\n(written to {out})")
+    return table
+
+
+def run_all(checkpoint: str, data: str, out: Path, size, epochs: int, device) -> dict:
+    """Segmentation mIoU, depth RMSE and propagation J/F on the embedded set: checkpoint vs random init."""
+    checkpoint = str(resolve_checkpoint(checkpoint))
+    arch = load_checkpoint_model(checkpoint).cfg.arch
+    out.mkdir(parents=True, exist_ok=True)
+    extractors = _extractors([f"checkpoint:{checkpoint}", f"random:{arch}"], arch, device)
+    seg = [datasets.synthetic(data, s) for s in ("train", "val")]
+    depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
+    videos = datasets.synthetic_videos(data)
+    rows = {}
+    for name, fn in extractors.items():
+        s = linear_probe(fn, *seg, size, device, epochs)
+        d = linear_probe(fn, *depth, size, device, epochs)
+        v = evaluate_videos(fn, videos, device=device)
+        rows[name] = {"seg mIoU": s["mIoU"], "depth RMSE (m)": d["RMSE"], "depth delta1": d["delta1"],
+                      "J": v["J"], "F": v["F"]}
+    plot_pca(extractors, seg[1].images[:6], out / "pca.png", size)
+    plot_retrieval(extractors, seg[1].images[:5], out / "retrieval.png", size)
+    _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F"], out,
+            f"Embedded set, frozen features: {Path(checkpoint).name} vs random init")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
+    p.add_argument("protocol", choices=["all", "segmentation", "depth", "propagation", "visualize", "export"])
+    p.add_argument("--checkpoint", help="our training checkpoint (all, export)")
+    p.add_argument("--features", nargs="+", default=[], help="extractors: checkpoint:P random:ARCH torchvision:P "
+                                                             "mocov2:P")
+    p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2 weights")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--root", default="data/synthetic", help="data set root (default: the embedded set)")
+    p.add_argument("--images", nargs="+", default=[], help="images for visualize")
+    p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
+    p.add_argument("--epochs", type=int, default=60, help="probe epochs")
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    out, size, device = Path(args.out), tuple(args.size), torch.device(args.device)
+    if any(s % 32 for s in size):
+        p.error(f"--size {size[0]} {size[1]}: both must be multiples of 32 (the encoder's stride)")
+    try:
+        if args.protocol in ("all", "export") and not args.checkpoint:
+            p.error(f"{args.protocol} needs --checkpoint")
+        if args.protocol == "all":
+            run_all(args.checkpoint, args.root, out, size, args.epochs, device)
+            return 0
+        if args.protocol == "export":
+            from .export import export
+            for path in export(args.checkpoint, out):
+                print(f"wrote {path}")
+            return 0
+        if not args.features:
+            p.error(f"{args.protocol} needs --features")
+        extractors = _extractors(args.features, args.arch, device)
+        if args.protocol == "visualize":
+            if len(args.images) < 2:
+                p.error("visualize needs --images (two or more)")
+            out.mkdir(parents=True, exist_ok=True)
+            plot_pca(extractors, [Path(i) for i in args.images], out / "pca.png", size)
+            plot_retrieval(extractors, [Path(i) for i in args.images], out / "retrieval.png", size)
+            print(f"wrote {out / 'pca.png'} and {out / 'retrieval.png'}")
+            return 0
+        table = {"segmentation": SEGMENTATION, "depth": DEPTH, "propagation": VIDEOS}[args.protocol]
+        if args.dataset not in table:
+            p.error(f"{args.protocol} datasets: {', '.join(table)}")
+        if args.protocol == "propagation":
+            videos = table[args.dataset](args.root)
+            rows = {name: evaluate_videos(fn, videos, device=device) for name, fn in extractors.items()}
+            metrics = ["J", "F", "J&F"]
+        else:
+            reader, train_split, test_split = table[args.dataset]
+            train, test = reader(args.root, train_split), reader(args.root, test_split)
+            rows = {name: linear_probe(fn, train, test, size, device, args.epochs) for name, fn in extractors.items()}
+            metrics = ["mIoU"] if args.protocol == "segmentation" else ["RMSE", "AbsRel", "delta1"]
+        _report(rows, metrics, out, f"{args.protocol} on {args.dataset} ({args.root})")
+        return 0
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

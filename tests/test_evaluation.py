@@ -1,0 +1,212 @@
+"""Downstream protocols: metric functions on hand-computed cases, and every protocol end to end on tiny fixture
+folders in each real layout (VOC, Cityscapes, NYU, DAVIS) built from the embedded set; weight export."""
+
+import json
+import pickle
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from evaluation import datasets
+from evaluation.__main__ import main as evaluation_main
+from evaluation.export import detectron2_name, export
+from evaluation.features import GlobalResNet, feature_extractor
+from evaluation.metrics import boundary_f, confusion, depth_errors, iou_per_class, jaccard, mean_iou
+from evaluation.propagation import propagate
+from model.builder import MoCo, MoCoConfig
+from model.network import FPNDecoder
+from pipeline.synthetic import DAVIS_PALETTE
+from train.config import TrainConfig
+
+
+# ---- metrics on hand-computed cases -------------------------------------------------------------------------
+
+def test_miou_perfect_empty_and_partial():
+    truth = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255]])
+    assert mean_iou(confusion(truth.clamp(max=1), truth, 3)) == 1.0  # class 2 absent everywhere: left out
+    assert np.isnan(float(iou_per_class(confusion(truth.clamp(max=1), truth, 3))[2]))
+    wrong = 1 - truth.clamp(max=1)
+    assert mean_iou(confusion(wrong, truth, 2)) == 0.0
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]])  # one 0 read as 1; the ignored pixel does not count
+    # class 0: tp 3, union 4 -> 0.75; class 1: tp 3, union 4 -> 0.75
+    assert iou_per_class(confusion(pred, truth, 2)).tolist() == [0.75, 0.75]
+
+
+def test_jaccard_and_boundary_f_cases():
+    a = torch.zeros(40, 40, dtype=torch.bool)
+    a[10:30, 10:30] = True
+    empty = torch.zeros_like(a)
+    assert jaccard(a, a) == 1.0 and boundary_f(a, a) == 1.0
+    assert jaccard(empty, empty) == 1.0 and boundary_f(empty, empty) == 1.0
+    assert jaccard(a, empty) == 0.0 and boundary_f(a, empty) == 0.0
+    half = torch.zeros_like(a)
+    half[10:30, 10:20] = True
+    assert jaccard(half, a) == pytest.approx(0.5)
+    far = torch.zeros(400, 400, dtype=torch.bool)
+    far[100:300, 100:300] = True
+    shifted = torch.roll(far, 20, dims=1)  # boundaries 20 px apart: beyond the 0.008 x diagonal (5 px) radius
+    assert boundary_f(shifted, far) < 0.6
+    assert boundary_f(torch.roll(far, 2, dims=1), far) == 1.0  # within the tolerance
+
+
+def test_depth_errors_by_hand():
+    truth = torch.tensor([[1.0, 2.0], [4.0, 0.0]])  # 0 = no measurement
+    pred = torch.tensor([[1.0, 3.0], [2.0, 9.0]])
+    e = depth_errors(pred, truth)
+    assert e["RMSE"] == pytest.approx(np.sqrt((0 + 1 + 4) / 3))
+    assert e["AbsRel"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    assert e["delta1"] == pytest.approx(1 / 3)
+
+
+def test_propagation_follows_matching_features():
+    """Frame 1 is frame 0 shifted right by 3 cells: labels must move with the features."""
+    torch.manual_seed(0)
+    f0 = torch.randn(16, 12, 20)
+    f1 = torch.roll(f0, 3, dims=2)
+    labels = torch.zeros(2, 12, 20)
+    labels[1, 4:8, 5:9] = 1
+    labels[0] = 1 - labels[1]
+    out = propagate([f0, f1], labels, topk=1, radius=4)
+    moved = torch.roll(labels, 3, dims=2).argmax(0)
+    assert torch.equal(out[1].argmax(0)[:, 3:], moved[:, 3:])  # columns 0-2 wrapped around: no match in radius
+    assert out[1].argmax(0).sum() == 16
+
+
+# ---- fixture folders in the real layouts ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def layouts(synthetic_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("layouts")
+    splits = {s: sorted((synthetic_root / s).glob("*/*.jpg")) for s in ("train", "val")}
+
+    def label(split, image, suffix=".png"):
+        return synthetic_root / "labels" / split / image.parent.name / f"{image.stem}{suffix}"
+
+    voc = base / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    for split, images in splits.items():
+        ids = [f"2007_{split}_{i:04d}" for i in range(len(images))]
+        (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i, image in zip(ids, images):
+            shutil.copy(image, voc / "JPEGImages" / f"{i}.jpg")
+            classes = np.asarray(Image.open(label(split, image))).copy()
+            classes[0, :] = 255  # VOC marks object borders "void"
+            png = Image.fromarray(classes, mode="P")
+            png.putpalette(DAVIS_PALETTE)
+            png.save(voc / "SegmentationClass" / f"{i}.png")
+
+    city = base / "cityscapes"
+    label_ids = np.array([7, 8, 11, 12, 13], np.uint8)  # road, sidewalk, building, wall, fence -> train ids 0..4
+    for split, images in splits.items():
+        for i, image in enumerate(images):
+            stem = f"aachen_{i:06d}_000019"
+            for sub, name, array in (("leftImg8bit", f"{stem}_leftImg8bit.png", np.asarray(Image.open(image))),
+                                     ("gtFine", f"{stem}_gtFine_labelIds.png",
+                                      label_ids[np.asarray(Image.open(label(split, image)))])):
+                (city / sub / split / "aachen").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(city / sub / split / "aachen" / name)
+
+    nyu = base / "nyu"
+    for split, nyu_split in (("train", "train"), ("val", "test")):
+        (nyu / nyu_split / "rgb").mkdir(parents=True)
+        (nyu / nyu_split / "depth").mkdir(parents=True)
+        for i, image in enumerate(splits[split]):
+            shutil.copy(image, nyu / nyu_split / "rgb" / f"{i:05d}.jpg")
+            shutil.copy(label(split, image, "_depth.png"), nyu / nyu_split / "depth" / f"{i:05d}.png")
+
+    davis = base / "DAVIS"
+    for sub in ("JPEGImages", "Annotations"):
+        shutil.copytree(synthetic_root / "videos" / sub, davis / sub / "480p")
+    (davis / "ImageSets" / "2017").mkdir(parents=True)
+    names = sorted(p.name for p in (davis / "JPEGImages" / "480p").iterdir())
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return {"voc": voc, "cityscapes": city, "nyu": nyu, "davis": davis}
+
+
+def test_readers_decode_each_layout(layouts):
+    voc = datasets.voc(layouts["voc"], "val")
+    assert voc.num_classes == 21 and 255 in voc.read_target(0) and voc.read_target(0).max() == 255
+    city = datasets.cityscapes(layouts["cityscapes"], "val")
+    assert set(np.unique(city.read_target(0))) <= {0, 1, 2, 3, 4}  # labelIds 7..13 -> train ids
+    depth = datasets.nyu_depth(layouts["nyu"], "test").read_target(0)
+    assert depth.dtype == np.float32 and 1.0 < depth.max() < 7.0  # metres
+    videos = datasets.davis(layouts["davis"], "val")
+    assert len(videos) == 1 and len(videos[0].frames) == len(videos[0].masks) == 3
+    with pytest.raises(FileNotFoundError, match="PASCAL VOC"):
+        datasets.voc(layouts["nyu"], "val")
+
+
+def test_voc_prefers_train_aug(layouts, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(layouts["voc"], root)
+    shutil.copytree(root / "SegmentationClass", root / "SegmentationClassAug")
+    shutil.copy(root / "ImageSets/Segmentation/train.txt", root / "ImageSets/Segmentation/train_aug.txt")
+    assert datasets.voc(root, "train").name == "VOC2012 train_aug"
+
+
+@pytest.mark.parametrize("protocol,dataset,metric", [
+    ("segmentation", "voc", "mIoU"), ("segmentation", "cityscapes", "mIoU"), ("depth", "nyu", "RMSE"),
+    ("propagation", "davis", "J"),
+])
+def test_protocols_run_end_to_end(layouts, tmp_path, protocol, dataset, metric):
+    out = tmp_path / "eval"
+    assert evaluation_main([protocol, "--dataset", dataset, "--root", str(layouts[dataset]), "--features",
+                            "random:resnet18", "--epochs", "2", "--size", "96", "128", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert np.isfinite(results["random init"][metric])
+    assert "| random init |" in (out / "table.md").read_text()
+
+
+def tiny_checkpoint(path: Path, objective="vader") -> Path:
+    cfg = TrainConfig(arch="resnet18", objective=objective, queue_size=256)
+    model = MoCo(MoCoConfig(objective=objective, arch="resnet18", queue_size=256))
+    torch.save({"model": model.state_dict(), "config": asdict(cfg)}, path)
+    return path
+
+
+def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "all"
+    assert evaluation_main(["all", "--checkpoint", str(ckpt), "--root", str(synthetic_root), "--epochs", "2",
+                            "--size", "96", "128", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ckpt.pt |" in printed and "| random init |" in printed and "depth RMSE" in printed
+    for png in ("pca.png", "retrieval.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_baseline_extractors_give_stride_4_features(tmp_path):
+    x = torch.randn(1, 3, 64, 96)
+    assert GlobalResNet("resnet50").eval()(x).shape == (1, 2048, 16, 24)  # dilated, as in the paper
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, tmp_path / "tv.pth")
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, tmp_path / "moco.pth.tar")
+    for spec in (f"torchvision:{tmp_path / 'tv.pth'}", f"mocov2:{tmp_path / 'moco.pth.tar'}"):
+        _, fn = feature_extractor(spec, "resnet18")
+        assert fn(x).shape == (1, 512, 16, 24)
+    with pytest.raises(ValueError, match="do not fit"):
+        feature_extractor(f"torchvision:{tmp_path / 'tv.pth'}", "resnet50")
+
+
+def test_export_to_torchvision_and_detectron2(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    written = export(ckpt, tmp_path / "out")
+    state = torch.load(written[0])
+    missing, unexpected = torchvision.models.resnet18(weights=None).load_state_dict(state, strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    d2 = pickle.loads(written[1].read_bytes())
+    assert d2["matching_heuristics"] is True
+    for key in ("stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.conv1.weight", "res2.1.conv2.norm.bias",
+                "res3.0.shortcut.weight", "res3.0.shortcut.norm.running_mean", "res5.1.conv2.weight"):
+        assert key in d2["model"], key
+    assert len(d2["model"]) == len([k for k in state if not k.endswith("num_batches_tracked")])
+    np.testing.assert_array_equal(d2["model"]["res4.0.conv1.weight"], state["layer3.0.conv1.weight"].numpy())
+    FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[2]))
+    assert detectron2_name("layer1.0.downsample.1.weight") == "res2.0.shortcut.norm.weight"
