@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its (live and reaped) child processes: workers included."""
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 @dataclass
@@ -15,6 +31,7 @@ class Rate:
     name: str
     runs: list[float]  # items/s, one per repetition
     unit: str = "pairs/s"
+    cores: float = float("nan")  # CPU cores busy on average during the timed runs
 
     @property
     def median(self) -> float:
@@ -43,14 +60,14 @@ def time_loader(name: str, loader, epochs: int, reps: int, count=lambda batch: b
         return items
 
     run_epochs(1)
-    runs = []
+    runs, cpu, wall = [], cpu_seconds(), time.perf_counter()
     for _ in range(reps):
         start = time.perf_counter()
         items = run_epochs(epochs)
         runs.append(items / (time.perf_counter() - start))
-    return Rate(name, runs)
+    return Rate(name, runs, cores=(cpu_seconds() - cpu) / (time.perf_counter() - wall))
 
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"

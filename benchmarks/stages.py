@@ -1,0 +1,178 @@
+"""Where each backend's time goes, in milliseconds of one core per view pair, and each decoder's ceiling.
+
+Stages are timed serially in this process on the same files (one thread), so they add up to the cost of a pair
+on one core; throughput with N workers is then at best N / (sum of stages). Backends whose stages are fused in
+compiled code report the fused stage (DALI by difference of growing graphs, FFCV's decode+crop+resize).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.correspondence import sample_matches
+from pipeline.folder import decode_rgb
+from pipeline.geometry import ViewSpec, sample_view_pair
+from pipeline.loader import CollateViewPairs, render_view
+
+STAGES = ("read", "decode", "geometry", "crop+resize", "correspondence", "collate", "host-to-device")
+
+
+class Stopwatch:
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.total[stage] += now - self.last
+        self.last = now
+
+    def per_item_ms(self, n: int) -> dict[str, float]:
+        return {k: 1000 * v / n for k, v in self.total.items()}
+
+
+def _host_to_device(batch: dict, watch: Stopwatch) -> None:
+    if torch.cuda.is_available():
+        views = [batch["view1"].pin_memory(), batch["view2"].pin_memory()]
+        watch.lap("collate")
+        for v in views:
+            v.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        watch.lap("host-to-device")
+
+
+def reference(files, spec: ViewSpec, batch: int = 32, n: int = 128, warmup: bool = True) -> dict[str, float]:
+    """The reference loader's steps (``ViewPairDataset`` + ``CollateViewPairs``), one by one, as in a worker."""
+    if warmup:  # first calls load Numba's cache and torch's kernels
+        reference(files, spec, min(batch, 4), 4, warmup=False)
+    collate = CollateViewPairs(32, spec.size)
+    watch, samples, done = Stopwatch(), [], 0
+    for i in range(n):
+        with open(files[i % len(files)], "rb") as f:
+            data = f.read()
+        watch.lap("read")
+        pixels = decode_rgb(data)
+        watch.lap("decode")
+        pair = sample_view_pair(i, pixels.shape[0], pixels.shape[1], spec)
+        watch.lap("geometry")
+        image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+        views = render_view(image, pair.crop1, spec.size), render_view(image, pair.crop2, spec.size)
+        watch.lap("crop+resize")
+        samples.append({"view1": views[0], "view2": views[1], "geometry1": pair.affine1, "geometry2": pair.affine2,
+                        "index": i, "match_seed": pair.match_seed})
+        if len(samples) == batch or i == n - 1:
+            g1, g2 = np.stack([s["geometry1"] for s in samples]), np.stack([s["geometry2"] for s in samples])
+            sample_matches(g1, g2, np.array([s["match_seed"] for s in samples], np.uint64), 32, spec.size,
+                           parallel=False)
+            watch.lap("correspondence")
+            out = collate(samples)  # includes the matches again: subtract them below
+            watch.lap("collate")
+            _host_to_device(out, watch)
+            done += len(samples)
+            samples = []
+    ms = watch.per_item_ms(done)
+    ms["collate"] = max(0.0, ms["collate"] - ms["correspondence"])
+    return ms
+
+
+def naive(files, size: int, n: int = 64) -> dict[str, float]:
+    import io
+
+    from torch.utils.data import default_collate
+
+    from .loader import NaiveTwoView
+
+    ds = NaiveTwoView(files, size)
+    ds._view(Image.open(files[0]).convert("RGB"))  # warm-up
+    watch, items = Stopwatch(), []
+    for i in range(n):
+        with open(files[i % len(files)], "rb") as f:
+            data = f.read()
+        watch.lap("read")
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        watch.lap("decode")
+        (v1, p1), (v2, p2) = ds._view(im), ds._view(im)
+        watch.lap("crop+resize")
+        ds._to_source(p1, ds.centres)  # the numpy correspondence (at least one round of it)
+        watch.lap("correspondence")
+        items.append((v1, v2))
+        if len(items) == 32 or i == n - 1:
+            out = default_collate(items)
+            watch.lap("collate")
+            _host_to_device({"view1": out[0], "view2": out[1]}, watch)
+            items = []
+    return watch.per_item_ms(n)
+
+
+def dali(files, spec: ViewSpec, batch: int = 32, device: int | None = None) -> dict[str, float]:
+    """DALI's graph grown stage by stage (one thread); differences give each stage's cost."""
+    from pipeline.dali import DaliViewPairLoader, view_pair_pipeline
+
+    from .common import time_loader
+    from .dali_stages import decode_pipeline, time_pipe
+
+    dev = "mixed" if device is not None else "cpu"
+    kw = dict(batch_size=batch, num_threads=1, device_id=device, seed=0)
+    batches = max(1, len(files) // batch)
+    rates = [time_pipe("decode", decode_pipeline(files, dev, 0, spec.size[0], **kw), batches, 1, batch).median,
+             time_pipe("resize", decode_pipeline(files, dev, 2, spec.size[0], **kw), batches, 1, batch).median,
+             time_pipe("sampler", view_pair_pipeline(files, list(range(len(files))), spec, 32, 4, 50, 0, 1, dev,
+                                                     **kw), batches, 1, batch).median,
+             time_loader("loader", DaliViewPairLoader(files, batch, 1, device, spec=spec), 1, 1).median]
+    ms = [1000 / r for r in rates]
+    return {"read+decode": ms[0], "crop+resize": max(0.0, ms[1] - ms[0]), "geometry": max(0.0, ms[2] - ms[1]),
+            "correspondence+collate": max(0.0, ms[3] - ms[2])}
+
+
+def ffcv(beton, spec: ViewSpec, batch: int = 32) -> dict[str, float]:
+    """FFCV's compiled decode + both crops (one thread), then our batch assembly (matches, tensors)."""
+    from pipeline.ffcv import FfcvViewPairLoader
+
+    loader = FfcvViewPairLoader(beton, batch, workers=1, spec=spec, order="sequential")
+    raw = list(loader.loader)  # warm-up: compiles
+    start = time.perf_counter()
+    raw = [(views.copy(), index.reshape(-1).astype(np.int64)) for views, _, index in loader.loader]
+    fused = time.perf_counter() - start
+    n = sum(len(i) for _, i in raw)
+    start = time.perf_counter()
+    for views, index in raw:
+        loader._to_batch(views, index)
+    assemble = time.perf_counter() - start
+    return {"read+decode+crop+resize": 1000 * fused / n, "correspondence+collate": 1000 * assemble / n}
+
+
+def decode_ceilings(files, beton=None, n: int = 200) -> dict[str, float]:
+    """Images/s of one core for each backend's decoder on the same images (DALI's CPU decoder: see dali())."""
+    blobs = [open(f, "rb").read() for f in files[:n]]
+    import io
+    rates = {}
+    for name, fn in {"simplejpeg": decode_rgb,
+                     "PIL": lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()}.items():
+        fn(blobs[0])
+        start = time.perf_counter()
+        for b in blobs:
+            fn(b)
+        rates[name] = len(blobs) / (time.perf_counter() - start)
+    if beton is not None:
+        from ffcv.libffcv import imdecode
+        from ffcv.reader import Reader
+
+        reader = Reader(str(beton))
+        meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+        sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+        raw = np.fromfile(str(beton), np.uint8)
+        stored = [(raw[int(m["data_ptr"]):int(m["data_ptr"]) + sizes[int(m["data_ptr"])]], int(m["height"]),
+                   int(m["width"])) for m in meta[:n]]
+        out = np.empty(max(h * w * 3 for _, h, w in stored), np.uint8)
+        imdecode(stored[0][0], out, stored[0][1], stored[0][2], stored[0][1], stored[0][2], 0, 0, 1, 1, False,
+                 False)
+        start = time.perf_counter()
+        for data, h, w in stored:  # FFCV's own decoder (libjpeg-turbo, fast DCT) on the stored JPEGs
+            imdecode(data, out, h, w, h, w, 0, 0, 1, 1, False, False)
+        rates["ffcv"] = len(stored) / (time.perf_counter() - start)
+    return rates
