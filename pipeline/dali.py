@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12 drivers)") from err
 
 from .correspondence import sample_matches
-from .folder import scan_image_folder
+from .folder import scan_image_folder, screen_files
 from .geometry import ViewSpec, crop_affines, view_pair_params
 
 OUTPUTS = ("view1", "view2", "params", "index")
@@ -86,14 +86,19 @@ class DaliViewPairLoader:
     def __init__(self, data, batch_size: int, threads: int = 4, device_id: int | None = None, seed: int = 0,
                  spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, max_tries: int = 50,
-                 prefetch: int = 2):
+                 prefetch: int = 2, skip_log: str | None = None):
         if num_matches > min_matches:
             raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
         folder = scan_image_folder(data) if not isinstance(data, (list, tuple)) else None
         files = list(folder.files if folder else data)
-        order = np.random.default_rng([seed, 0xDA11]).permutation(len(files))  # epoch 0 shuffled too
+        # DALI's decoder aborts the pipeline on a broken file: screen headers and end markers first (rank 0
+        # logs what was left out; every rank drops the same files, so shards still partition the data)
+        keep = np.asarray(screen_files(files, skip_log if rank == 0 else None), np.int64)
+        if len(keep) == 0:
+            raise ValueError(f"none of the {len(files)} files is a readable image")
+        order = keep[np.random.default_rng([seed, 0xDA11]).permutation(len(keep))]  # epoch 0 shuffled too
         self.spec, self.num_matches, self.stride, self.seed = spec, num_matches, stride, seed
-        self.size, self.epoch, self.start = len(files), 0, 0
+        self.size, self.epoch, self.start = len(keep), 0, 0
         self.pipe = view_pair_pipeline(
             [files[i] for i in order], order.tolist(), spec, min_matches, stride, max_tries, rank, world_size,
             "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,

@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "libopencv-dev, pkg-config, then pip install -e '.[ffcv]')") from err
 
 from .correspondence import sample_matches, splitmix64
-from .folder import decode_rgb, scan_image_folder
+from .folder import BadImage, decode_rgb, scan_image_folder
 from .geometry import ViewSpec, crop_affines, view_pair_params
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -47,33 +47,54 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
 
 
 class _Samples:
-    """ImageFolder as FFCV's indexed dataset: (HxWx3 uint8 image, label, index)."""
+    """ImageFolder as FFCV's indexed dataset: (HxWx3 uint8 image, label, index).
 
-    def __init__(self, files, labels):
-        self.files, self.labels = files, labels
+    An unreadable file is stored as the next readable one (its image, label and index, so the sample is a true
+    duplicate) and listed in ``skip_log``: the .beton keeps one record per file and never holds a broken image.
+    """
+
+    def __init__(self, files, labels, skip_log: Path):
+        self.files, self.labels, self.skip_log = files, labels, skip_log
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        with open(self.files[i], "rb") as f:
-            return decode_rgb(f.read()), int(self.labels[i]), i
+        for k in range(64):
+            j = (i + k) % len(self.files)
+            try:
+                with open(self.files[j], "rb") as f:
+                    return decode_rgb(f.read()), int(self.labels[j]), j
+            except (BadImage, OSError) as err:
+                with open(self.skip_log, "a") as log:  # writer workers are processes: one appended line each
+                    log.write(f"{self.files[j]}\t{str(err).replace(chr(10), ' ')}\n")
+        raise RuntimeError(f"64 consecutive unreadable files from {self.files[i]}; is the data folder damaged?")
 
 
 def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_quality: int = 90,
-                write_mode: str = "jpg", workers: int = 2) -> Path:
+                write_mode: str = "jpg", workers: int = 2, max_bad_images: int = 100) -> Path:
     """Write an ImageFolder (or the embedded set's ``train`` folder) to ``out`` with fields image, label, index.
 
     ``max_resolution`` shrinks images whose longer side exceeds it (geometry then refers to the stored image).
-    FFCV's writer shows a progress bar.
+    Unreadable files are replaced by their next readable neighbour and listed in ``OUT.skipped.txt``; more than
+    ``max_bad_images`` of them is an error. FFCV's writer shows a progress bar.
     """
     folder = scan_image_folder(data)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    skip_log = out.with_name(out.name + ".skipped.txt")
+    skip_log.unlink(missing_ok=True)
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
-    DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(_Samples(folder.files, folder.labels))
+    samples = _Samples(folder.files, folder.labels, skip_log)
+    DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(samples)
+    bad = {line.split("\t")[0] for line in skip_log.read_text().splitlines()} if skip_log.exists() else set()
+    if bad:
+        print(f"{len(bad)} unreadable file(s) replaced by their neighbours; listed in {skip_log}")
+    if len(bad) > max_bad_images:
+        out.unlink()
+        raise RuntimeError(f"{len(bad)} unreadable files (> max_bad_images={max_bad_images}), listed in {skip_log}")
     return out
 
 

@@ -50,12 +50,121 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     return ImageFolder(root, tuple(files), np.asarray(labels, np.int64), tuple(classes))
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode to an HxWx3 uint8 array: libjpeg-turbo (simplejpeg) for JPEG, measured fastest here; PIL otherwise."""
-    if data[:2] == b"\xff\xd8":
-        try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ValueError:  # e.g. CMYK JPEGs, which libjpeg-turbo cannot convert to RGB itself
-            pass
+MAX_PIXELS = 1 << 27  # 134M pixels (400 MB as RGB): larger images are treated as decompression bombs
+
+# EXIF orientation -> the PIL transpose that shows the image upright (as PIL's ImageOps.exif_transpose does)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+class BadImage(ValueError):
+    """A file that cannot be a training image; the message says why."""
+
+
+def _orientation(data: bytes) -> int:
+    if b"Exif\x00\x00" not in data[:65536]:  # no EXIF block: the common case costs one byte search
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.getexif().get(0x0112, 1))
+    except Exception:  # unreadable EXIF: decode as stored
+        return 1
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode to an upright HxWx3 uint8 array, or raise ``BadImage``.
+
+    libjpeg-turbo (simplejpeg, measured fastest here) for JPEG, strict about truncation; PIL otherwise (CMYK
+    JPEG, PNG; 16-bit images are scaled to 8 bits, alpha is dropped). EXIF orientation is applied, as DALI's
+    decoder and peek_image_shape do, so geometry always refers to the upright image. The pixel count is checked
+    from the header before decoding.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        image = None
+        if data[:2] == b"\xff\xd8":
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            _check_size(h, w, max_pixels)
+            try:
+                image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ValueError as err:  # CMYK JPEGs: libjpeg-turbo cannot convert them; PIL can
+                if "Premature end" in str(err) or "corrupt" in str(err).lower():
+                    raise
+        if image is None:
+            image = _decode_pil(data, max_pixels)
+    except BadImage:
+        raise
+    except Exception as err:  # truncated, corrupt, or not an image at all
+        raise BadImage(f"cannot decode: {err}") from None
+    orientation = _orientation(data)
+    if orientation in _ORIENT:
+        image = np.asarray(Image.fromarray(image).transpose(_ORIENT[orientation]))
+    return image
+
+
+def _check_size(h: int, w: int, max_pixels: int) -> None:
+    if h * w > max_pixels:
+        raise BadImage(f"{w}x{h} pixels exceeds max_pixels={max_pixels} (decompression bomb?)")
+    if h < 1 or w < 1:
+        raise BadImage(f"{w}x{h} image")
+
+
+def _decode_pil(data: bytes, max_pixels: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
+        _check_size(im.height, im.width, max_pixels)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits, not a clip at 255
+            grey = (np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
         return np.asarray(im.convert("RGB"))
+
+
+def screen_file(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` cannot be a training image, from its header and its last bytes (no decode), or None.
+
+    Catches empty and non-image files, decompression bombs and truncated JPEG/PNG files (no end marker): what
+    makes a decoder inside a compiled pipeline (DALI) abort. Costs tens of microseconds per file.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(65536)
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+        if head[:2] == b"\xff\xd8":
+            h, w, _, _ = simplejpeg.decode_jpeg_header(head if size <= 65536 else head + tail)
+            if b"\xff\xd9" not in tail:
+                return "truncated JPEG (no end-of-image marker)"
+        else:
+            with Image.open(io.BytesIO(head)) as im:
+                w, h = im.size
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+                return "truncated PNG (no IEND chunk)"
+        _check_size(h, w, max_pixels)
+    except BadImage as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - any unreadable header is a bad file
+        return f"unreadable header: {err}"
+    return None
+
+
+def screen_files(files, skip_log: str | None = None, threads: int = 8) -> list[int]:
+    """Indices of the files that pass ``screen_file``; the others are warned about and appended to ``skip_log``."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(threads) as pool:
+        reasons = list(tqdm(pool.map(screen_file, files, chunksize=256), total=len(files), desc="screening files",
+                            disable=len(files) < 50_000, unit="file"))
+    bad = [(f, r) for f, r in zip(files, reasons) if r]
+    for f, r in bad[:20]:
+        warnings.warn(f"skipping {f}: {r}", stacklevel=2)
+    if bad and skip_log:
+        with open(skip_log, "a") as log:
+            log.writelines(f"{f}\t{r}\n" for f, r in bad)
+    return [i for i, r in enumerate(reasons) if r is None]

@@ -8,6 +8,7 @@ seeds of its samples. The same seed therefore gives the same batches for any num
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .correspondence import sample_matches
-from .folder import decode_rgb, scan_image_folder
+from .folder import BadImage, decode_rgb, scan_image_folder
 from .geometry import Crop, ViewSpec, sample_view_pair
 
 _SEED_SPACE = 2**63
@@ -77,19 +78,44 @@ def render_view(image: torch.Tensor, crop: Crop, size: tuple[int, int]) -> np.nd
 
 
 class ViewPairDataset(Dataset):
-    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's two views."""
+    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's two views.
 
-    def __init__(self, files, spec: ViewSpec = ViewSpec(), min_matches: int = 32, stride: int = 4):
+    A file that cannot be read or decoded (``BadImage``: truncated, empty, not an image, too large) is replaced
+    by the next readable file in index order, with the same seed, so batches stay full and deterministic. Each
+    replacement is warned about and, with ``skip_log``, appended to that file (path, reason) for the trainer.
+    """
+
+    MAX_REPLACEMENTS = 64
+
+    def __init__(self, files, spec: ViewSpec = ViewSpec(), min_matches: int = 32, stride: int = 4,
+                 skip_log: str | None = None):
         self.files, self.spec = list(files), spec
-        self.min_matches, self.stride = min_matches, stride
+        self.min_matches, self.stride, self.skip_log = min_matches, stride, skip_log
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _read(self, index: int) -> tuple[int, np.ndarray]:
+        for k in range(self.MAX_REPLACEMENTS):
+            path = self.files[(index + k) % len(self.files)]
+            try:
+                with open(path, "rb") as f:
+                    return (index + k) % len(self.files), decode_rgb(f.read())
+            except (BadImage, OSError) as err:
+                self._log_bad(path, err)
+        raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable files from {self.files[index]}; "
+                           "is the data folder damaged?")
+
+    def _log_bad(self, path: str, err: Exception) -> None:
+        reason = str(err).replace("\n", " ").replace("\t", " ")
+        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+        if self.skip_log:
+            with open(self.skip_log, "a") as f:  # one short O_APPEND write per line: safe across workers
+                f.write(f"{path}\t{reason}\n")
+
     def __getitem__(self, key):
         index, seed = key
-        with open(self.files[index], "rb") as f:
-            pixels = decode_rgb(f.read())
+        index, pixels = self._read(index)
         pair = sample_view_pair(seed, pixels.shape[0], pixels.shape[1], self.spec, self.min_matches, self.stride)
         image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         return {
@@ -148,7 +174,7 @@ def _worker_init(_):
 def make_loader(data, batch_size: int, workers: int = 2, seed: int = 0, spec: ViewSpec = ViewSpec(),
                 num_matches: int = 32, min_matches: int = 32, stride: int = 4, rank: int = 0,
                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
-                prefetch_factor: int = 4) -> DataLoader:
+                prefetch_factor: int = 4, skip_log: str | None = None) -> DataLoader:
     """The reference loader over an ImageFolder root (or a list of files). Call ``loader.sampler.set_epoch``."""
     if num_matches > min_matches:
         raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: views could share fewer "
@@ -159,7 +185,7 @@ def make_loader(data, batch_size: int, workers: int = 2, seed: int = 0, spec: Vi
                          f"{batch_size}; lower --batch or use more data")
     sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
     return DataLoader(
-        ViewPairDataset(files, spec, min_matches, stride), batch_size=batch_size, sampler=sampler,
+        ViewPairDataset(files, spec, min_matches, stride, skip_log), batch_size=batch_size, sampler=sampler,
         num_workers=workers, collate_fn=CollateViewPairs(num_matches, spec.size, stride, parallel=workers == 0),
         drop_last=drop_last,
         pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,

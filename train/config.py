@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     progress: bool = True
+    max_bad_images: int = 100  # unreadable files are skipped and listed in run_dir/skipped.txt; more aborts
 
     def validate(self, world_size: int = 1) -> None:
         def need(ok: bool, message: str) -> None:
@@ -91,6 +92,7 @@ class TrainConfig:
         keys = self.batch_size * (self.num_matches * (2 if self.symmetric else 1) if self.objective == "vader" else 1)
         need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
              f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
+        need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
         need(self.resume in ("", "auto") or Path(self.resume).is_file(),
              f"resume={self.resume!r}: no such checkpoint file (use 'auto' or a path)")

@@ -7,6 +7,7 @@ for DDP over env:// (NCCL on GPU, gloo on CPU).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -60,15 +61,28 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
-def _all_agree_to_stop(world: int, device: torch.device) -> bool:
-    """Ranks may get the signal at different steps; the max over ranks makes every rank stop at the same one."""
+def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """Any rank's flag, on every rank (one small all-reduce): ranks see a signal, a bad loss or the bad-image
+    cap at different moments, and must act on the same step or the next collective would hang."""
     if world == 1:
-        return _STOP.is_set()
-    flag = torch.tensor([int(_STOP.is_set())], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        _STOP.set()
-    return bool(flag.item())
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+class SkippedImages:
+    """Unreadable files the loader replaced (``skipped.txt``: path, reason); the run aborts past ``limit``."""
+
+    def __init__(self, path: Path, limit: int):
+        self.path, self.limit, self.size, self.files = path, limit, 0, set()
+
+    def over_limit(self) -> bool:
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size != self.size:  # only re-read when workers appended
+            self.size = size
+            self.files = {line.split("\t")[0] for line in self.path.read_text().splitlines() if line}
+        return len(self.files) > self.limit
 
 
 def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
@@ -84,7 +98,12 @@ def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
         if rank == 0 and not beton.is_file():
             from pipeline.ffcv import write_beton
             print(f"writing {beton} from {root} (once; pass data=<file>.beton to reuse one)", flush=True)
-            write_beton(root, beton.with_suffix(".partial"), workers=cfg.workers).rename(beton)
+            partial = beton.with_suffix(".partial")
+            write_beton(root, partial, workers=cfg.workers, max_bad_images=cfg.max_bad_images).rename(beton)
+            bad = partial.with_name(partial.name + ".skipped.txt")
+            if bad.exists():  # the writer's list joins the run's
+                with open(Path(cfg.run_dir) / "skipped.txt", "a") as f:
+                    f.write(bad.read_text())
         root = beton
     _barrier(world)
     return root
@@ -151,13 +170,14 @@ def build_loader(cfg: TrainConfig, root: Path, per_rank: int, rank: int, world: 
     if cfg.backend == "dali":
         from pipeline.dali import DaliViewPairLoader
         return DaliViewPairLoader(root, per_rank, cfg.workers, device.index if device.type == "cuda" else None,
-                                  cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank, world)
+                                  cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank, world,
+                                  skip_log=str(Path(cfg.run_dir) / "skipped.txt"))
     if cfg.backend == "ffcv":
         from pipeline.ffcv import FfcvViewPairLoader
         return FfcvViewPairLoader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4,
                                   order=cfg.ffcv_order, distributed=world > 1)
     return make_loader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank,
-                       world, pin_memory=device.type == "cuda")
+                       world, pin_memory=device.type == "cuda", skip_log=str(Path(cfg.run_dir) / "skipped.txt"))
 
 
 def set_epoch(loader, epoch: int, batches_done: int) -> None:
@@ -237,6 +257,7 @@ def run(cfg: TrainConfig) -> MoCo:
                dynamic_ncols=True)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
+    skipped = SkippedImages(run_dir / "skipped.txt", cfg.max_bad_images)
     stopping = False
     while global_step < total and not stopping:
         set_epoch(loader, epoch, step_in_epoch)
@@ -257,9 +278,20 @@ def run(cfg: TrainConfig) -> MoCo:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
             value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {global_step + 1}; batch indices "
-                                         f"{batch['index'].tolist()}")
+            nonfinite, stopping, too_many_bad = _agree(
+                [not math.isfinite(value), _STOP.is_set(), rank == 0 and skipped.over_limit()], world, device)
+            if stopping:
+                _STOP.set()  # every rank, so whoever launched run() sees it
+            if nonfinite:
+                report = run_dir / f"nonfinite_step{global_step + 1}_rank{rank}.json"
+                report.write_text(json.dumps({"step": global_step + 1, "loss": str(value), "rank": rank,
+                                              "indices": batch["index"].tolist()}))
+                raise FloatingPointError(f"loss is not finite at step {global_step + 1} (this rank's loss "
+                                         f"{value}); batch indices saved to {report}; resume=auto restarts from the "
+                                         "last checkpoint")
+            if too_many_bad:
+                raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
+                                   f"skipped (listed in {skipped.path}); fix the data or raise the limit")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -275,7 +307,6 @@ def run(cfg: TrainConfig) -> MoCo:
                            **{k: f"{v.item():.6f}" for k, v in stats.items()}})
             bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
             bar.update()
-            stopping = _all_agree_to_stop(world, device)
             if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
                 rngs = _gather_objects(_rng_state(augment_gen), world)
                 if rank == 0:

@@ -1,0 +1,150 @@
+"""Bad images, faults and bad configuration never lose a run: every backend over a corpus of awkward files,
+a loss that blows up, a checkpoint write that runs out of space."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from corpus import BAD, write_corpus
+from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder
+from pipeline.folder import BadImage, decode_rgb, screen_file
+from pipeline.loader import make_loader
+from train import checkpoint
+from train.config import parse
+
+SPEC = ViewSpec(size=(64, 64))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def reported(log: Path) -> set[str]:
+    return {Path(line.split("\t")[0]).name for line in log.read_text().splitlines()} if log.exists() else set()
+
+
+def check_batches(batches, n_files):
+    assert batches
+    for b in batches:
+        assert set(b) >= set(BATCH_KEYS)
+        assert b["view1"].shape[1:] == (3, 64, 64) and b["view1"].dtype == torch.uint8
+        assert ((b["index"] >= 0) & (b["index"] < n_files)).all()
+        assert torch.isfinite(b["match_xy2"]).all()
+
+
+def test_decoder_handles_every_awkward_case(corpus):
+    a = corpus / "a"
+    for name in BAD:
+        with pytest.raises(BadImage):
+            decode_rgb((a / name).read_bytes())
+        assert screen_file(str(a / name)) is not None, name
+    for name in ("cmyk.jpg", "gray.jpg", "alpha.png", "deep16.png", "rotated.jpg", "tiny.jpg", "wide.jpg"):
+        assert screen_file(str(a / name)) is None, name
+        image = decode_rgb((a / name).read_bytes())
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(a / "rotated.jpg")).convert("RGB"))
+    assert decode_rgb((a / "rotated.jpg").read_bytes()).shape == upright.shape == (160, 96, 3)
+    assert np.abs(decode_rgb((a / "rotated.jpg").read_bytes()).astype(int) - upright).mean() < 2
+    deep = decode_rgb((a / "deep16.png").read_bytes())
+    assert 100 < deep.mean() < 160  # scaled from 16 bits, not clipped to white
+
+
+def test_reference_loader_skips_and_reports_bad_files(corpus, tmp_path):
+    log = tmp_path / "skipped.txt"
+    files = scan_image_folder(corpus).files
+    batches = list(make_loader(corpus, 4, workers=2, spec=SPEC, min_matches=8, num_matches=8, skip_log=str(log),
+                               drop_last=False))  # workers also warn on stderr
+    check_batches(batches, len(files))
+    assert sum(len(b["index"]) for b in batches) == len(files)  # replaced, not dropped
+    assert reported(log) == set(BAD)
+
+
+def test_dali_screens_out_bad_files(corpus, tmp_path):
+    pytest.importorskip("nvidia.dali") if not os.environ.get("DENSESSL_REQUIRE_BACKENDS") else None
+    from pipeline.dali import DaliViewPairLoader
+    log = tmp_path / "skipped.txt"
+    loader = DaliViewPairLoader(corpus, 4, 2, None, spec=SPEC, min_matches=8, num_matches=8, skip_log=str(log),
+                                drop_last=False)
+    batches = list(loader)
+    check_batches(batches, len(scan_image_folder(corpus)))
+    assert sum(len(b["index"]) for b in batches) == len(scan_image_folder(corpus)) - len(BAD)
+    assert reported(log) == set(BAD)
+
+
+def test_ffcv_writer_replaces_and_reports_bad_files(corpus, tmp_path):
+    pytest.importorskip("ffcv") if not os.environ.get("DENSESSL_REQUIRE_BACKENDS") else None
+    from pipeline.ffcv import FfcvViewPairLoader, write_beton
+    beton = write_beton(corpus, tmp_path / "corpus.beton", workers=2)
+    assert reported(Path(f"{beton}.skipped.txt")) == set(BAD)
+    batches = list(FfcvViewPairLoader(beton, 4, 2, spec=SPEC, min_matches=8, num_matches=8, drop_last=False))
+    check_batches(batches, len(scan_image_folder(corpus)))
+    with pytest.raises(RuntimeError, match="max_bad_images=2"):
+        write_beton(corpus, tmp_path / "strict.beton", workers=2, max_bad_images=2)
+
+
+def train_args(data, run_dir, **extra):
+    args = dict(data=str(data), arch="resnet18", view_size=64, batch_size=4, workers=2, queue_size=256,
+                num_matches=8, min_matches=8, run_dir=str(run_dir), progress="false", checkpoint_every=2,
+                steps=4)
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_training_lists_skipped_files_and_enforces_the_cap(corpus, tmp_path):
+    from train.trainer import run
+    run(parse(train_args(corpus, tmp_path / "ok", steps=8)))
+    assert set() < reported(tmp_path / "ok" / "skipped.txt") <= set(BAD)  # those drawn in 8 steps
+    with pytest.raises(RuntimeError, match="max_bad_images=1"):
+        run(parse(train_args(corpus, tmp_path / "strict", max_bad_images=1, steps=8)))
+
+
+def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
+    from train.trainer import run
+    with pytest.raises(FloatingPointError, match="batch indices saved"):
+        run(parse(train_args(corpus, tmp_path / "nan", lr=1e30, decoder_lr=1e30, steps=20)))
+    report = json.loads(next((tmp_path / "nan").glob("nonfinite_step*_rank0.json")).read_text())
+    assert len(report["indices"]) == 4 and report["step"] > 1
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
+    """A real write failure: the file-size limit (RLIMIT_FSIZE) makes the write syscall fail with EFBIG."""
+    checkpoint.save({"step": 1, "w": torch.zeros(10)}, tmp_path, 1)
+    code = f"""
+import resource, signal, torch
+from train import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    checkpoint.save({{"step": 2, "w": torch.zeros(1_000_000)}}, {str(tmp_path)!r}, 2)
+except Exception as err:  # torch wraps the EFBIG OSError
+    print("write failed:", type(err).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "write failed" in out.stdout, out.stderr
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 1 and path.name == "step_00000001.pt"
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]  # no partial file left behind
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"data": "EMPTY"}, "no class sub-folders"),
+    ({"max_bad_images": -1}, "max_bad_images=-1"),
+    ({"backend": "ffcv", "data": "/data/x.tar"}, "no such folder"),
+])
+def test_configuration_errors_are_one_line(tmp_path, override, message):
+    from train.trainer import run
+    (tmp_path / "empty").mkdir()
+    override = {k: (str(tmp_path / "empty") if v == "EMPTY" else v) for k, v in override.items()}
+    data = override.pop("data", tmp_path / "empty")
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        run(parse(train_args(data, tmp_path / "run", **override)))
+    assert "\n" not in str(err.value)
