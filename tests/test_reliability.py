@@ -3,6 +3,7 @@ a loss that blows up, a checkpoint write that runs out of space."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,36 @@ except Exception as err:  # torch wraps the EFBIG OSError
     state, path = checkpoint.load_latest(tmp_path)
     assert state["step"] == 1 and path.name == "step_00000001.pt"
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]  # no partial file left behind
+
+
+def test_stuck_rank_is_named_when_a_collective_times_out(corpus, tmp_path):
+    """Rank 1 is frozen (SIGSTOP) mid-run: rank 0's next collective times out and names rank 1."""
+    import signal
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = train_args(corpus, tmp_path / "ddp", batch_size=8, workers=0, steps=200, checkpoint_every=1000,
+                      collective_timeout_s=10)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    beat = tmp_path / "ddp" / "heartbeat" / "rank1"
+    deadline = time.time() + 300
+    while not (beat.exists() and int(beat.read_text().split()[0] or 0) >= 2):
+        assert time.time() < deadline and procs[0].poll() is None, "training did not start"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGSTOP)
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        procs[1].kill()
+    assert procs[0].returncode != 0
+    assert re.search(r"rank 1 silent for \d+ s", err), err[-2000:]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     progress: bool = True
+    collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
     max_bad_images: int = 100  # unreadable files are skipped and listed in run_dir/skipped.txt; more aborts
 
     def validate(self, world_size: int = 1) -> None:

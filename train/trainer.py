@@ -6,6 +6,7 @@ for DDP over env:// (NCCL on GPU, gloo on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -33,14 +34,14 @@ from . import checkpoint
 from .config import TrainConfig, to_yaml
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(timeout_s: float = 600) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", timeout=timedelta(seconds=timeout_s))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -69,6 +70,55 @@ def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+class Heartbeat:
+    """Each rank's background thread writes its current step and the time every second
+    (``run_dir/heartbeat/rank<r>``), so a collective that fails or times out can name the rank at fault: a
+    frozen, crashed or killed process stops beating; a rank stuck in its own work (data, a hung kernel) beats
+    but falls behind the step the others wait in."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, run_dir: Path, rank: int, world: int):
+        self.folder, self.rank, self.world, self.step = run_dir / "heartbeat", rank, world, 0
+        if world > 1:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            threading.Thread(target=self._run, daemon=True, name="heartbeat").start()
+
+    def _run(self) -> None:
+        path = self.folder / f"rank{self.rank}"
+        while True:
+            path.with_suffix(".tmp").write_text(f"{self.step} {time.time():.3f}")
+            os.replace(path.with_suffix(".tmp"), path)  # readers never see a half-written beat
+            time.sleep(self.INTERVAL_S)
+
+    def beat(self, step: int) -> None:
+        self.step = step
+
+    def diagnosis(self) -> str:
+        seen = {}
+        for r in range(self.world):
+            f = self.folder / f"rank{r}"
+            step, stamp = f.read_text().split() if f.exists() else (0, 0)
+            seen[r] = (int(step), time.time() - float(stamp))
+        silent = [f"rank {r} silent for {age:.0f} s (frozen, crashed or killed; last finished step {step})"
+                  for r, (step, age) in seen.items() if age > 5 * self.INTERVAL_S]
+        ahead = max(step for step, _ in seen.values())
+        behind = [f"rank {r} last finished step {step} while others reached {ahead}"
+                  for r, (step, age) in seen.items() if step < ahead and age <= 5 * self.INTERVAL_S]
+        return "; ".join(silent + behind) or f"no rank fell silent or behind (all at step {ahead})"
+
+    @contextlib.contextmanager
+    def names_stuck_ranks(self):
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as err:  # gloo and NCCL time-outs and peer failures
+            if self.world == 1 or not any(w in str(err).lower() for w in ("timeout", "timed out", "connection",
+                                                                            "closed", "reset", "peer")):
+                raise
+            raise RuntimeError(f"a collective operation failed on rank {self.rank} ({str(err).splitlines()[0]}): "
+                               f"{self.diagnosis()}; heartbeats in {self.folder}") from err
 
 
 class SkippedImages:
@@ -208,7 +258,7 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
 
 def run(cfg: TrainConfig) -> MoCo:
     """Train per ``cfg``; returns the (unwrapped) model. Safe to call again after a crash with resume='auto'."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.collective_timeout_s)
     cfg.validate(world)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -258,69 +308,72 @@ def run(cfg: TrainConfig) -> MoCo:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     skipped = SkippedImages(run_dir / "skipped.txt", cfg.max_bad_images)
-    stopping = False
-    while global_step < total and not stopping:
-        set_epoch(loader, epoch, step_in_epoch)
-        batches = iter(loader)
-        while global_step < total:
-            start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            loaded = time.perf_counter()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            v1 = augment(batch["view1"], augment_gen).contiguous(memory_format=memory_format)
-            v2 = augment(batch["view2"], augment_gen).contiguous(memory_format=memory_format)
-            lrs = [learning_rate(b, global_step, total, cfg.warmup_steps) for b in base_lrs]
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-            lam = 0.0 if global_step < cfg.densecl_warmup_steps else cfg.densecl_lambda
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
-            value = loss.item()
-            nonfinite, stopping, too_many_bad = _agree(
-                [not math.isfinite(value), _STOP.is_set(), rank == 0 and skipped.over_limit()], world, device)
-            if stopping:
-                _STOP.set()  # every rank, so whoever launched run() sees it
-            if nonfinite:
-                report = run_dir / f"nonfinite_step{global_step + 1}_rank{rank}.json"
-                report.write_text(json.dumps({"step": global_step + 1, "loss": str(value), "rank": rank,
-                                              "indices": batch["index"].tolist()}))
-                raise FloatingPointError(f"loss is not finite at step {global_step + 1} (this rank's loss "
-                                         f"{value}); batch indices saved to {report}; resume=auto restarts from the "
-                                         "last checkpoint")
-            if too_many_bad:
-                raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
-                                   f"skipped (listed in {skipped.path}); fix the data or raise the limit")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            step_in_epoch += 1
-            if step_in_epoch == steps_per_epoch:
-                epoch, step_in_epoch = epoch + 1, 0
-            now = time.perf_counter()
-            if log is not None:
-                log.write({"step": global_step, "epoch": epoch, "loss": f"{value:.6f}", "lr": f"{lrs[0]:.6g}",
-                           "images_per_s": f"{cfg.batch_size / (now - start):.1f}",
-                           "data_wait": f"{(loaded - start) / (now - start):.4f}",
-                           **{k: f"{v.item():.6f}" for k, v in stats.items()}})
-            bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
-            bar.update()
-            if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
-                rngs = _gather_objects(_rng_state(augment_gen), world)
-                if rank == 0:
-                    checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                                     "rng": rngs, "config": asdict(cfg)}, ckpt_dir, global_step,
-                                    cfg.keep_checkpoints)
-                _barrier(world)
-            if stopping:
-                if rank == 0:
-                    print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
-                break
-            if step_in_epoch == 0:
-                break  # epoch finished: the next one reshuffles
+    heartbeat = Heartbeat(run_dir, rank, world)
+    with heartbeat.names_stuck_ranks():
+        stopping = False
+        while global_step < total and not stopping:
+            set_epoch(loader, epoch, step_in_epoch)
+            batches = iter(loader)
+            while global_step < total:
+                start = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                loaded = time.perf_counter()
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                v1 = augment(batch["view1"], augment_gen).contiguous(memory_format=memory_format)
+                v2 = augment(batch["view2"], augment_gen).contiguous(memory_format=memory_format)
+                lrs = [learning_rate(b, global_step, total, cfg.warmup_steps) for b in base_lrs]
+                for group, lr in zip(optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                lam = 0.0 if global_step < cfg.densecl_warmup_steps else cfg.densecl_lambda
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
+                value = loss.item()
+                nonfinite, stopping, too_many_bad = _agree(
+                    [not math.isfinite(value), _STOP.is_set(), rank == 0 and skipped.over_limit()], world, device)
+                if stopping:
+                    _STOP.set()  # every rank, so whoever launched run() sees it
+                if nonfinite:
+                    report = run_dir / f"nonfinite_step{global_step + 1}_rank{rank}.json"
+                    report.write_text(json.dumps({"step": global_step + 1, "loss": str(value), "rank": rank,
+                                                  "indices": batch["index"].tolist()}))
+                    raise FloatingPointError(f"loss is not finite at step {global_step + 1} (this rank's loss "
+                                             f"{value}); batch indices saved to {report}; resume=auto restarts from the "
+                                             "last checkpoint")
+                if too_many_bad:
+                    raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
+                                       f"skipped (listed in {skipped.path}); fix the data or raise the limit")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                global_step += 1
+                step_in_epoch += 1
+                if step_in_epoch == steps_per_epoch:
+                    epoch, step_in_epoch = epoch + 1, 0
+                now = time.perf_counter()
+                if log is not None:
+                    log.write({"step": global_step, "epoch": epoch, "loss": f"{value:.6f}", "lr": f"{lrs[0]:.6g}",
+                               "images_per_s": f"{cfg.batch_size / (now - start):.1f}",
+                               "data_wait": f"{(loaded - start) / (now - start):.4f}",
+                               **{k: f"{v.item():.6f}" for k, v in stats.items()}})
+                bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
+                bar.update()
+                heartbeat.beat(global_step)
+                if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
+                    rngs = _gather_objects(_rng_state(augment_gen), world)
+                    if rank == 0:
+                        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                                         "rng": rngs, "config": asdict(cfg)}, ckpt_dir, global_step,
+                                        cfg.keep_checkpoints)
+                    _barrier(world)
+                if stopping:
+                    if rank == 0:
+                        print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
+                    break
+                if step_in_epoch == 0:
+                    break  # epoch finished: the next one reshuffles
     bar.close()
     if log is not None:
         log.close()
