@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.builder import MoCo, MoCoConfig
-from model.network import ENCODER_PREFIXES
+from model.network import read_encoder_state
 
 
 class GlobalResNet(nn.Module):
@@ -49,19 +49,6 @@ class GlobalResNet(nn.Module):
         if not self.dilated:
             y = F.interpolate(y, size=(x.shape[-2] // 4, x.shape[-1] // 4), mode="bilinear", align_corners=False)
         return y
-
-
-def _encoder_state(path: str | Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ENCODER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        cleaned[key] = value
-    return cleaned
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -104,7 +91,7 @@ def feature_extractor(spec: str, arch: str = "resnet50") -> tuple[str, nn.Module
         torch.manual_seed(0)
         return "random init", _DenseOutput(MoCo(MoCoConfig(arch=arg or arch)).encoder_q).eval()
     if kind in ("torchvision", "mocov2"):
-        return f"{kind} {Path(arg).name}", GlobalResNet(arch, _encoder_state(arg)).eval()
+        return f"{kind} {Path(arg).name}", GlobalResNet(arch, read_encoder_state(arg)).eval()
     raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH or "
                      "mocov2:PATH")
 

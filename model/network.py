@@ -103,12 +103,9 @@ class DenseNetwork(nn.Module):
 ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "encoder.net.", "net.")
 
 
-def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
-    """Load a MoCo v2 (``module.encoder_q.*``), torchvision, or our own encoder checkpoint into ``encoder``.
-
-    Projection heads (``fc.*``) are dropped; any other missing or unexpected key is an error, since a silently
-    partial load would train from a half-random encoder.
-    """
+def read_encoder_state(path: str | Path) -> dict:
+    """A MoCo v2 (``module.encoder_q.*``), torchvision, or our own encoder checkpoint as a plain torchvision ResNet
+    state dict, without the classifier / projection head (``fc.*``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -120,6 +117,13 @@ def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
                 break
         if not key.startswith("fc."):
             cleaned[key] = value
+    return cleaned
+
+
+def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+    """Load ``read_encoder_state(path)`` into ``encoder``. Any missing or unexpected key is an error, since a
+    silently partial load would train from a half-random encoder."""
+    cleaned = read_encoder_state(path)
     try:
         missing, unexpected = encoder.net.load_state_dict(cleaned, strict=False)
     except RuntimeError as err:  # shape mismatch: another architecture
