@@ -116,6 +116,23 @@ def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
     assert len(report["indices"]) == 4 and report["step"] > 1
 
 
+def test_nonfinite_steps_can_be_skipped_without_poisoning_the_queue(corpus, tmp_path):
+    from train.trainer import run
+    run_dir = tmp_path / "skip"
+    with pytest.raises(FloatingPointError, match="2 earlier step"):
+        run(parse(train_args(corpus, run_dir, lr=1e30, decoder_lr=1e30, steps=20, checkpoint_every=1,
+                             keep_checkpoints=20, on_nonfinite="skip", max_nonfinite_skips=2)))
+    saved = {int(p.stem.split("_")[1]): torch.load(p, weights_only=False)["model"]
+             for p in (run_dir / "checkpoints").glob("step_*.pt")}
+    first_bad = min(json.loads(p.read_text())["step"] for p in run_dir.glob("nonfinite_step*_rank0.json"))
+    before, after = saved[first_bad - 1], saved[max(saved)]
+    assert max(saved) > first_bad - 1  # skipped steps were checkpointed too
+    assert torch.isfinite(after["queue_dense"]).all()
+    for key in before:
+        if key.startswith("encoder_k.") or key.startswith("queue"):
+            assert torch.equal(before[key], after[key]), key  # skipped steps changed nothing
+
+
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     """A real write failure: the file-size limit (RLIMIT_FSIZE) makes the write syscall fail with EFBIG."""
     checkpoint.save({"step": 1, "w": torch.zeros(10)}, tmp_path, 1)

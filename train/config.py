@@ -65,6 +65,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
+    on_nonfinite: str = "stop"  # NaN/inf loss: 'stop' (batch indices saved) or 'skip' the step (state restored)
+    max_nonfinite_skips: int = 10  # with on_nonfinite=skip, one more stops the run
     max_bad_images: int = 100  # unreadable files are skipped and listed in run_dir/skipped.txt; more aborts
 
     def validate(self, world_size: int = 1) -> None:
@@ -93,6 +95,7 @@ class TrainConfig:
         keys = self.batch_size * (self.num_matches * (2 if self.symmetric else 1) if self.objective == "vader" else 1)
         need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
              f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
+        need(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
         need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
         need(self.resume in ("", "auto") or Path(self.resume).is_file(),

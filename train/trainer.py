@@ -121,6 +121,13 @@ class Heartbeat:
                                f"{self.diagnosis()}; heartbeats in {self.folder}") from err
 
 
+def _forward_mutated_state(model: MoCo) -> dict[str, torch.Tensor]:
+    """Copies of what a forward pass changes without gradients (momentum encoder, queues, BatchNorm statistics),
+    so a step with a non-finite loss can be undone: everything but the query encoder's parameters."""
+    trained = {f"encoder_q.{name}" for name, _ in model.encoder_q.named_parameters()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in trained}
+
+
 class SkippedImages:
     """Unreadable files the loader replaced (``skipped.txt``: path, reason); the run aborts past ``limit``."""
 
@@ -310,7 +317,7 @@ def run(cfg: TrainConfig) -> MoCo:
     skipped = SkippedImages(run_dir / "skipped.txt", cfg.max_bad_images)
     heartbeat = Heartbeat(run_dir, rank, world)
     with heartbeat.names_stuck_ranks():
-        stopping = False
+        stopping, nonfinite_skips = False, 0
         while global_step < total and not stopping:
             set_epoch(loader, epoch, step_in_epoch)
             batches = iter(loader)
@@ -327,6 +334,7 @@ def run(cfg: TrainConfig) -> MoCo:
                 for group, lr in zip(optimizer.param_groups, lrs):
                     group["lr"] = lr
                 lam = 0.0 if global_step < cfg.densecl_warmup_steps else cfg.densecl_lambda
+                undo = _forward_mutated_state(model) if cfg.on_nonfinite == "skip" else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
                 value = loss.item()
@@ -338,15 +346,23 @@ def run(cfg: TrainConfig) -> MoCo:
                     report = run_dir / f"nonfinite_step{global_step + 1}_rank{rank}.json"
                     report.write_text(json.dumps({"step": global_step + 1, "loss": str(value), "rank": rank,
                                                   "indices": batch["index"].tolist()}))
-                    raise FloatingPointError(f"loss is not finite at step {global_step + 1} (this rank's loss "
-                                             f"{value}); batch indices saved to {report}; resume=auto restarts from the "
-                                             "last checkpoint")
+                    if undo is None or nonfinite_skips >= cfg.max_nonfinite_skips:
+                        raise FloatingPointError(
+                            f"loss is not finite at step {global_step + 1} (this rank's loss {value}; "
+                            f"{nonfinite_skips} earlier step(s) skipped); batch indices saved to {report}; "
+                            "resume=auto restarts from the last checkpoint")
+                    model.load_state_dict(undo, strict=False)  # un-enqueue keys, undo the momentum update
+                    nonfinite_skips += 1
+                    if rank == 0:
+                        print(f"skipped step {global_step + 1}: loss not finite (batch indices in {report})",
+                              flush=True)
                 if too_many_bad:
                     raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
                                        f"skipped (listed in {skipped.path}); fix the data or raise the limit")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if not nonfinite:
+                    loss.backward()
+                    optimizer.step()
                 global_step += 1
                 step_in_epoch += 1
                 if step_in_epoch == steps_per_epoch:
