@@ -133,6 +133,44 @@ def test_nonfinite_steps_can_be_skipped_without_poisoning_the_queue(corpus, tmp_
             assert torch.equal(before[key], after[key]), key  # skipped steps changed nothing
 
 
+def logged_steps(run_dir):
+    return [int(r.split(",")[0]) for r in (Path(run_dir) / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path):
+    """SIGKILL while a checkpoint's temporary file is being written, then resume=auto."""
+    import signal
+    import time
+    run_dir = tmp_path / "kill"
+    args = train_args(corpus, run_dir, steps=12, checkpoint_every=3, workers=0, resume="auto")
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob(".step_00000006.pt.tmp-*")):  # the second checkpoint's write
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "step_00000006.pt").exists()  # killed before the rename
+    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "at step 3 " in done.stdout  # the last complete checkpoint
+    assert logged_steps(run_dir) == list(range(1, 13))
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # the partial file was cleaned up
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_previous(corpus, tmp_path):
+    from train.trainer import run
+    run_dir = tmp_path / "trunc"
+    run(parse(train_args(corpus, run_dir, steps=6, checkpoint_every=2, keep_checkpoints=3, workers=0)))
+    latest = run_dir / "checkpoints" / "step_00000006.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
+    with pytest.warns(UserWarning, match="unreadable"):
+        run(parse(train_args(corpus, run_dir, steps=8, checkpoint_every=2, keep_checkpoints=3, workers=0,
+                             resume="auto")))
+    assert logged_steps(run_dir) == list(range(1, 9))
+
+
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     """A real write failure: the file-size limit (RLIMIT_FSIZE) makes the write syscall fail with EFBIG."""
     checkpoint.save({"step": 1, "w": torch.zeros(10)}, tmp_path, 1)

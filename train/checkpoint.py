@@ -37,6 +37,9 @@ def save(state: dict, folder: str | Path, step: int, keep: int = 2) -> Path:
         os.close(dir_fd)
     for old in checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
+    for stale in folder.glob(".step_*.pt.tmp-*"):  # left by a process killed mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     return final
 
 
