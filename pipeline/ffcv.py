@@ -164,32 +164,27 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
     oh, ow = out.shape[0], out.shape[1]
     xf, xn, xw = _aa_weights(width, ow)
     yf, yn, yw = _aa_weights(height, oh)
-    rows = np.empty((height, ow * 3), np.float32)
-    for r in range(height):
-        y = top + r
-        for c in range(ow):
-            a0 = a1 = a2 = np.float32(0.0)
-            x0 = left + xf[c]
-            for j in range(xn[c]):
-                w = xw[c, j]
-                a0 += w * np.float32(image[y, x0 + j, 0])
-                a1 += w * np.float32(image[y, x0 + j, 1])
-                a2 += w * np.float32(image[y, x0 + j, 2])
-            d = 3 * (ow - 1 - c if flip else c)
-            rows[r, d] = a0
-            rows[r, d + 1] = a1
-            rows[r, d + 2] = a2
-    acc = np.empty(ow * 3, np.float32)
+    # vertical pass first, over whole contiguous rows (vectorises); then the gathering horizontal pass on oh rows
+    cols = np.empty(width * 3, np.float32)
     for r in range(oh):
-        acc[:] = 0.0
+        cols[:] = 0.0
         for j in range(yn[r]):
             w = yw[r, j]
-            src = rows[yf[r] + j]
-            for k in range(ow * 3):
-                acc[k] += w * src[k]
+            src = image[top + yf[r] + j, left:left + width].reshape(-1)
+            for k in range(width * 3):
+                cols[k] += w * np.float32(src[k])
         for c in range(ow):
-            for ch in range(3):
-                out[r, c, ch] = np.uint8(min(255.0, max(0.0, acc[3 * c + ch] + 0.5)))
+            a0 = a1 = a2 = np.float32(0.0)
+            x0 = 3 * xf[c]
+            for j in range(xn[c]):
+                w = xw[c, j]
+                a0 += w * cols[x0 + 3 * j]
+                a1 += w * cols[x0 + 3 * j + 1]
+                a2 += w * cols[x0 + 3 * j + 2]
+            d = ow - 1 - c if flip else c
+            out[r, d, 0] = np.uint8(min(255.0, max(0.0, a0 + 0.5)))
+            out[r, d, 1] = np.uint8(min(255.0, max(0.0, a1 + 0.5)))
+            out[r, d, 2] = np.uint8(min(255.0, max(0.0, a2 + 0.5)))
 
 
 @njit(cache=True)
