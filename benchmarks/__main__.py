@@ -22,40 +22,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from pipeline.folder import scan_image_folder  # noqa: E402
 from pipeline.geometry import ViewSpec  # noqa: E402
-from pipeline.loader import make_loader  # noqa: E402
 
 from . import stages  # noqa: E402
 from .common import machine, time_loader  # noqa: E402
-from .loader import NaiveTwoView, resolve_data  # noqa: E402
+from .loader import beton_for, build_loader, resolve_data  # noqa: E402
 
 BACKENDS = ("torch", "dali", "ffcv", "naive")
 DECODER = {"torch": "simplejpeg", "naive": "PIL", "ffcv": "ffcv", "dali": "dali"}
-
-
-def beton_for(root: Path, workers: int) -> Path:
-    from pipeline.ffcv import write_beton
-    beton = root.parent / f"{root.name}.beton"
-    if not beton.is_file():
-        write_beton(root, beton.with_suffix(".partial"), workers=max(1, workers)).rename(beton)
-    return beton
-
-
-def build(backend: str, files, root: Path, workers: int, batch: int, spec: ViewSpec, device):
-    """(loader, items-per-batch counter) for one backend."""
-    if backend == "torch":
-        return make_loader(files, batch, workers, spec=spec), None
-    if backend == "naive":
-        return DataLoader(NaiveTwoView(files, spec.size[0]), batch_size=batch, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=True), (lambda b: b[0].shape[0])
-    if backend == "dali":
-        from pipeline.dali import DaliViewPairLoader
-        return DaliViewPairLoader(files, batch, max(1, workers), device, spec=spec), None
-    from pipeline.ffcv import FfcvViewPairLoader
-    return FfcvViewPairLoader(beton_for(root, workers), batch, max(1, workers), spec=spec), None
 
 
 def profile(backend: str, files, root, spec: ViewSpec, batch: int, device, quick: bool) -> dict[str, float]:
@@ -69,8 +45,8 @@ def profile(backend: str, files, root, spec: ViewSpec, batch: int, device, quick
     return stages.ffcv(beton_for(root, 1), spec, batch)
 
 
-def measure(args, backend: str, files, root, spec, device, workers: int, count=None) -> dict:
-    loader, count = build(backend, files, root, workers, args.batch, spec, device)
+def measure(args, backend: str, root, spec, device, workers: int) -> dict:
+    loader, count = build_loader(backend, root, workers, args.batch, spec, device)
     kw = {"count": count} if count else {}
     rate = time_loader(backend, loader, args.epochs, args.reps, **kw)
     del loader
@@ -144,7 +120,7 @@ def main(argv=None) -> dict:
                "workers": args.workers, "view_size": args.size, "decoders_one_core_img_per_s": ceilings,
                "backends": {}}
     for backend in backends:
-        r = measure(args, backend, files, root, spec, device, args.workers)
+        r = measure(args, backend, root, spec, device, args.workers)
         r["mb_per_s"] = r["pairs_per_s"] * mb_per_image
         r["stages_ms"] = profile(backend, files, root, spec, args.batch, device, args.quick)
         if backend == "dali":  # DALI's ceiling: its own decode-only graph, same threads
@@ -157,7 +133,7 @@ def main(argv=None) -> dict:
         r["of_ceiling"] = r["pairs_per_s"] / r["decode_ceiling"]
         results["backends"][backend] = r
     if args.sweep:
-        results["sweep"] = {b: [(w, measure(args, b, files, root, spec, device, w)["pairs_per_s"])
+        results["sweep"] = {b: [(w, measure(args, b, root, spec, device, w)["pairs_per_s"])
                                 for w in range(1, args.workers + 1)] for b in backends}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "loaders.png")

@@ -127,6 +127,33 @@ def stock_ffcv_two_view(beton, batch: int, workers: int, size: int):
                   pipelines=pipelines)
 
 
+def beton_for(root: Path, workers: int) -> Path:
+    """The .beton beside an ImageFolder, written once."""
+    from pipeline.ffcv import write_beton
+    beton = root.parent / f"{root.name}.beton"
+    if not beton.is_file():
+        write_beton(root, beton.with_suffix(".partial"), workers=max(1, workers)).rename(beton)
+    return beton
+
+
+def build_loader(backend: str, root: Path, workers: int, batch: int, spec: ViewSpec, device: int | None = None,
+                 pin_memory: bool = False):
+    """(loader, items-per-batch counter or None) of one backend over the ImageFolder ``root``."""
+    files = list(scan_image_folder(root).files)
+    if backend == "torch":
+        return make_loader(files, batch, workers, spec=spec, pin_memory=pin_memory), None
+    if backend == "naive":
+        return DataLoader(NaiveTwoView(files, spec.size[0]), batch_size=batch, num_workers=workers,
+                          persistent_workers=workers > 0, drop_last=True), (lambda b: b[0].shape[0])
+    if backend == "dali":
+        from pipeline.dali import DaliViewPairLoader
+        return DaliViewPairLoader(files, batch, max(1, workers), device, spec=spec), None
+    if backend == "ffcv":
+        from pipeline.ffcv import FfcvViewPairLoader
+        return FfcvViewPairLoader(beton_for(root, workers), batch, max(1, workers), spec=spec), None
+    raise ValueError(f"unknown backend {backend!r}; choose from torch, dali, ffcv, naive")
+
+
 def resolve_data(data: str, copies: int = 1) -> Path:
     """``data``, or the synthetic benchmark set; ``copies`` > 1 links each synthetic file that many times (a
     bigger epoch for fast GPU loaders without generating more scenes)."""
@@ -192,10 +219,8 @@ def main(argv=None) -> None:
         print(f"DALI overlap rule: {100 * r['redrawn'] / r['pairs']:.2f}% of pairs redrawn, "
               f"{100 * r['fallback'] / r['pairs']:.3f}% fell back to a shared window ({r['pairs']} pairs)")
     if "ffcv" in backends:
-        from pipeline.ffcv import FfcvViewPairLoader, write_beton
-        beton = root.parent / f"{root.name}.beton"
-        if not beton.is_file():
-            write_beton(root, beton.with_suffix(".partial"), workers=args.workers).rename(beton)
+        from pipeline.ffcv import FfcvViewPairLoader
+        beton = beton_for(root, args.workers)
         stock = stock_ffcv_two_view(beton, args.batch, args.workers, args.size)
         results.append(time_loader("stock FFCV, two decoder pipelines", stock, args.epochs, args.reps,
                                    count["tuple"]))

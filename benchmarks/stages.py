@@ -96,7 +96,7 @@ def naive(files, size: int, n: int = 64) -> dict[str, float]:
         watch.lap("read")
         im = Image.open(io.BytesIO(data)).convert("RGB")
         watch.lap("decode")
-        (v1, p1), (v2, p2) = ds._view(im), ds._view(im)
+        (v1, p1), (v2, _) = ds._view(im), ds._view(im)
         watch.lap("crop+resize")
         ds._to_source(p1, ds.centres)  # the numpy correspondence (at least one round of it)
         watch.lap("correspondence")

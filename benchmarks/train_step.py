@@ -14,13 +14,12 @@ import time
 
 import torch
 
-from pipeline import PhotometricAugment, ViewSpec, make_loader
-from pipeline.folder import scan_image_folder
+from pipeline import PhotometricAugment, ViewSpec
 from train.config import TrainConfig
 from train.trainer import build_model
 
 from .common import machine
-from .loader import resolve_data
+from .loader import build_loader, resolve_data
 
 
 def synthetic_batches(batch: int, size: int, k: int = 32):
@@ -56,23 +55,6 @@ def timed_steps(model, augment, optimizer, batches, steps: int, device, warmup: 
             total += time.perf_counter() - start
             pairs += v1.shape[0]
     return pairs / total, wait / total
-
-
-def backend_loader(backend: str, root, batch: int, workers: int, spec: ViewSpec, device: torch.device):
-    if backend == "torch":
-        return make_loader(list(scan_image_folder(root).files), batch, workers, spec=spec,
-                           pin_memory=device.type == "cuda")
-    if backend == "dali":
-        from pipeline.dali import DaliViewPairLoader
-        return DaliViewPairLoader(root, batch, workers, (device.index or 0) if device.type == "cuda" else None,
-                                  spec=spec)
-    if backend == "ffcv":
-        from pipeline.ffcv import FfcvViewPairLoader, write_beton
-        beton = root.parent / f"{root.name}.beton"
-        if not beton.is_file():
-            write_beton(root, beton.with_suffix(".partial"), workers=workers).rename(beton)
-        return FfcvViewPairLoader(beton, batch, workers, spec=spec)
-    raise SystemExit(f"error: unknown backend {backend!r}; choose from torch, dali, ffcv")
 
 
 def forever(loader):
@@ -111,7 +93,8 @@ def main(argv=None) -> None:
     root = resolve_data(args.data, args.copies)
     spec = ViewSpec(size=(args.size, args.size))
     for backend in args.backends.split(","):
-        loader = backend_loader(backend, root, args.batch, args.workers, spec, device)
+        loader, _ = build_loader(backend, root, args.workers, args.batch, spec,
+                                 (device.index or 0) if device.type == "cuda" else None, device.type == "cuda")
         rows.append((f"{backend} loader, {args.workers} workers",
                      *timed_steps(model, augment, optimizer, forever(loader), args.steps, device, args.warmup)))
     print(f"train step: VADeR {args.arch}+FPN, {args.size}px views, batch {args.batch}, {args.steps} timed steps; "
