@@ -113,7 +113,8 @@ def read_stored_image(beton: str | Path, index: int) -> np.ndarray:
     if field["mode"] != IMAGE_MODES["jpg"]:
         return data.reshape(h, w, 3)
     image = np.empty((h, w, 3), np.uint8)
-    imdecode(data, image.reshape(-1), h, w, h, w, 0, 0, 1, 1, False, False)
+    if imdecode(data, image.reshape(-1), h, w, h, w, 0, 0, 1, 1, False, False) != 0:
+        raise BadImage(f"sample {index} of {beton} failed to decode: the .beton is damaged")
     return image
 
 
@@ -222,7 +223,8 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
         shape = (2, self.spec.size[0], self.spec.size[1], 3)
         u8 = np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8)))
+                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8),
+                 AllocationQuery((1,), u8)))  # per sample: 1 when its stored JPEG failed to decode
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
@@ -231,7 +233,7 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
         seed, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p, min_matches, stride, max_tries = self.sampler_args()
 
         def decode(batch_indices, storage, metadata, storage_state):
-            destination, scratch = storage
+            destination, scratch, failed = storage
             key = batch_key(batch_indices, seed)
             for k in my_range(len(batch_indices)):
                 index = batch_indices[k]
@@ -240,15 +242,20 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
                 h, w = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
                     buffer = scratch[k]
-                    imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False)
+                    failed[k, 0] = imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False) != 0
                     image = buffer.reshape(-1)[: 3 * h * w].reshape(h, w, 3)
                 else:
+                    failed[k, 0] = 0
                     image = data.reshape(h, w, 3)
                 p = view_pair_params(pair_seed(key, index), h, w, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
                                      min_matches, stride, max_tries)
                 for v in range(2):
                     resize_crop_aa(image, p[5 * v], p[5 * v + 1], p[5 * v + 2], p[5 * v + 3], p[5 * v + 4] != 0,
                                    destination[k, v])
+            for k in range(len(batch_indices)):  # raising inside the parallel loop would serialise it
+                if failed[k, 0]:
+                    raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "
+                                     "write it again (python -m pipeline.ffcv)")
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -289,7 +296,7 @@ class FfcvViewPairLoader:
         self.loader.next_epoch, self.start = epoch, start
 
     def __iter__(self):
-        for i, (views, _, index) in enumerate(self.loader):
+        for i, (views, _, index) in enumerate(_until_failure(iter(self.loader))):
             if i >= self.start:
                 yield self._to_batch(views, index.reshape(-1).astype(np.int64))
         self.start = 0
@@ -310,6 +317,22 @@ class FfcvViewPairLoader:
             "match_xy2": torch.from_numpy(xy2),
             "index": torch.from_numpy(index),
         }
+
+
+def _until_failure(epoch):
+    """FFCV 1.0.2 runs an epoch in a thread that dies silently on an exception (a damaged .beton, a bad
+    decoder) while ``next`` waits forever for its batches; wait in short slices and raise once it is gone."""
+    while True:
+        while epoch.output_queue.empty():
+            if not epoch.is_alive() and epoch.output_queue.empty():
+                epoch.close()
+                raise RuntimeError("FFCV's loader thread stopped with an error (its traceback is printed above); "
+                                   "the epoch is incomplete")
+            epoch.join(0.001)
+        try:
+            yield next(epoch)
+        except StopIteration:
+            return
 
 
 def main(argv=None) -> None:

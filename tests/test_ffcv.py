@@ -117,3 +117,20 @@ def test_clear_errors(tmp_path, raw_beton):
         FfcvViewPairLoader(tmp_path / "missing.beton", 4)
     with pytest.raises(ValueError, match="order="):
         FfcvViewPairLoader(raw_beton, 4, order="shuffled")
+
+
+@pytest.mark.timeout(300)
+def test_damaged_beton_stops_the_epoch_with_an_error_not_a_hang(synthetic_root, tmp_path):
+    from ffcv.reader import Reader
+    from pipeline.folder import BadImage
+    beton = write_beton(synthetic_root / "train", tmp_path / "jpg.beton", workers=2)
+    reader = Reader(str(beton))
+    start = int(reader.metadata[f"f{reader.field_names.index('image')}"][5]["data_ptr"])
+    with open(beton, "r+b") as f:  # bit rot in sample 5's entropy-coded data (its header stays readable)
+        f.seek(start + 700)
+        f.write(bytes(range(256)) * 3)
+    assert read_stored_image(beton, 4).shape[2] == 3
+    with pytest.raises(BadImage, match="sample 5"):
+        read_stored_image(beton, 5)
+    with pytest.raises(RuntimeError, match="loader thread stopped"):
+        list(ffcv_loader(beton, order="sequential"))
