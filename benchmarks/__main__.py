@@ -125,8 +125,8 @@ def main(argv=None) -> dict:
         r["stages_ms"] = profile(backend, files, root, spec, args.batch, device, args.quick)
         if backend == "dali":  # DALI's ceiling: its own decode-only graph, same threads
             from .dali_stages import decode_pipeline, time_pipe
-            pipe = decode_pipeline(files, "mixed" if device is not None else "cpu", 0, args.size,
-                                   batch_size=args.batch, num_threads=max(1, args.workers), device_id=device, seed=0)
+            pipe = decode_pipeline(files, "mixed" if device is not None else "cpu", batch_size=args.batch,
+                                   num_threads=max(1, args.workers), device_id=device, seed=0)
             r["decode_ceiling"] = time_pipe("decode", pipe, max(1, len(files) // args.batch), 1, args.batch).median
         else:
             r["decode_ceiling"] = ceilings[DECODER[backend]] * max(1, args.workers)

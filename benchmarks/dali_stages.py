@@ -2,8 +2,8 @@
 
     python -m benchmarks.dali_stages [--data synthetic] [--device 0] [--threads 8] [--batch 256] [--copies 16]
 
-Stages: read + decode; + two ROI resizes from one crop generator (no overlap rule); the full view-pair graph
-(overlap rule, redraw conditional, windows out); the full loader (iterator, torch tensors, Numba matches).
+Stages: read + decode; + the Numba pair sampler (overlap rule, params out); + both views cut (the full graph:
+DALI's ROI resize on the GPU, the Numba resize on the CPU); the full loader (iterator, torch tensors, matches).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.dali import DaliViewPairLoader, view_pair_pipeline
+from pipeline.dali import DaliViewPairLoader, pair_params, view_pair_pipeline
 from pipeline.folder import scan_image_folder
 from pipeline.geometry import ViewSpec
 
@@ -22,19 +22,11 @@ from .loader import resolve_data
 
 
 @pipeline_def
-def decode_pipeline(files, device: str, views: int, size: int):
+def decode_pipeline(files, device: str, spec: ViewSpec | None = None):
+    """Read + decode; with ``spec``, the pair sampler too (the full graph less the two views)."""
     jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True, name="Reader")
     image = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
-    if views == 0:
-        return image
-    shape = fn.peek_image_shape(jpegs)
-    outs = []
-    for _ in range(views):
-        anchor, crop = fn.random_crop_generator(shape, random_area=[0.2, 1.0], random_aspect_ratio=[0.75, 4 / 3])
-        start = fn.cast(anchor, dtype=types.FLOAT)
-        outs.append(fn.resize(image, roi_start=start, roi_end=start + fn.cast(crop, dtype=types.FLOAT),
-                              roi_relative=False, size=[size, size], antialias=True))
-    return tuple(outs)
+    return image if spec is None else (image, pair_params(jpegs, spec, 32, 4, 50))
 
 
 def time_pipe(name: str, pipe, batches: int, reps: int, batch: int) -> Rate:
@@ -65,11 +57,12 @@ def main(argv=None) -> None:
     dev = "mixed" if args.device is not None else "cpu"
     kw = dict(batch_size=args.batch, num_threads=args.threads, device_id=args.device, seed=0)
     spec = ViewSpec()
-    rows = [time_pipe("read + decode", decode_pipeline(files, dev, 0, 224, **kw), batches, args.reps, args.batch),
-            time_pipe("+ two ROI resizes", decode_pipeline(files, dev, 2, 224, **kw), batches, args.reps, args.batch)]
     order = list(range(len(files)))
-    full = view_pair_pipeline(files, order, spec, 32, 4, 50, 0, 1, dev, **kw)
-    rows.append(time_pipe("+ Numba pair sampler, params out", full, batches, args.reps, args.batch))
+    rows = [time_pipe("read + decode", decode_pipeline(files, dev, **kw), batches, args.reps, args.batch),
+            time_pipe("+ Numba pair sampler, params out", decode_pipeline(files, dev, spec, **kw), batches,
+                      args.reps, args.batch),
+            time_pipe("+ both views cut (full graph)", view_pair_pipeline(files, order, spec, 32, 4, 50, 0, 1, dev,
+                                                                          **kw), batches, args.reps, args.batch)]
     loader = DaliViewPairLoader(root, args.batch, args.threads, args.device, spec=spec)
     rows.append(time_loader("full loader (iterator, matches)", loader, 1, args.reps))
     print(f"DALI stages: {len(files)} images in {root}, {dev} decode, {args.threads} threads, batch {args.batch}; "

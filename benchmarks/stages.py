@@ -119,13 +119,13 @@ def dali(files, spec: ViewSpec, batch: int = 32, device: int | None = None) -> d
     dev = "mixed" if device is not None else "cpu"
     kw = dict(batch_size=batch, num_threads=1, device_id=device, seed=0)
     batches = max(1, len(files) // batch)
-    rates = [time_pipe("decode", decode_pipeline(files, dev, 0, spec.size[0], **kw), batches, 1, batch).median,
-             time_pipe("resize", decode_pipeline(files, dev, 2, spec.size[0], **kw), batches, 1, batch).median,
-             time_pipe("sampler", view_pair_pipeline(files, list(range(len(files))), spec, 32, 4, 50, 0, 1, dev,
-                                                     **kw), batches, 1, batch).median,
+    rates = [time_pipe("decode", decode_pipeline(files, dev, **kw), batches, 1, batch).median,
+             time_pipe("sampler", decode_pipeline(files, dev, spec, **kw), batches, 1, batch).median,
+             time_pipe("views", view_pair_pipeline(files, list(range(len(files))), spec, 32, 4, 50, 0, 1, dev,
+                                                   **kw), batches, 1, batch).median,
              time_loader("loader", DaliViewPairLoader(files, batch, 1, device, spec=spec), 1, 1).median]
     ms = [1000 / r for r in rates]
-    return {"read+decode": ms[0], "crop+resize": max(0.0, ms[1] - ms[0]), "geometry": max(0.0, ms[2] - ms[1]),
+    return {"read+decode": ms[0], "geometry": max(0.0, ms[1] - ms[0]), "crop+resize": max(0.0, ms[2] - ms[1]),
             "correspondence+collate": max(0.0, ms[3] - ms[2])}
 
 

@@ -41,6 +41,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .correspondence import sample_matches, splitmix64
 from .folder import BadImage, decode_rgb, scan_image_folder
 from .geometry import ViewSpec, crop_affines, view_pair_params
+from .resize import resize_crop_aa
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -130,62 +131,6 @@ def batch_key(indices, seed):
 @njit(cache=True)
 def pair_seed(key, index):
     return splitmix64(key ^ (np.uint64(index) * np.uint64(0xD1B54A32D192ED03)))[1]
-
-
-@njit(cache=True)
-def _aa_weights(in_size, out_size):
-    """Antialiased bilinear (triangle) taps per output pixel, as torch's ``antialias=True`` and PIL compute them
-    (half-pixel centres, support widened by the downscale factor): first tap index, tap count, weights."""
-    scale = in_size / out_size
-    support = max(scale, 1.0)
-    width = int(np.ceil(support)) * 2 + 1
-    first = np.empty(out_size, np.int64)
-    count = np.empty(out_size, np.int64)
-    weights = np.zeros((out_size, width), np.float32)
-    for i in range(out_size):
-        centre = (i + 0.5) * scale
-        lo = max(int(centre - support + 0.5), 0)
-        hi = min(int(centre + support + 0.5), in_size)
-        total = 0.0
-        for j in range(hi - lo):
-            w = max(0.0, 1.0 - abs((j + lo - centre + 0.5) / support))
-            weights[i, j] = w
-            total += w
-        for j in range(hi - lo):
-            weights[i, j] /= total
-        first[i], count[i] = lo, hi - lo
-    return first, count, weights
-
-
-@njit(cache=True, fastmath=True)
-def resize_crop_aa(image, top, left, height, width, flip, out):
-    """Resize ``image[top:top+height, left:left+width]`` (HxWx3 uint8) into ``out`` (hxwx3 uint8), mirrored
-    when ``flip``: the reference loader's filter (torch's antialiased bilinear, matched within one grey level),
-    so every backend cuts the same views, and faster here than the OpenCV INTER_AREA of FFCV's own decoders."""
-    oh, ow = out.shape[0], out.shape[1]
-    xf, xn, xw = _aa_weights(width, ow)
-    yf, yn, yw = _aa_weights(height, oh)
-    # vertical pass first, over whole contiguous rows (vectorises); then the gathering horizontal pass on oh rows
-    cols = np.empty(width * 3, np.float32)
-    for r in range(oh):
-        cols[:] = 0.0
-        for j in range(yn[r]):
-            w = yw[r, j]
-            src = image[top + yf[r] + j, left:left + width].reshape(-1)
-            for k in range(width * 3):
-                cols[k] += w * np.float32(src[k])
-        for c in range(ow):
-            a0 = a1 = a2 = np.float32(0.0)
-            x0 = 3 * xf[c]
-            for j in range(xn[c]):
-                w = xw[c, j]
-                a0 += w * cols[x0 + 3 * j]
-                a1 += w * cols[x0 + 3 * j + 1]
-                a2 += w * cols[x0 + 3 * j + 2]
-            d = ow - 1 - c if flip else c
-            out[r, d, 0] = np.uint8(min(255.0, max(0.0, a0 + 0.5)))
-            out[r, d, 1] = np.uint8(min(255.0, max(0.0, a1 + 0.5)))
-            out[r, d, 2] = np.uint8(min(255.0, max(0.0, a2 + 0.5)))
 
 
 @njit(cache=True)

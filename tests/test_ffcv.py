@@ -16,11 +16,8 @@ from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
 from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-from pipeline.ffcv import FfcvViewPairLoader, read_stored_image, resize_crop_aa, write_beton  # noqa: E402
-from pipeline.geometry import Crop  # noqa: E402
+from pipeline.ffcv import FfcvViewPairLoader, read_stored_image, write_beton  # noqa: E402
 from pipeline.folder import decode_rgb  # noqa: E402
 from pipeline.loader import render_view  # noqa: E402
 from ramp import assert_ramp_agrees, ramp_errors  # noqa: E402
@@ -85,18 +82,6 @@ def test_recorded_geometry_reproduces_the_views(synthetic_root, raw_beton):
             wrong.append(np.abs(got[:, ::-1] - rebuilt).mean())
     assert max(right) < 0.5, right  # the same antialiased bilinear filter as the reference loader
     assert np.mean(wrong) > 5 * np.mean(right)
-
-
-@settings(max_examples=40)
-@given(st.integers(0, 60), st.integers(0, 80), st.integers(1, 96), st.integers(1, 128), st.booleans(),
-       st.sampled_from([(24, 24), (64, 48), (160, 224)]))
-def test_decoder_resize_matches_the_reference_filter(top, left, height, width, flip, size):
-    image = np.random.default_rng(top * 1000 + left).integers(0, 256, (96 + 60, 128 + 80, 3), dtype=np.uint8)
-    out = np.empty((*size, 3), np.uint8)
-    resize_crop_aa(image, top, left, height, width, flip, out)
-    crop = Crop(top, left, height, width, flip)
-    want = render_view(torch.from_numpy(image).permute(2, 0, 1)[None], crop, size)
-    assert np.abs(out.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_same_seed_same_batches_and_epochs_differ(raw_beton):

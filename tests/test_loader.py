@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline import BATCH_KEYS, SeededSampler, ViewSpec, invert_affine, make_loader, scan_image_folder
+from pipeline import BATCH_KEYS, SeededSampler, ViewSpec, make_loader, scan_image_folder
+from pipeline.geometry import Crop
+from pipeline.loader import render_view
+from pipeline.resize import resize_crop_aa
 from ramp import assert_ramp_agrees, ramp_errors
 
 SPEC = ViewSpec(size=(64, 64))
@@ -91,3 +96,15 @@ def test_coordinate_ramp_end_to_end(ramp_root):
         assert_ramp_agrees(err)
     with pytest.raises(AssertionError):
         assert_ramp_agrees(ramp_errors(batches, files, mirror=True)[0])
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 60), st.integers(0, 80), st.integers(1, 96), st.integers(1, 128), st.booleans(),
+       st.sampled_from([(24, 24), (64, 48), (160, 224)]))
+def test_numba_resize_matches_the_reference_filter(top, left, height, width, flip, size):
+    image = np.random.default_rng(top * 1000 + left).integers(0, 256, (96 + 60, 128 + 80, 3), dtype=np.uint8)
+    out = np.empty((*size, 3), np.uint8)
+    resize_crop_aa(image, top, left, height, width, flip, out)
+    crop = Crop(top, left, height, width, flip)
+    want = render_view(torch.from_numpy(image).permute(2, 0, 1)[None], crop, size)
+    assert np.abs(out.astype(int) - want.astype(int)).max() <= 1

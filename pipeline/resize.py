@@ -1,0 +1,74 @@
+"""The antialiased bilinear resize of a crop window, as a Numba kernel for compiled pipelines (FFCV, DALI CPU).
+
+It computes torch's ``interpolate(mode="bilinear", antialias=True)`` (the reference loader's filter) to within
+one grey level, so every backend cuts the same views from the same windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _aa_weights(in_size, out_size):
+    """Antialiased bilinear (triangle) taps per output pixel, as torch's ``antialias=True`` and PIL compute them
+    (half-pixel centres, support widened by the downscale factor): first tap index, tap count, weights."""
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    width = int(np.ceil(support)) * 2 + 1
+    first = np.empty(out_size, np.int64)
+    count = np.empty(out_size, np.int64)
+    weights = np.zeros((out_size, width), np.float32)
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), in_size)
+        total = 0.0
+        for j in range(hi - lo):
+            w = max(0.0, 1.0 - abs((j + lo - centre + 0.5) / support))
+            weights[i, j] = w
+            total += w
+        for j in range(hi - lo):
+            weights[i, j] /= total
+        first[i], count[i] = lo, hi - lo
+    return first, count, weights
+
+
+@njit(cache=True, fastmath=True)
+def resize_crop_aa(image, top, left, height, width, flip, out):
+    """Resize ``image[top:top+height, left:left+width]`` (HxWx3 uint8) into ``out`` (hxwx3 uint8), mirrored
+    when ``flip``.
+
+    Both passes run over contiguous memory so that they vectorise: the vertical pass over whole source rows,
+    stored transposed (one row per source column), then the horizontal pass over those rows. Measured 1.3-1.7x
+    faster than a gathering horizontal pass.
+    """
+    oh, ow = out.shape[0], out.shape[1]
+    xf, xn, xw = _aa_weights(width, ow)
+    yf, yn, yw = _aa_weights(height, oh)
+    row = np.empty(width * 3, np.float32)
+    columns = np.empty((width, oh * 3), np.float32)
+    for r in range(oh):
+        row[:] = 0.0
+        for j in range(yn[r]):
+            w = yw[r, j]
+            src = image[top + yf[r] + j, left:left + width].reshape(-1)
+            for k in range(width * 3):
+                row[k] += w * np.float32(src[k])
+        for x in range(width):
+            columns[x, 3 * r] = row[3 * x]
+            columns[x, 3 * r + 1] = row[3 * x + 1]
+            columns[x, 3 * r + 2] = row[3 * x + 2]
+    acc = np.empty(oh * 3, np.float32)
+    for c in range(ow):
+        acc[:] = 0.0
+        for j in range(xn[c]):
+            w = xw[c, j]
+            src_col = columns[xf[c] + j]
+            for k in range(oh * 3):
+                acc[k] += w * src_col[k]
+        d = ow - 1 - c if flip else c
+        for r in range(oh):
+            for ch in range(3):
+                out[r, d, ch] = np.uint8(min(255.0, max(0.0, acc[3 * r + ch] + 0.5)))
