@@ -53,6 +53,12 @@ def measure(args, backend: str, root, spec, device, workers: int) -> dict:
     return {"pairs_per_s": rate.median, "runs": rate.runs, "cores": rate.cores}
 
 
+def stage_order(name: str) -> tuple[int, str]:
+    """Pipeline order; a fused stage ("read+decode") sorts where its first part does."""
+    order = [i for i, s in enumerate(stages.STAGES) if name == s or name.startswith(s + "+")]
+    return (order[0] if order else len(stages.STAGES), name)
+
+
 def plot(results: dict, out: Path) -> None:
     backends = list(results["backends"])
     fig, ax = plt.subplots(1, 3 if results.get("sweep") else 2, figsize=(15, 4))
@@ -64,8 +70,7 @@ def plot(results: dict, out: Path) -> None:
     ax[0].scatter(backends, ceilings, marker="_", s=900, color="tab:red", label="decode-only ceiling (img/s)")
     ax[0].set(ylabel="per second", title="throughput")
     ax[0].legend(fontsize=8)
-    names = sorted({s for b in backends for s in results["backends"][b]["stages_ms"]},
-                   key=lambda s: (stages.STAGES + (s,)).index(s) if s in stages.STAGES else 99)
+    names = sorted({s for b in backends for s in results["backends"][b]["stages_ms"]}, key=stage_order)
     bottom = np.zeros(len(backends))
     for stage in names:
         ms = np.array([results["backends"][b]["stages_ms"].get(stage, 0.0) for b in backends])
