@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "libopencv-dev, pkg-config, then pip install -e '.[ffcv]')") from err
 
 from .correspondence import sample_matches, splitmix64
-from .folder import BadImage, decode_rgb, scan_image_folder
+from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import ViewSpec, crop_affines, view_pair_params
 from .resize import resize_crop_aa
 
@@ -61,15 +61,8 @@ class _Samples:
         return len(self.files)
 
     def __getitem__(self, i):
-        for k in range(64):
-            j = (i + k) % len(self.files)
-            try:
-                with open(self.files[j], "rb") as f:
-                    return decode_rgb(f.read()), int(self.labels[j]), j
-            except (BadImage, OSError) as err:
-                with open(self.skip_log, "a") as log:  # writer workers are processes: one appended line each
-                    log.write(f"{self.files[j]}\t{str(err).replace(chr(10), ' ')}\n")
-        raise RuntimeError(f"64 consecutive unreadable files from {self.files[i]}; is the data folder damaged?")
+        j, pixels = read_first_readable(self.files, i, str(self.skip_log), warn=False)  # listed, not warned
+        return pixels, int(self.labels[j]), j
 
 
 def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_quality: int = 90,

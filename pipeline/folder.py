@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,29 @@ def _decode_pil(data: bytes, max_pixels: int) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+MAX_REPLACEMENTS = 64
+
+
+def read_first_readable(files, index: int, skip_log: str | None = None, warn: bool = True) -> tuple[int, np.ndarray]:
+    """``(j, pixels)`` of the first file from ``files[index]`` on (wrapping around) that decodes: how every
+    backend replaces a bad file, deterministically. Each file passed over is warned about and appended to
+    ``skip_log`` (path, reason); one short O_APPEND write per line is safe across worker processes."""
+    for k in range(MAX_REPLACEMENTS):
+        j = (index + k) % len(files)
+        try:
+            with open(files[j], "rb") as f:
+                return j, decode_rgb(f.read())
+        except (BadImage, OSError) as err:
+            reason = str(err).replace("\n", " ").replace("\t", " ")
+            if warn:
+                warnings.warn(f"skipping {files[j]}: {reason}", stacklevel=2)
+            if skip_log:
+                with open(skip_log, "a") as log:
+                    log.write(f"{files[j]}\t{reason}\n")
+    raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable files from {files[index]}; "
+                       "is the data folder damaged?")
+
+
 def screen_file(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be a training image, from its header and its last bytes (no decode), or None.
 
@@ -153,7 +177,6 @@ def screen_file(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
 
 def screen_files(files, skip_log: str | None = None, threads: int = 8) -> list[int]:
     """Indices of the files that pass ``screen_file``; the others are warned about and appended to ``skip_log``."""
-    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm

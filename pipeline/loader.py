@@ -8,7 +8,6 @@ seeds of its samples. The same seed therefore gives the same batches for any num
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .correspondence import sample_matches
-from .folder import BadImage, decode_rgb, scan_image_folder
+from .folder import read_first_readable, scan_image_folder
 from .geometry import Crop, ViewSpec, sample_view_pair
 
 _SEED_SPACE = 2**63
@@ -85,8 +84,6 @@ class ViewPairDataset(Dataset):
     replacement is warned about and, with ``skip_log``, appended to that file (path, reason) for the trainer.
     """
 
-    MAX_REPLACEMENTS = 64
-
     def __init__(self, files, spec: ViewSpec = ViewSpec(), min_matches: int = 32, stride: int = 4,
                  skip_log: str | None = None):
         self.files, self.spec = list(files), spec
@@ -95,27 +92,9 @@ class ViewPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _read(self, index: int) -> tuple[int, np.ndarray]:
-        for k in range(self.MAX_REPLACEMENTS):
-            path = self.files[(index + k) % len(self.files)]
-            try:
-                with open(path, "rb") as f:
-                    return (index + k) % len(self.files), decode_rgb(f.read())
-            except (BadImage, OSError) as err:
-                self._log_bad(path, err)
-        raise RuntimeError(f"{self.MAX_REPLACEMENTS} consecutive unreadable files from {self.files[index]}; "
-                           "is the data folder damaged?")
-
-    def _log_bad(self, path: str, err: Exception) -> None:
-        reason = str(err).replace("\n", " ").replace("\t", " ")
-        warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
-        if self.skip_log:
-            with open(self.skip_log, "a") as f:  # one short O_APPEND write per line: safe across workers
-                f.write(f"{path}\t{reason}\n")
-
     def __getitem__(self, key):
         index, seed = key
-        index, pixels = self._read(index)
+        index, pixels = read_first_readable(self.files, index, self.skip_log)
         pair = sample_view_pair(seed, pixels.shape[0], pixels.shape[1], self.spec, self.min_matches, self.stride)
         image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         return {
