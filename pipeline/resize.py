@@ -42,7 +42,7 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
 
     Both passes run over contiguous memory so that they vectorise: the vertical pass over whole source rows,
     stored transposed (one row per source column), then the horizontal pass over those rows. Measured 1.3-1.7x
-    faster than a gathering horizontal pass.
+    faster than a gathering horizontal pass, and on par with torch's SIMD uint8 path (0.8-1.1x its time).
     """
     oh, ow = out.shape[0], out.shape[1]
     xf, xn, xw = _aa_weights(width, ow)
@@ -61,14 +61,18 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
             columns[x, 3 * r + 1] = row[3 * x + 1]
             columns[x, 3 * r + 2] = row[3 * x + 2]
     acc = np.empty(oh * 3, np.float32)
+    column = np.empty(oh * 3, np.uint8)
     for c in range(ow):
-        acc[:] = 0.0
+        acc[:] = 0.5  # rounds to nearest in the truncating conversion below (every tap is non-negative)
         for j in range(xn[c]):
             w = xw[c, j]
             src_col = columns[xf[c] + j]
             for k in range(oh * 3):
                 acc[k] += w * src_col[k]
+        for k in range(oh * 3):  # float -> int32 -> uint8 vectorises; float -> uint8 does not (4x slower)
+            column[k] = np.uint8(min(255, max(0, np.int32(acc[k]))))
         d = ow - 1 - c if flip else c
         for r in range(oh):
-            for ch in range(3):
-                out[r, d, ch] = np.uint8(min(255.0, max(0.0, acc[3 * r + ch] + 0.5)))
+            out[r, d, 0] = column[3 * r]
+            out[r, d, 1] = column[3 * r + 1]
+            out[r, d, 2] = column[3 * r + 2]
