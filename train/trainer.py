@@ -263,6 +263,101 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
+class Trainer:
+    """One rank's optimisation state and its step: device augmentation -> forward -> agreement -> backward.
+
+    ``step`` is the body of the training loop; ``run`` wraps it with loading, logging and checkpoints.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: MoCo, rank: int, world: int, device: torch.device, total: int):
+        self.cfg, self.model, self.rank, self.world, self.device, self.total = cfg, model, rank, world, device, total
+        encoder_params = list(model.encoder_q.encoder.parameters())
+        ids = {id(p) for p in encoder_params}
+        head_params = [p for p in model.encoder_q.parameters() if id(p) not in ids]
+        scale = cfg.batch_size / 256
+        self.base_lrs = [cfg.lr * scale, cfg.decoder_lr * scale]
+        self.optimizer = torch.optim.SGD([{"params": encoder_params}, {"params": head_params}], lr=self.base_lrs[0],
+                                         momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        self.augment = PhotometricAugment().to(device)
+        self.augment_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+        torch.manual_seed(cfg.seed * 1000 + rank)  # shuffle-BN permutations
+        self.run_dir = Path(cfg.run_dir)
+        self.skipped = SkippedImages(self.run_dir / "skipped.txt", cfg.max_bad_images)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.nonfinite_skips = 0
+        self.forward = None  # set by wrap(), after a resume has loaded the weights
+
+    def wrap(self) -> None:
+        net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                      broadcast_buffers=False) if self.world > 1 else self.model
+        self.forward = torch.compile(net) if self.cfg.compile else net
+
+    def set_learning_rates(self, step: int) -> list[float]:
+        lrs = [learning_rate(b, step, self.total, self.cfg.warmup_steps) for b in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        return lrs
+
+    def step(self, batch: dict, step: int) -> tuple[float, dict, bool]:
+        """Train on one batch as step ``step + 1``: returns the loss, its parts and whether every rank agreed
+        to stop after it (a signal on any rank)."""
+        cfg = self.cfg
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        v1 = self.augment(batch["view1"], self.augment_gen).contiguous(memory_format=self.memory_format)
+        v2 = self.augment(batch["view2"], self.augment_gen).contiguous(memory_format=self.memory_format)
+        lam = 0.0 if step < cfg.densecl_warmup_steps else cfg.densecl_lambda
+        undo = _forward_mutated_state(self.model) if cfg.on_nonfinite == "skip" else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            loss, stats = self.forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
+        value = loss.item()
+        nonfinite, stopping, too_many_bad = _agree(
+            [not math.isfinite(value), _STOP.is_set(), self.rank == 0 and self.skipped.over_limit()],
+            self.world, self.device)
+        if stopping:
+            _STOP.set()  # every rank, so whoever launched run() sees it
+        if nonfinite:
+            self._skip_or_raise(value, step, batch["index"], undo)
+        if too_many_bad:
+            raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
+                               f"skipped (listed in {self.skipped.path}); fix the data or raise the limit")
+        self.optimizer.zero_grad(set_to_none=True)
+        if not nonfinite:
+            loss.backward()
+            self.optimizer.step()
+        return value, stats, stopping
+
+    def _skip_or_raise(self, value: float, step: int, indices: torch.Tensor, undo: dict | None) -> None:
+        """A non-finite loss: save the batch's indices, then undo the forward's side effects (on_nonfinite=skip,
+        up to max_nonfinite_skips) or stop the run."""
+        report = self.run_dir / f"nonfinite_step{step + 1}_rank{self.rank}.json"
+        report.write_text(json.dumps({"step": step + 1, "loss": str(value), "rank": self.rank,
+                                      "indices": indices.tolist()}))
+        if undo is None or self.nonfinite_skips >= self.cfg.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"loss is not finite at step {step + 1} (this rank's loss {value}; {self.nonfinite_skips} earlier "
+                f"step(s) skipped); batch indices saved to {report}; resume=auto restarts from the last checkpoint")
+        self.model.load_state_dict(undo, strict=False)  # un-enqueue keys, undo the momentum update
+        self.nonfinite_skips += 1
+        if self.rank == 0:
+            print(f"skipped step {step + 1}: loss not finite (batch indices in {report})", flush=True)
+
+    def resume(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"][self.rank], self.augment_gen)
+
+    def save(self, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        """Every rank's RNG state goes into rank 0's checkpoint, so a resumed run draws the same augmentations."""
+        rngs = _gather_objects(_rng_state(self.augment_gen), self.world)
+        if self.rank == 0:
+            checkpoint.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                             "rng": rngs, "config": asdict(self.cfg)}, ckpt_dir, global_step,
+                            self.cfg.keep_checkpoints)
+        _barrier(self.world)
+
+
 def run(cfg: TrainConfig) -> MoCo:
     """Train per ``cfg``; returns the (unwrapped) model. Safe to call again after a crash with resume='auto'."""
     rank, world, device = setup_distributed(cfg.collective_timeout_s)
@@ -273,24 +368,12 @@ def run(cfg: TrainConfig) -> MoCo:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     root = data_root(cfg, rank, world)
-    per_rank = cfg.batch_size // world
-    loader = build_loader(cfg, root, per_rank, rank, world, device)
+    loader = build_loader(cfg, root, cfg.batch_size // world, rank, world, device)
     steps_per_epoch = len(loader)
     total = cfg.steps or cfg.epochs * steps_per_epoch
+    trainer = Trainer(cfg, build_model(cfg, device, world), rank, world, device, total)
 
-    model = build_model(cfg, device, world)
-    scale = cfg.batch_size / 256
-    encoder_params = list(model.encoder_q.encoder.parameters())
-    ids = {id(p) for p in encoder_params}
-    head_params = [p for p in model.encoder_q.parameters() if id(p) not in ids]
-    base_lrs = [cfg.lr * scale, cfg.decoder_lr * scale]
-    optimizer = torch.optim.SGD([{"params": encoder_params}, {"params": head_params}], lr=base_lrs[0],
-                                momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-    augment = PhotometricAugment().to(device)
-    augment_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    torch.manual_seed(cfg.seed * 1000 + rank)  # shuffle-BN permutations
     epoch = step_in_epoch = global_step = 0
-
     resumed = None
     if cfg.resume == "auto":
         resumed = checkpoint.load_latest(ckpt_dir)
@@ -298,102 +381,52 @@ def run(cfg: TrainConfig) -> MoCo:
         resumed = torch.load(cfg.resume, map_location="cpu", weights_only=False), Path(cfg.resume)
     if resumed is not None:
         state, path = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        trainer.resume(state)
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        _set_rng_state(state["rng"][rank], augment_gen)
         if rank == 0:
             print(f"resumed from {path} at step {global_step} (epoch {epoch}, batch {step_in_epoch})")
+    trainer.wrap()
 
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                  broadcast_buffers=False) if world > 1 else model
-    forward = torch.compile(net) if cfg.compile else net
-    use_amp = cfg.amp and device.type == "cuda"
     log = MetricsLog(run_dir / "metrics.csv", global_step) if rank == 0 else None
     bar = tqdm(total=total, initial=global_step, disable=rank != 0 or not cfg.progress, unit="step",
                dynamic_ncols=True)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-    skipped = SkippedImages(run_dir / "skipped.txt", cfg.max_bad_images)
     heartbeat = Heartbeat(run_dir, rank, world)
+    stopping = False
     with heartbeat.names_stuck_ranks():
-        stopping, nonfinite_skips = False, 0
         while global_step < total and not stopping:
             set_epoch(loader, epoch, step_in_epoch)
             batches = iter(loader)
-            while global_step < total:
+            while global_step < total and not stopping:
                 start = time.perf_counter()
                 batch = next(batches, None)
                 if batch is None:
                     break
                 loaded = time.perf_counter()
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                v1 = augment(batch["view1"], augment_gen).contiguous(memory_format=memory_format)
-                v2 = augment(batch["view2"], augment_gen).contiguous(memory_format=memory_format)
-                lrs = [learning_rate(b, global_step, total, cfg.warmup_steps) for b in base_lrs]
-                for group, lr in zip(optimizer.param_groups, lrs):
-                    group["lr"] = lr
-                lam = 0.0 if global_step < cfg.densecl_warmup_steps else cfg.densecl_lambda
-                undo = _forward_mutated_state(model) if cfg.on_nonfinite == "skip" else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, stats = forward(v1, v2, batch["matches"], batch["match_xy2"], lam)
-                value = loss.item()
-                nonfinite, stopping, too_many_bad = _agree(
-                    [not math.isfinite(value), _STOP.is_set(), rank == 0 and skipped.over_limit()], world, device)
-                if stopping:
-                    _STOP.set()  # every rank, so whoever launched run() sees it
-                if nonfinite:
-                    report = run_dir / f"nonfinite_step{global_step + 1}_rank{rank}.json"
-                    report.write_text(json.dumps({"step": global_step + 1, "loss": str(value), "rank": rank,
-                                                  "indices": batch["index"].tolist()}))
-                    if undo is None or nonfinite_skips >= cfg.max_nonfinite_skips:
-                        raise FloatingPointError(
-                            f"loss is not finite at step {global_step + 1} (this rank's loss {value}; "
-                            f"{nonfinite_skips} earlier step(s) skipped); batch indices saved to {report}; "
-                            "resume=auto restarts from the last checkpoint")
-                    model.load_state_dict(undo, strict=False)  # un-enqueue keys, undo the momentum update
-                    nonfinite_skips += 1
-                    if rank == 0:
-                        print(f"skipped step {global_step + 1}: loss not finite (batch indices in {report})",
-                              flush=True)
-                if too_many_bad:
-                    raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
-                                       f"skipped (listed in {skipped.path}); fix the data or raise the limit")
-                optimizer.zero_grad(set_to_none=True)
-                if not nonfinite:
-                    loss.backward()
-                    optimizer.step()
+                lrs = trainer.set_learning_rates(global_step)
+                value, stats, stopping = trainer.step(batch, global_step)
                 global_step += 1
                 step_in_epoch += 1
                 if step_in_epoch == steps_per_epoch:
                     epoch, step_in_epoch = epoch + 1, 0
                 now = time.perf_counter()
+                wait = (loaded - start) / (now - start)
                 if log is not None:
                     log.write({"step": global_step, "epoch": epoch, "loss": f"{value:.6f}", "lr": f"{lrs[0]:.6g}",
-                               "images_per_s": f"{cfg.batch_size / (now - start):.1f}",
-                               "data_wait": f"{(loaded - start) / (now - start):.4f}",
+                               "images_per_s": f"{cfg.batch_size / (now - start):.1f}", "data_wait": f"{wait:.4f}",
                                **{k: f"{v.item():.6f}" for k, v in stats.items()}})
-                bar.set_postfix(loss=f"{value:.4f}", wait=f"{(loaded - start) / (now - start):.0%}")
+                bar.set_postfix(loss=f"{value:.4f}", wait=f"{wait:.0%}")
                 bar.update()
                 heartbeat.beat(global_step)
                 if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
-                    rngs = _gather_objects(_rng_state(augment_gen), world)
-                    if rank == 0:
-                        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                                         "rng": rngs, "config": asdict(cfg)}, ckpt_dir, global_step,
-                                        cfg.keep_checkpoints)
-                    _barrier(world)
-                if stopping:
-                    if rank == 0:
-                        print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
-                    break
+                    trainer.save(ckpt_dir, epoch, step_in_epoch, global_step)
+                if stopping and rank == 0:
+                    print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
                 if step_in_epoch == 0:
                     break  # epoch finished: the next one reshuffles
     bar.close()
     if log is not None:
         log.close()
-    return model
+    return trainer.model
 
 
 def main(argv=None) -> None:
