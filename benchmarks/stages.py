@@ -60,8 +60,7 @@ def reference(files, spec: ViewSpec, batch: int = 32, n: int = 128, warmup: bool
         watch.lap("decode")
         pair = sample_view_pair(i, pixels.shape[0], pixels.shape[1], spec)
         watch.lap("geometry")
-        image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-        views = render_view(image, pair.crop1, spec.size), render_view(image, pair.crop2, spec.size)
+        views = render_view(pixels, pair.crop1, spec.size), render_view(pixels, pair.crop2, spec.size)
         watch.lap("crop+resize")
         samples.append({"view1": views[0], "view2": views[1], "geometry1": pair.affine1, "geometry2": pair.affine2,
                         "index": i, "match_seed": pair.match_seed})

@@ -1,7 +1,9 @@
-"""The antialiased bilinear resize of a crop window, as a Numba kernel for compiled pipelines (FFCV, DALI CPU).
+"""The antialiased bilinear resize of a crop window, as a Numba kernel: every CPU backend's view cutter
+(reference loader, FFCV decoder, DALI CPU graph), callable from Python and from compiled pipelines.
 
-It computes torch's ``interpolate(mode="bilinear", antialias=True)`` (the reference loader's filter) to within
-one grey level, so every backend cuts the same views from the same windows.
+It computes torch's ``interpolate(mode="bilinear", antialias=True)`` (the filter torchvision's
+RandomResizedCrop uses) to within one grey level, and one kernel means every backend cuts the same views from
+the same windows.
 """
 
 from __future__ import annotations

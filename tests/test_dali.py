@@ -55,7 +55,7 @@ def test_views_rebuilt_from_returned_geometry(synthetic_root, device_id):
     batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8, device_id=device_id)))
     right, wrong = [], []
     for b in range(8):
-        image = torch.from_numpy(decode_rgb(open(files[int(batch["index"][b])], "rb").read())).permute(2, 0, 1)[None]
+        image = decode_rgb(open(files[int(batch["index"][b])], "rb").read())
         for v in ("1", "2"):
             crop = crop_from_affine(batch["geometry" + v][b].double().numpy(), SPEC.size)
             got = batch["view" + v][b].permute(1, 2, 0).float().cpu().numpy()

@@ -73,7 +73,7 @@ def test_recorded_geometry_reproduces_the_views(synthetic_root, raw_beton):
     batch = next(iter(ffcv_loader(raw_beton, batch_size=8)))
     right, wrong = [], []
     for b in range(8):
-        image = torch.from_numpy(decode_rgb(open(files[int(batch["index"][b])], "rb").read())).permute(2, 0, 1)[None]
+        image = decode_rgb(open(files[int(batch["index"][b])], "rb").read())
         for v in ("1", "2"):
             crop = crop_from_affine(batch["geometry" + v][b].double().numpy(), SPEC.size)
             got = batch["view" + v][b].permute(1, 2, 0).float().numpy()
