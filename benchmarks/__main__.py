@@ -1,6 +1,6 @@
 """Profile view-pair loader throughput for every backend on the same files, and show where the time goes.
 
-    python -m benchmarks --data DIR|synthetic --backends torch,dali,ffcv,naive --workers 2 --batch 32 \\
+    python -m benchmarks --data DIR|synthetic|synthetic-photo --backends torch,dali,ffcv,naive --workers 2 --batch 32 \\
                          [--reps 3] [--epochs 1] [--sweep] [--device 0] [--out runs/bench]
 
 Per backend: pairs/s (one warm-up epoch, then ``--reps`` timed repetitions: median and spread), MB/s read, CPU
@@ -28,7 +28,7 @@ from pipeline.geometry import ViewSpec  # noqa: E402
 
 from . import stages  # noqa: E402
 from .common import machine, time_loader  # noqa: E402
-from .loader import beton_for, build_loader, resolve_data  # noqa: E402
+from .loader import DATA_HELP, beton_for, build_loader, resolve_data  # noqa: E402
 
 BACKENDS = ("torch", "dali", "ffcv", "naive")
 DECODER = {"torch": "simplejpeg", "naive": "PIL", "ffcv": "ffcv", "dali": "dali"}
@@ -93,7 +93,7 @@ def plot(results: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="synthetic", help="ImageFolder root, or 'synthetic' (500x375 JPEGs)")
+    p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times")
     p.add_argument("--backends", default="torch,dali,ffcv,naive")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -18,7 +18,7 @@ from pipeline.folder import scan_image_folder
 from pipeline.geometry import ViewSpec
 
 from .common import Rate, machine, time_loader
-from .loader import resolve_data
+from .loader import DATA_HELP, resolve_data
 
 
 @pipeline_def
@@ -44,7 +44,7 @@ def time_pipe(name: str, pipe, batches: int, reps: int, batch: int) -> Rate:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="synthetic")
+    p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--copies", type=int, default=1)
     p.add_argument("--device", type=int, default=None, help="GPU for mixed decode (default: CPU)")
     p.add_argument("--threads", type=int, default=2)

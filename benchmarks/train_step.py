@@ -19,7 +19,7 @@ from train.config import TrainConfig
 from train.trainer import build_model
 
 from .common import machine
-from .loader import build_loader, resolve_data
+from .loader import DATA_HELP, build_loader, resolve_data
 
 
 def synthetic_batches(batch: int, size: int, k: int = 32):
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (workers start, JIT, autotune)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--data", default="synthetic")
+    p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times (bigger epochs)")
     p.add_argument("--backends", default="torch", help="comma-separated: torch, dali, ffcv")
     args = p.parse_args(argv)

@@ -43,6 +43,7 @@ class SyntheticConfig:
     frames: int = 12
     max_shapes: int = 4
     jpeg_quality: int = 90
+    grain: float = 0.0  # std (grey levels) of per-pixel noise on scene images: JPEGs as costly as photos
     seed: int = 0
 
 
@@ -141,6 +142,15 @@ def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: fl
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), classes, instances, depth
 
 
+def _grainy(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Sensor-like noise: smooth procedural scenes compress to ~25 kB at 500x375 and decode 2-3x faster than
+    natural photos; sigma 12 gives ~80 kB JPEGs at quality 90, closer to ImageNet's cost per image."""
+    if sigma <= 0:
+        return image
+    noisy = image.astype(np.float32) + rng.normal(0.0, sigma, image.shape).astype(np.float32)
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+
+
 def _save_scene(root: Path, split: str, stem: str, cls: int, scene, quality: int) -> None:
     image, classes, _, depth = scene
     name = CLASSES[cls]
@@ -175,7 +185,9 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
     split_ids = {"train": 0, "val": 1}
     for split, cls, i in tqdm(jobs, desc="synthetic scenes", disable=not progress, unit="img"):
         rng = np.random.default_rng([cfg.seed, split_ids[split], cls, i])
-        _save_scene(root, split, f"{CLASSES[cls]}_{i:05d}", cls, _scene(rng, cfg, cls), cfg.jpeg_quality)
+        image, *truth = _scene(rng, cfg, cls)
+        _save_scene(root, split, f"{CLASSES[cls]}_{i:05d}", cls, (_grainy(image, rng, cfg.grain), *truth),
+                    cfg.jpeg_quality)
     for v in tqdm(range(cfg.videos), desc="synthetic videos", disable=not progress, unit="clip"):
         rng = np.random.default_rng([cfg.seed, 2, v])
         background = _background(rng, cfg)

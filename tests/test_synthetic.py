@@ -51,3 +51,21 @@ def test_cli_writes_a_set(tmp_path, capsys):
           "--height", "40", "--width", "48"])
     assert "4 train images" in capsys.readouterr().out
     assert (tmp_path / "cli" / ".complete").exists()
+
+
+def test_grain_adds_noise_to_images_only(tmp_path):
+    """Grain (for benchmarks: JPEGs nearer photos in size and decode cost) leaves the scene and its labels alone,
+    and is drawn from the scene's seed: the same bytes each time."""
+    small = {"train_per_class": 2, "val_per_class": 0, "videos": 0, "height": 96, "width": 128}
+    from pipeline.synthetic import SyntheticConfig
+    clean = generate(tmp_path / "clean", SyntheticConfig(**small), progress=False)
+    grainy = generate(tmp_path / "grainy", SyntheticConfig(**small, grain=12.0), progress=False)
+    again = generate(tmp_path / "again", SyntheticConfig(**small, grain=12.0), progress=False)
+    for path in sorted(clean.glob("train/*/*.jpg")):
+        rel = path.relative_to(clean)
+        a, b = (np.asarray(Image.open(r / rel)).astype(np.float32) for r in (clean, grainy))
+        assert (grainy / rel).stat().st_size > 1.2 * path.stat().st_size
+        assert 6 < np.std(b - a) < 18 and abs(np.mean(b - a)) < 2
+        assert (grainy / rel).read_bytes() == (again / rel).read_bytes()
+        label = rel.with_suffix(".png").as_posix().replace("train/", "labels/train/", 1)
+        assert (clean / label).read_bytes() == (grainy / label).read_bytes()
