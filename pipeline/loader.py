@@ -68,8 +68,8 @@ def render_view(pixels: np.ndarray, crop: Crop, size: tuple[int, int]) -> np.nda
 
     The one antialiased resize every CPU backend uses (``resize_crop_aa``: torch's ``antialias=True`` bilinear
     filter to one grey level), so the reference, FFCV and DALI-CPU loaders cut identical views from the same
-    windows. It reads the window in place; torch's SIMD path needs a contiguous copy of it first and measured
-    8% slower in the loader here.
+    windows. It reads the window in place; torch's SIMD path needs a contiguous copy of it first (the loader
+    measured 4% slower with it, benchmarks/RESULTS.md).
     """
     view = np.empty((*size, 3), np.uint8)
     resize_crop_aa(pixels, crop.top, crop.left, crop.height, crop.width, crop.flip, view)
