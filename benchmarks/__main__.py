@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
         r["of_ceiling"] = r["pairs_per_s"] / r["decode_ceiling"]
         results["backends"][backend] = r
     if args.sweep:
-        results["sweep"] = {b: [(w, measure(args, b, root, spec, device, w)["pairs_per_s"])
+        results["sweep"] = {b: [(w, measure(args, b, root, spec, device, w)["pairs_per_s"] if w < args.workers
+                                 else results["backends"][b]["pairs_per_s"])  # all workers: measured above
                                 for w in range(1, args.workers + 1)] for b in backends}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "loaders.png")

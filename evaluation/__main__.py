@@ -27,7 +27,7 @@ from .propagation import evaluate_videos
 from .visualize import plot_pca, plot_retrieval
 
 SEGMENTATION = {"voc": (datasets.voc, "train", "val"), "cityscapes": (datasets.cityscapes, "train", "val"),
-                "synthetic": (lambda root, split: datasets.synthetic(root, split), "train", "val")}
+                "synthetic": (datasets.synthetic, "train", "val")}
 DEPTH = {"nyu": (datasets.nyu_depth, "train", "test"),
          "synthetic": (lambda root, split: datasets.synthetic(root, split, "depth"), "train", "val")}
 VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datasets.synthetic_videos}

@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE = 255
+from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
+
+from .metrics import IGNORE
+
 
 # Cityscapes labelIds -> the 19 train ids (all others ignored), from the official label table.
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -97,12 +100,13 @@ def nyu_depth(root: str | Path, split: str = "test") -> DenseSet:
 
 
 def synthetic(root: str | Path, split: str, task: str = "segmentation") -> DenseSet:
-    """The embedded set's labelled scenes (``python -m pipeline.synthetic``): 5 classes, or depth."""
+    """The embedded set's labelled scenes (``python -m pipeline.synthetic``): background + its classes, or depth."""
     root = Path(root)
     images = sorted((root / split).glob("*/*.jpg"))
     suffix = "_depth.png" if task == "depth" else ".png"
     targets = [root / "labels" / split / p.parent.name / f"{p.stem}{suffix}" for p in images]
-    return DenseSet(images, targets, task, 5 if task == "segmentation" else 0, f"synthetic {split} {task}")
+    return DenseSet(images, targets, task, len(SYNTHETIC_CLASSES) + 1 if task == "segmentation" else 0,
+                    f"synthetic {split} {task}")
 
 
 def davis(root: str | Path, split: str = "val", resolution: str = "480p") -> list[Video]:

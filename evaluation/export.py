@@ -46,7 +46,7 @@ def export(checkpoint: str | Path, out: str | Path) -> list[Path]:
     model = load_checkpoint_model(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    encoder = {k: v for k, v in model.encoder_q.encoder.net.state_dict().items()}
+    encoder = model.encoder_q.encoder.net.state_dict()
     written = [out / "encoder_torchvision.pth", out / "encoder_detectron2.pkl"]
     torch.save(encoder, written[0])
     with open(written[1], "wb") as f:

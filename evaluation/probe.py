@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 
-from .datasets import IGNORE, DenseSet
-from .metrics import confusion, depth_errors, iou_per_class, mean_iou
+from .datasets import DenseSet
+from .metrics import IGNORE, confusion, depth_errors, iou_per_class, mean_iou
 
 
 def load_image(path, size: tuple[int, int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from evaluation.datasets import synthetic
 from evaluation.probe import linear_probe
 from evaluation.visualize import plot_pca
 from model.builder import MoCo, MoCoConfig
-from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.synthetic import CLASSES, SyntheticConfig, generate
 
 from .config import TrainConfig
 from .trainer import run
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     plot_loss(out / "metrics.csv", out / "loss.png")
     plot_pca(extractors, test_set.images[:: max(1, len(test_set.images) // 6)][:6], out / "pca.png", PROBE_SIZE)
 
-    classes = ["background", "disc", "square", "triangle", "ring"]
+    classes = ["background", *CLASSES]
     learned, random_miou = results["VADeR (trained)"]["mIoU"], results["random init"]["mIoU"]
     lines = ["# VADeR demo on the embedded data set", "",
              f"resnet18 + FPN, {args.steps} steps, batch {args.batch}, {args.view_size}px views, CPU.",
