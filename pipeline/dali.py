@@ -99,9 +99,11 @@ def cut_views(image, params, spec: ViewSpec):
     return view(0), view(5)
 
 
-@pipeline_def
+@pipeline_def(enable_checkpointing=True)
 def view_pair_pipeline(files, indices, spec: ViewSpec, min_matches: int, stride: int, max_tries: int,
                        shard_id: int, num_shards: int, decode_device: str):
+    # shuffle_after_epoch draws every shard's order from one fixed seed, whatever the pipeline's seed: the
+    # shards of an epoch partition the data while each rank's random operators draw their own numbers
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
     params = pair_params(jpegs, spec, min_matches, stride, max_tries)
@@ -116,12 +118,15 @@ class DaliViewPairLoader:
     ``device_id=None`` runs everything on the CPU (tests, CPU-only machines). Sharded by ``rank`` /
     ``world_size``; with ``drop_last`` every rank yields the same number of full batches per epoch, otherwise
     the last batch is partial and each sample appears exactly once per epoch over all ranks.
+
+    DALI's reader and random generators keep their own state, so a resumed run is exact only when the loader
+    is rebuilt from ``state_dict()`` (DALI pipeline checkpointing): pass it back as ``state``.
     """
 
     def __init__(self, data, batch_size: int, threads: int = 4, device_id: int | None = None, seed: int = 0,
                  spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, max_tries: int = 50,
-                 prefetch: int = 2, skip_log: str | None = None):
+                 prefetch: int = 2, skip_log: str | None = None, state: dict | None = None):
         if num_matches > min_matches:
             raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
         folder = scan_image_folder(data) if not isinstance(data, (list, tuple)) else None
@@ -133,11 +138,18 @@ class DaliViewPairLoader:
             raise ValueError(f"none of the {len(files)} files is a readable image")
         order = keep[np.random.default_rng([seed, 0xDA11]).permutation(len(keep))]  # epoch 0 shuffled too
         self.spec, self.num_matches, self.stride, self.seed = spec, num_matches, stride, seed
-        self.size, self.epoch, self.start = len(keep), 0, 0
+        self.size = len(keep)
+        if state is not None and state["size"] != self.size:
+            raise ValueError(f"the loader state was saved over {state['size']} images, this data set has "
+                             f"{self.size}: resume on the same data, or start a new run")
+        # the epoch and how many of its batches DALI has delivered; skip: batches to drop (set_epoch)
+        self.epoch, self.batch, self.skip = (state["epoch"], state["batch"], 0) if state else (0, 0, 0)
+        rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
         self.pipe = view_pair_pipeline(
             [files[i] for i in order], order.tolist(), spec, min_matches, stride, max_tries, rank, world_size,
             "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
-            device_id=device_id, seed=seed, prefetch_queue_depth=prefetch)
+            device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
+            checkpoint=state["dali"] if state else None)
         self.pipe.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.pipe, list(OUTPUTS), reader_name="Reader",
@@ -148,15 +160,24 @@ class DaliViewPairLoader:
         return len(self.iterator)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """``start`` batches are skipped (a resumed run). DALI's reader and RNG carry on from their own state
-        (reshuffling after each epoch), so a resumed run sees fresh orders and views, not the interrupted one's."""
-        self.epoch, self.start = epoch, start
+        """Continue at batch ``start`` of ``epoch``. Exact where the loader already is (the next epoch, or the
+        position of the ``state`` it was built from). Elsewhere DALI's reader and RNG carry on from their own
+        state and ``start`` batches are dropped: the right count, not the batches an unbroken run saw."""
+        if (epoch, start) != (self.epoch, self.batch):
+            self.epoch, self.batch, self.skip = epoch, 0, start
+
+    def state_dict(self) -> dict:
+        """The position and DALI's reader and RNG state, after the batches yielded so far."""
+        done = self.batch == len(self)  # DALI's checkpoint after an epoch's last batch starts the next one
+        return {"dali": self.iterator.checkpoints()[0], "epoch": self.epoch + done,
+                "batch": 0 if done else self.batch, "size": self.size}
 
     def __iter__(self):
-        for i, out in enumerate(self.iterator):
-            if i >= self.start:
+        for out in self.iterator:
+            self.batch += 1
+            if self.batch > self.skip:
                 yield self._to_batch(out[0])
-        self.epoch, self.start = self.epoch + 1, 0
+        self.epoch, self.batch, self.skip = self.epoch + 1, 0, 0
 
     def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
         p = out["params"].cpu().numpy()

@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -222,19 +223,33 @@ def _gather_objects(obj, world: int) -> list:
     return out
 
 
-def build_loader(cfg: TrainConfig, root: Path, per_rank: int, rank: int, world: int, device: torch.device):
+def build_loader(cfg: TrainConfig, root: Path, per_rank: int, rank: int, world: int, device: torch.device,
+                 state: dict | None = None):
+    """The configured backend's loader; ``state``: this rank's ``loader_states`` entry from a checkpoint."""
     spec = ViewSpec(size=(cfg.view_size, cfg.view_size))
     if cfg.backend == "dali":
         from pipeline.dali import DaliViewPairLoader
         return DaliViewPairLoader(root, per_rank, cfg.workers, device.index if device.type == "cuda" else None,
                                   cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank, world,
-                                  skip_log=str(Path(cfg.run_dir) / "skipped.txt"))
+                                  skip_log=str(Path(cfg.run_dir) / "skipped.txt"), state=state)
     if cfg.backend == "ffcv":
         from pipeline.ffcv import FfcvViewPairLoader
         return FfcvViewPairLoader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4,
                                   order=cfg.ffcv_order, distributed=world > 1)
     return make_loader(root, per_rank, cfg.workers, cfg.seed, spec, cfg.num_matches, cfg.min_matches, 4, rank,
                        world, pin_memory=device.type == "cuda", skip_log=str(Path(cfg.run_dir) / "skipped.txt"))
+
+
+def saved_loader_state(state: dict | None, rank: int, world: int) -> dict | None:
+    """This rank's loader state in a checkpoint. Only DALI keeps one (its reader and RNG have their own state;
+    the other backends derive every batch from the seed, epoch and position)."""
+    states = (state or {}).get("loader_states") or [None]
+    if len(states) != world:
+        if any(states) and rank == 0:
+            warnings.warn(f"the checkpoint holds DALI states of {len(states)} ranks, this run has {world}: DALI "
+                          "restarts its reader, so the rest of the epoch sees other batches than the first run")
+        return None
+    return states[rank]
 
 
 def set_epoch(loader, epoch: int, batches_done: int) -> None:
@@ -347,14 +362,16 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][self.rank], self.augment_gen)
 
-    def save(self, ckpt_dir: Path, epoch: int, step_in_epoch: int, global_step: int) -> None:
-        """Every rank's RNG state goes into rank 0's checkpoint, so a resumed run draws the same augmentations."""
+    def save(self, ckpt_dir: Path, loader, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        """Every rank's RNG and loader state goes into rank 0's checkpoint, so a resumed run draws the same
+        batches and augmentations."""
         rngs = _gather_objects(_rng_state(self.augment_gen), self.world)
+        loader_states = _gather_objects(loader.state_dict() if hasattr(loader, "state_dict") else None, self.world)
         if self.rank == 0:
             checkpoint.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                              "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                             "rng": rngs, "config": asdict(self.cfg)}, ckpt_dir, global_step,
-                            self.cfg.keep_checkpoints)
+                             "rng": rngs, "loader_states": loader_states, "config": asdict(self.cfg)},
+                            ckpt_dir, global_step, self.cfg.keep_checkpoints)
         _barrier(self.world)
 
 
@@ -367,18 +384,19 @@ def run(cfg: TrainConfig) -> MoCo:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    root = data_root(cfg, rank, world)
-    loader = build_loader(cfg, root, cfg.batch_size // world, rank, world, device)
-    steps_per_epoch = len(loader)
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    trainer = Trainer(cfg, build_model(cfg, device, world), rank, world, device, total)
-
-    epoch = step_in_epoch = global_step = 0
     resumed = None
     if cfg.resume == "auto":
         resumed = checkpoint.load_latest(ckpt_dir)
     elif cfg.resume:
         resumed = torch.load(cfg.resume, map_location="cpu", weights_only=False), Path(cfg.resume)
+    root = data_root(cfg, rank, world)
+    loader = build_loader(cfg, root, cfg.batch_size // world, rank, world, device,
+                          saved_loader_state(resumed and resumed[0], rank, world))
+    steps_per_epoch = len(loader)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    trainer = Trainer(cfg, build_model(cfg, device, world), rank, world, device, total)
+
+    epoch = step_in_epoch = global_step = 0
     if resumed is not None:
         state, path = resumed
         trainer.resume(state)
@@ -418,7 +436,7 @@ def run(cfg: TrainConfig) -> MoCo:
                 bar.update()
                 heartbeat.beat(global_step)
                 if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
-                    trainer.save(ckpt_dir, epoch, step_in_epoch, global_step)
+                    trainer.save(ckpt_dir, loader, epoch, step_in_epoch, global_step)
                 if stopping and rank == 0:
                     print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
                 if step_in_epoch == 0:
