@@ -25,6 +25,7 @@ def test_cli_runs_every_backend_and_writes_json_and_png(synthetic_root, tmp_path
         assert r["pairs_per_s"] > 0 and len(r["runs"]) == 1 and r["cores"] >= 0, name  # tiny runs can read 0 CPU s
         assert r["decode_ceiling"] > 0 and r["stages_ms"] and all(v >= 0 for v in r["stages_ms"].values()), name
         assert results["sweep"][name][0][0] == 1
+    assert max(r["cores"] for r in results["backends"].values()) > 0  # CPU time is counted (workers included)
     assert (out / "loaders.png").stat().st_size > 10_000
 
 

@@ -16,7 +16,6 @@ from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
 from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder  # noqa: E402
-
 from pipeline.ffcv import FfcvViewPairLoader, read_stored_image, write_beton  # noqa: E402
 from pipeline.folder import decode_rgb  # noqa: E402
 from pipeline.loader import render_view  # noqa: E402
