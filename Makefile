@@ -10,7 +10,7 @@ APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 EXTRAS  ?= dev,dali,ffcv
 DATA    ?= data/synthetic
 
-.PHONY: setup apt test demo eval data bench clean
+.PHONY: setup apt test demo eval data bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ eval: setup
 bench: setup data
 	$(PY) -m benchmarks.correspondence
 	$(PY) -m benchmarks.loader --data $(DATA)/train
+
+# On a GPU host: the README's commands end to end and the whole suite with CUDA visible (logs in runs/gpu-e2e).
+gpu-check: setup
+	bash tests/gpu_end_to_end.sh
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .hypothesis

@@ -1,1 +1,2 @@
-"""Filled in by later issues."""
+"""Throughput benchmarks that print their numbers (``python -m benchmarks``, ``benchmarks.loader``,
+``benchmarks.train_step``, ...); the latest results are in ``benchmarks/RESULTS.md``."""

@@ -23,18 +23,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline import PairSpec, build_loader  # noqa: E402
 from pipeline.folder import scan_image_folder  # noqa: E402
-from pipeline.geometry import ViewSpec  # noqa: E402
 
 from . import stages  # noqa: E402
 from .common import machine, time_loader  # noqa: E402
-from .loader import DATA_HELP, beton_for, build_loader, resolve_data  # noqa: E402
+from .loader import DATA_HELP, backend_data, beton_for, naive_loader, resolve_data  # noqa: E402
 
 BACKENDS = ("torch", "dali", "ffcv", "naive")
 DECODER = {"torch": "simplejpeg", "naive": "PIL", "ffcv": "ffcv", "dali": "dali"}
 
 
-def profile(backend: str, files, root, spec: ViewSpec, batch: int, device, quick: bool) -> dict[str, float]:
+def profile(backend: str, files, root, spec: PairSpec, batch: int, device, quick: bool) -> dict[str, float]:
     n = 16 if quick else 128
     if backend == "torch":
         return stages.reference(files, spec, batch, n)
@@ -46,10 +46,14 @@ def profile(backend: str, files, root, spec: ViewSpec, batch: int, device, quick
 
 
 def measure(args, backend: str, root, spec, device, workers: int) -> dict:
-    loader, count = build_loader(backend, root, workers, args.batch, spec, device)
-    kw = {"count": count} if count else {}
-    rate = time_loader(backend, loader, args.epochs, args.reps, **kw)
-    del loader
+    if backend == "naive":
+        files = list(scan_image_folder(root).files)
+        rate = time_loader(backend, naive_loader(files, args.batch, workers, spec.size[0]), args.epochs, args.reps,
+                           count=lambda b: b[0].shape[0])
+    else:
+        loader = build_loader(backend, backend_data(backend, root, workers), spec, batch_size=args.batch,
+                              workers=workers, device=device)
+        rate = time_loader(backend, loader, args.epochs, args.reps)
     return {"pairs_per_s": rate.median, "runs": rate.runs, "cores": rate.cores}
 
 
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
     files = list(scan_image_folder(root).files)
     if len(files) < args.batch:
         p.error(f"{len(files)} images are fewer than one batch of {args.batch}")
-    spec = ViewSpec(size=(args.size, args.size))
+    spec = PairSpec(size=(args.size, args.size))
     mb_per_image = float(np.mean([os.path.getsize(f) for f in files])) / 1e6
     device = args.device if torch.cuda.is_available() else None
     out = Path(args.out)

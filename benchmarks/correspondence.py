@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from pipeline.correspondence import flow, sample_matches, set_threads
-from pipeline.geometry import ViewSpec, sample_view_pair
+from pipeline import PairSpec, sample_view_pair
 
 from .common import Rate, machine
 
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
 
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    pairs = [sample_view_pair(seed, 375, 500, ViewSpec()) for seed in range(args.pairs)]
+    pairs = [sample_view_pair(seed, 375, 500, PairSpec()) for seed in range(args.pairs)]
     sampling = args.pairs / (time.perf_counter() - start)
     a1, a2 = np.stack([q.affine1 for q in pairs]), np.stack([q.affine2 for q in pairs])
     seeds = rng.integers(0, 2**63, args.pairs).astype(np.uint64)

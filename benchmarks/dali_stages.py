@@ -13,20 +13,20 @@ import time
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.dali import DaliViewPairLoader, pair_params, view_pair_pipeline
+from pipeline import PairSpec, build_loader
+from pipeline.dali import pair_params_op, view_pair_pipeline
 from pipeline.folder import scan_image_folder
-from pipeline.geometry import ViewSpec
 
 from .common import Rate, machine, time_loader
 from .loader import DATA_HELP, resolve_data
 
 
 @pipeline_def
-def decode_pipeline(files, device: str, spec: ViewSpec | None = None):
+def decode_pipeline(files, device: str, spec: PairSpec | None = None):
     """Read + decode; with ``spec``, the pair sampler too (the full graph less the two views)."""
     jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True, name="Reader")
     image = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
-    return image if spec is None else (image, pair_params(jpegs, spec, 32, 4, 50))
+    return image if spec is None else (image, pair_params_op(jpegs, spec))
 
 
 def time_pipe(name: str, pipe, batches: int, reps: int, batch: int) -> Rate:
@@ -56,14 +56,14 @@ def main(argv=None) -> None:
     batches = len(files) // args.batch
     dev = "mixed" if args.device is not None else "cpu"
     kw = dict(batch_size=args.batch, num_threads=args.threads, device_id=args.device, seed=0)
-    spec = ViewSpec()
+    spec = PairSpec()
     order = list(range(len(files)))
     rows = [time_pipe("read + decode", decode_pipeline(files, dev, **kw), batches, args.reps, args.batch),
             time_pipe("+ Numba pair sampler, params out", decode_pipeline(files, dev, spec, **kw), batches,
                       args.reps, args.batch),
-            time_pipe("+ both views cut (full graph)", view_pair_pipeline(files, order, spec, 32, 4, 50, 0, 1, dev,
+            time_pipe("+ both views cut (full graph)", view_pair_pipeline(files, order, spec, 0, 1, dev,
                                                                           **kw), batches, args.reps, args.batch)]
-    loader = DaliViewPairLoader(root, args.batch, args.threads, args.device, spec=spec)
+    loader = build_loader("dali", files, spec, batch_size=args.batch, workers=args.threads, device=args.device)
     rows.append(time_loader("full loader (iterator, matches)", loader, 1, args.reps))
     print(f"DALI stages: {len(files)} images in {root}, {dev} decode, {args.threads} threads, batch {args.batch}; "
           f"{machine()}")

@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
+from pipeline import PairSpec, build_loader
 from pipeline.folder import decode_rgb, scan_image_folder
-from pipeline.geometry import ViewSpec
-from pipeline.loader import make_loader
 from pipeline.synthetic import SyntheticConfig, generate
 
 from .common import machine, time_loader
@@ -136,22 +135,15 @@ def beton_for(root: Path, workers: int) -> Path:
     return beton
 
 
-def build_loader(backend: str, root: Path, workers: int, batch: int, spec: ViewSpec, device: int | None = None,
-                 pin_memory: bool = False):
-    """(loader, items-per-batch counter or None) of one backend over the ImageFolder ``root``."""
-    files = list(scan_image_folder(root).files)
-    if backend == "torch":
-        return make_loader(files, batch, workers, spec=spec, pin_memory=pin_memory), None
-    if backend == "naive":
-        return DataLoader(NaiveTwoView(files, spec.size[0]), batch_size=batch, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=True), (lambda b: b[0].shape[0])
-    if backend == "dali":
-        from pipeline.dali import DaliViewPairLoader
-        return DaliViewPairLoader(files, batch, max(1, workers), device, spec=spec), None
-    if backend == "ffcv":
-        from pipeline.ffcv import FfcvViewPairLoader
-        return FfcvViewPairLoader(beton_for(root, workers), batch, max(1, workers), spec=spec), None
-    raise ValueError(f"unknown backend {backend!r}; choose from torch, dali, ffcv, naive")
+def naive_loader(files, batch: int, workers: int, size: int) -> DataLoader:
+    """The naive baseline (``NaiveTwoView``) in a DataLoader; batches are (view1, view2, matches, index)."""
+    return DataLoader(NaiveTwoView(files, size), batch_size=batch, num_workers=workers,
+                      persistent_workers=workers > 0, drop_last=True)
+
+
+def backend_data(backend: str, root: Path, workers: int):
+    """What ``pipeline.build_loader`` reads for ``backend``: the ImageFolder, or (FFCV) its .beton."""
+    return beton_for(root, workers) if backend == "ffcv" else root
 
 
 SYNTHETIC = {"synthetic": 0.0, "synthetic-photo": 12.0}  # name -> grain (see pipeline.synthetic)
@@ -202,10 +194,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rates = decoder_rates(files)
     torch.set_num_threads(threads)
-    kw = dict(batch_size=args.batch, num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=True)
-    decode = DataLoader(DecodeOnly(files), **kw)
-    naive = DataLoader(NaiveTwoView(files, args.size), **kw)
-    spec = ViewSpec(size=(args.size, args.size))
+    decode = DataLoader(DecodeOnly(files), batch_size=args.batch, num_workers=args.workers,
+                        persistent_workers=args.workers > 0, drop_last=True)
+    naive = naive_loader(files, args.batch, args.workers, args.size)
+    spec = PairSpec(size=(args.size, args.size))
 
     count = {"tuple": lambda b: b[0].shape[0], "tensor": lambda b: b.shape[0]}
     results = [
@@ -214,23 +206,21 @@ def main(argv=None) -> None:
     ]
     results[0].unit = "img/s"
     if "torch" in backends:
-        ours = make_loader(files, args.batch, args.workers, spec=spec)
+        ours = build_loader("torch", files, spec, batch_size=args.batch, workers=args.workers)
         results.append(time_loader("reference loader (decode once, Numba matches)", ours, args.epochs, args.reps))
     if "dali" in backends:
-        from pipeline.dali import DaliViewPairLoader
-        dali = DaliViewPairLoader(files, args.batch, args.workers, args.device, spec=spec)
+        dali = build_loader("dali", files, spec, batch_size=args.batch, workers=args.workers, device=args.device)
         where = f"GPU {args.device} mixed decode" if args.device is not None else "CPU"
         results.append(time_loader(f"DALI ({where}, {args.workers} threads)", dali, args.epochs, args.reps))
         r = dali.retry_stats
         print(f"DALI overlap rule: {100 * r['redrawn'] / r['pairs']:.2f}% of pairs redrawn, "
               f"{100 * r['fallback'] / r['pairs']:.3f}% fell back to a shared window ({r['pairs']} pairs)")
     if "ffcv" in backends:
-        from pipeline.ffcv import FfcvViewPairLoader
         beton = beton_for(root, args.workers)
         stock = stock_ffcv_two_view(beton, args.batch, args.workers, args.size)
         results.append(time_loader("stock FFCV, two decoder pipelines", stock, args.epochs, args.reps,
                                    count["tuple"]))
-        ffcv = FfcvViewPairLoader(beton, args.batch, args.workers, spec=spec)
+        ffcv = build_loader("ffcv", beton, spec, batch_size=args.batch, workers=args.workers)
         results.append(time_loader("FFCV one-decode view pairs + matches", ffcv, args.epochs, args.reps))
         print(f"FFCV one-decode loader: {results[-1].median / results[-2].median:.2f}x stock two-pipeline FFCV "
               f"({beton})")

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.correspondence import sample_matches
+from pipeline import PairSpec, SeededSampler, assemble_batch, build_loader
 from pipeline.folder import decode_rgb
-from pipeline.geometry import ViewSpec, sample_view_pair
-from pipeline.loader import CollateViewPairs, render_view
+from pipeline.geometry import pair_params
+from pipeline.loader import cut_views
 
 STAGES = ("read", "decode", "geometry", "crop+resize", "correspondence", "collate", "host-to-device")
 
@@ -38,45 +38,52 @@ class Stopwatch:
 
 def _host_to_device(batch: dict, watch: Stopwatch) -> None:
     if torch.cuda.is_available():
-        views = [batch["view1"].pin_memory(), batch["view2"].pin_memory()]
-        watch.lap("collate")
+        views = [batch["view1"].pin_memory(), batch["view2"].pin_memory()]  # pinning is part of the copy
         for v in views:
             v.to("cuda", non_blocking=True)
         torch.cuda.synchronize()
         watch.lap("host-to-device")
 
 
-def reference(files, spec: ViewSpec, batch: int = 32, n: int = 128, warmup: bool = True) -> dict[str, float]:
-    """The reference loader's steps (``ViewPairDataset`` + ``CollateViewPairs``), one by one, as in a worker."""
+def sampler_keys(n_files: int, n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """The first ``n`` (index, seed) keys the reference loader draws in sequential order, epoch after epoch."""
+    sampler, keys = SeededSampler(n_files, seed, shuffle=False), []
+    while len(keys) < n:
+        sampler.set_epoch(len(keys) // n_files)
+        keys += list(sampler)
+    return keys[:n]
+
+
+def reference(files, spec: PairSpec, batch: int = 32, n: int = 128, warmup: bool = True, seed: int = 0,
+              batches: list | None = None) -> dict[str, float]:
+    """The reference loader's steps (its ``ViewPairDataset`` and collate pieces), one by one, as in a worker, on
+    the keys the loader draws in sequential order; the batches made are appended to ``batches``."""
     if warmup:  # first calls load Numba's cache and torch's kernels
         reference(files, spec, min(batch, 4), 4, warmup=False)
-    collate = CollateViewPairs(32, spec.size)
     watch, samples, done = Stopwatch(), [], 0
-    for i in range(n):
-        with open(files[i % len(files)], "rb") as f:
+    keys = sampler_keys(len(files), n, seed)
+    for k, (index, sample_seed) in enumerate(keys):
+        with open(files[index], "rb") as f:
             data = f.read()
         watch.lap("read")
         pixels = decode_rgb(data)
         watch.lap("decode")
-        pair = sample_view_pair(i, pixels.shape[0], pixels.shape[1], spec)
+        params = pair_params(sample_seed, pixels.shape[0], pixels.shape[1], spec)
         watch.lap("geometry")
-        views = render_view(pixels, pair.crop1, spec.size), render_view(pixels, pair.crop2, spec.size)
+        views = cut_views(pixels, params, spec.size)
         watch.lap("crop+resize")
-        samples.append({"view1": views[0], "view2": views[1], "geometry1": pair.affine1, "geometry2": pair.affine2,
-                        "index": i, "match_seed": pair.match_seed})
-        if len(samples) == batch or i == n - 1:
-            g1, g2 = np.stack([s["geometry1"] for s in samples]), np.stack([s["geometry2"] for s in samples])
-            sample_matches(g1, g2, np.array([s["match_seed"] for s in samples], np.uint64), 32, spec.size,
-                           parallel=False)
-            watch.lap("correspondence")
-            out = collate(samples)  # includes the matches again: subtract them below
-            watch.lap("collate")
+        samples.append((*views, params, index))
+        if len(samples) == batch or k == n - 1:
+            view1, view2, params, index = (list(c) for c in zip(*samples))
+            out = assemble_batch(torch.from_numpy(np.stack(view1)), torch.from_numpy(np.stack(view2)),
+                                 np.stack(params), index, spec, parallel=False)
+            watch.lap("correspondence+collate")
+            if batches is not None:
+                batches.append(out)
             _host_to_device(out, watch)
             done += len(samples)
             samples = []
-    ms = watch.per_item_ms(done)
-    ms["collate"] = max(0.0, ms["collate"] - ms["correspondence"])
-    return ms
+    return watch.per_item_ms(done)
 
 
 def naive(files, size: int, n: int = 64) -> dict[str, float]:
@@ -108,9 +115,9 @@ def naive(files, size: int, n: int = 64) -> dict[str, float]:
     return watch.per_item_ms(n)
 
 
-def dali(files, spec: ViewSpec, batch: int = 32, device: int | None = None) -> dict[str, float]:
+def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> dict[str, float]:
     """DALI's graph grown stage by stage (one thread); differences give each stage's cost."""
-    from pipeline.dali import DaliViewPairLoader, view_pair_pipeline
+    from pipeline.dali import view_pair_pipeline
 
     from .common import time_loader
     from .dali_stages import decode_pipeline, time_pipe
@@ -120,19 +127,18 @@ def dali(files, spec: ViewSpec, batch: int = 32, device: int | None = None) -> d
     batches = max(1, len(files) // batch)
     rates = [time_pipe("decode", decode_pipeline(files, dev, **kw), batches, 1, batch).median,
              time_pipe("sampler", decode_pipeline(files, dev, spec, **kw), batches, 1, batch).median,
-             time_pipe("views", view_pair_pipeline(files, list(range(len(files))), spec, 32, 4, 50, 0, 1, dev,
-                                                   **kw), batches, 1, batch).median,
-             time_loader("loader", DaliViewPairLoader(files, batch, 1, device, spec=spec), 1, 1).median]
+             time_pipe("views", view_pair_pipeline(files, list(range(len(files))), spec, 0, 1, dev, **kw), batches, 1,
+                       batch).median,
+             time_loader("loader", build_loader("dali", files, spec, batch_size=batch, workers=1, device=device), 1,
+                         1).median]
     ms = [1000 / r for r in rates]
     return {"read+decode": ms[0], "geometry": max(0.0, ms[1] - ms[0]), "crop+resize": max(0.0, ms[2] - ms[1]),
             "correspondence+collate": max(0.0, ms[3] - ms[2])}
 
 
-def ffcv(beton, spec: ViewSpec, batch: int = 32) -> dict[str, float]:
+def ffcv(beton, spec: PairSpec, batch: int = 32) -> dict[str, float]:
     """FFCV's compiled decode + both crops (one thread), then our batch assembly (matches, tensors)."""
-    from pipeline.ffcv import FfcvViewPairLoader
-
-    loader = FfcvViewPairLoader(beton, batch, workers=1, spec=spec, order="sequential")
+    loader = build_loader("ffcv", beton, spec, batch_size=batch, workers=1, order="sequential")
     raw = list(loader.loader)  # warm-up: compiles
     start = time.perf_counter()
     raw = [(views.copy(), index.reshape(-1).astype(np.int64)) for views, _, index in loader.loader]

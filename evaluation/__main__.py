@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from model import checkpoint as checkpoints
+
 from . import datasets
-from .features import feature_extractor, load_checkpoint_model, resolve_checkpoint
+from .features import feature_extractors
 from .probe import linear_probe
 from .propagation import evaluate_videos
 from .visualize import plot_pca, plot_retrieval
@@ -31,14 +33,6 @@ SEGMENTATION = {"voc": (datasets.voc, "train", "val"), "cityscapes": (datasets.c
 DEPTH = {"nyu": (datasets.nyu_depth, "train", "test"),
          "synthetic": (lambda root, split: datasets.synthetic(root, split, "depth"), "train", "val")}
 VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datasets.synthetic_videos}
-
-
-def _extractors(specs: list[str], arch: str, device) -> dict:
-    out = {}
-    for spec in specs:
-        name, module = feature_extractor(spec, arch)
-        out[name] = module.to(device)
-    return out
 
 
 def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
@@ -59,24 +53,24 @@ def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
 
 def run_all(checkpoint: str, data: str, out: Path, size, epochs: int, device) -> dict:
     """Segmentation mIoU, depth RMSE and propagation J/F on the embedded set: checkpoint vs random init."""
-    checkpoint = str(resolve_checkpoint(checkpoint))
-    arch = load_checkpoint_model(checkpoint).cfg.arch
+    path = checkpoints.find(checkpoint)
+    arch = checkpoints.read(path)["model_config"]["arch"]
     out.mkdir(parents=True, exist_ok=True)
-    extractors = _extractors([f"checkpoint:{checkpoint}", f"random:{arch}"], arch, device)
+    extractors = feature_extractors([f"checkpoint:{path}", f"random:{arch}"], arch, device)
     seg = [datasets.synthetic(data, s) for s in ("train", "val")]
     depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
     videos = datasets.synthetic_videos(data)
     rows = {}
     for name, fn in extractors.items():
-        s = linear_probe(fn, *seg, size, device, epochs)
-        d = linear_probe(fn, *depth, size, device, epochs)
-        v = evaluate_videos(fn, videos, device=device)
+        s = linear_probe(fn, *seg, size, epochs)
+        d = linear_probe(fn, *depth, size, epochs)
+        v = evaluate_videos(fn, videos)
         rows[name] = {"seg mIoU": s["mIoU"], "depth RMSE (m)": d["RMSE"], "depth delta1": d["delta1"],
                       "J": v["J"], "F": v["F"]}
     plot_pca(extractors, seg[1].images[:6], out / "pca.png", size)
     plot_retrieval(extractors, seg[1].images[:5], out / "retrieval.png", size)
     _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F"], out,
-            f"Embedded set, frozen features: {Path(checkpoint).name} vs random init")
+            f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init")
     return rows
 
 
@@ -93,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
     p.add_argument("--epochs", type=int, default=60, help="probe epochs")
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the networks run (default: the GPU when there is one)")
     args = p.parse_args(argv)
     out, size, device = Path(args.out), tuple(args.size), torch.device(args.device)
     if any(s % 32 for s in size):
@@ -111,7 +106,7 @@ def main(argv=None) -> int:
             return 0
         if not args.features:
             p.error(f"{args.protocol} needs --features")
-        extractors = _extractors(args.features, args.arch, device)
+        extractors = feature_extractors(args.features, args.arch, device)
         if args.protocol == "visualize":
             if len(args.images) < 2:
                 p.error("visualize needs --images (two or more)")
@@ -125,12 +120,12 @@ def main(argv=None) -> int:
             p.error(f"{args.protocol} datasets: {', '.join(table)}")
         if args.protocol == "propagation":
             videos = table[args.dataset](args.root)
-            rows = {name: evaluate_videos(fn, videos, device=device) for name, fn in extractors.items()}
+            rows = {name: evaluate_videos(fn, videos) for name, fn in extractors.items()}
             metrics = ["J", "F", "J&F"]
         else:
             reader, train_split, test_split = table[args.dataset]
             train, test = reader(args.root, train_split), reader(args.root, test_split)
-            rows = {name: linear_probe(fn, train, test, size, device, args.epochs) for name, fn in extractors.items()}
+            rows = {name: linear_probe(fn, train, test, size, args.epochs) for name, fn in extractors.items()}
             metrics = ["mIoU"] if args.protocol == "segmentation" else ["RMSE", "AbsRel", "delta1"]
         _report(rows, metrics, out, f"{args.protocol} on {args.dataset} ({args.root})")
         return 0

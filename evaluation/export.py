@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .features import load_checkpoint_model
+from model import checkpoint
 
 _D2_RULES = [  # torchvision name -> detectron2 name, applied in order
     (r"^conv1\.", "stem.conv1."),
@@ -42,8 +42,9 @@ def to_detectron2(torchvision_state: dict) -> dict:
     return {"model": model, "__author__": "densessl", "matching_heuristics": True}
 
 
-def export(checkpoint: str | Path, out: str | Path) -> list[Path]:
-    model = load_checkpoint_model(checkpoint)
+def export(path: str | Path, out: str | Path) -> list[Path]:
+    """Write the encoder (torchvision, detectron2) and, when there is one, the decoder of a checkpoint or run."""
+    model = checkpoint.load_model(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = model.encoder_q.encoder.net.state_dict()

@@ -34,11 +34,12 @@ def _resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16, device="cpu"):
-    """Frozen features ``[N, C, h, w]`` and targets ``[N, H, W]`` (long class ids or float metres) at ``size``."""
+def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16):
+    """Frozen features ``[N, C, h, w]`` (on the CPU) and targets ``[N, H, W]`` (long class ids or float metres)
+    at ``size``. ``features_fn`` runs where its weights are (``features.Extractor`` moves its inputs there)."""
     feats, targets = [], []
     for i in tqdm(range(0, len(data), batch), desc=f"features: {data.name}", leave=False):
-        x = torch.stack([load_image(p, size) for p in data.images[i:i + batch]]).to(device)
+        x = torch.stack([load_image(p, size) for p in data.images[i:i + batch]])
         feats.append(features_fn(x).float().cpu())
         targets += [_resize_target(data.read_target(j), size) for j in range(i, min(i + batch, len(data)))]
     y = torch.stack(targets)
@@ -87,12 +88,11 @@ def evaluate_probe(mean, std, probe, feats, targets, task: str, num_classes: int
     return depth_errors(torch.cat(preds), targets)
 
 
-def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), device="cpu",
-                 epochs: int = 60) -> dict:
+def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), epochs: int = 60) -> dict:
     """Fit on ``train``, report on ``test``: {'mIoU', 'IoU'} or {'RMSE', 'AbsRel', 'delta1'}."""
     if train.task != test.task:
         raise ValueError(f"train is {train.task}, test is {test.task}")
-    f_train, y_train = extract(features_fn, train, size, device=device)
-    f_test, y_test = extract(features_fn, test, size, device=device)
+    f_train, y_train = extract(features_fn, train, size)
+    f_test, y_test = extract(features_fn, test, size)
     fitted = fit_probe(f_train, y_train, train.task, train.num_classes, epochs)
     return evaluate_probe(*fitted, f_test, y_test, test.task, test.num_classes)

@@ -59,17 +59,17 @@ def _read_mask(path) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = None, device="cpu",
-                   **settings) -> dict[str, float]:
+def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = None, **settings) -> dict[str, float]:
     """J and F means over this video's objects. ``size`` (H, W) resizes frames (default: as stored, rounded up
-    to multiples of 32, which the encoder needs); masks are scored at their own resolution."""
+    to multiples of 32, which the encoder needs); masks are scored at their own resolution. Propagation runs
+    where ``features_fn`` returns its features (its weights' device)."""
     first = _read_mask(video.masks[0])
     size = tuple(-(-s // 32) * 32 for s in (size or first.shape))
-    feats = [features_fn(load_image(f, size)[None].to(device))[0].float() for f in video.frames]
+    feats = [features_fn(load_image(f, size)[None])[0].float() for f in video.frames]
     objects = [int(o) for o in np.unique(first) if o not in (0, 255)]
     onehot = torch.from_numpy(np.stack([first == o for o in [0, *objects]])).float()[None]
     onehot = F.interpolate(onehot, size=size, mode="nearest")
-    first_labels = F.interpolate(onehot, size=feats[0].shape[-2:], mode="area")[0].to(device)
+    first_labels = F.interpolate(onehot, size=feats[0].shape[-2:], mode="area")[0].to(feats[0].device)
     labels = propagate(feats, first_labels, **settings)
     frames = range(1, len(video.frames) - 1) if len(video.frames) > 2 else range(1, len(video.frames))
     scores = {o: ([], []) for o in objects}
@@ -87,9 +87,9 @@ def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = Non
             "objects": len(per_object)}
 
 
-def evaluate_videos(features_fn, videos: list[Video], size=None, device="cpu", **settings) -> dict[str, float]:
+def evaluate_videos(features_fn, videos: list[Video], size=None, **settings) -> dict[str, float]:
     """DAVIS means: J and F averaged over all objects of all videos, and J&F."""
-    results = [evaluate_video(features_fn, v, size, device, **settings)
+    results = [evaluate_video(features_fn, v, size, **settings)
                for v in tqdm(videos, desc="propagation", leave=False)]
     n = sum(r["objects"] for r in results)
     j = sum(r["J"] * r["objects"] for r in results) / n

@@ -1,5 +1,8 @@
 """Figures people look at before numbers: features as RGB (first three principal components) and pixel
-retrieval (cosine similarity of one query pixel's embedding to every pixel of other images)."""
+retrieval (cosine similarity of one query pixel's embedding to every pixel of other images).
+
+Extractors run on their own device (``features.Extractor`` moves the images there); the pictures are made on
+the CPU."""
 
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def plot_pca(extractors: dict, images: list[Path], out: Path, size=(128, 160)) -
     x = torch.stack([load_image(p, size) for p in images])
     rows = [_pictures(images, size)]
     for fn in extractors.values():
-        rows.append([np.asarray(Image.fromarray(r).resize(size[::-1], Image.NEAREST)) for r in pca_rgb(fn(x).float())])
+        rows.append([np.asarray(Image.fromarray(r).resize(size[::-1], Image.NEAREST)) for r in pca_rgb(fn(x).float().cpu())])
     _show(rows, ["image", *extractors], "first three principal components of the dense features as RGB", out)
 
 
@@ -68,7 +71,7 @@ def plot_retrieval(extractors: dict, images: list[Path], out: Path, size=(128, 1
     marked[max(0, qy - 3):qy + 4, max(0, qx - 3):qx + 4] = (255, 0, 0)
     rows = [[marked, *pictures[1:]]]
     for fn in extractors.values():
-        f = F.normalize(fn(x).float(), dim=1)
+        f = F.normalize(fn(x).float().cpu(), dim=1)
         h, w = f.shape[-2:]
         q = f[0, :, min(h - 1, int(query[0] * h)), min(w - 1, int(query[1] * w))]
         sim = torch.einsum("c,nchw->nhw", q, f)

@@ -14,6 +14,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from .objectives import objective as lookup_objective
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -77,16 +79,18 @@ def mlp(cin: int, hidden: int, cout: int, dense: bool = False) -> nn.Sequential:
 
 
 class DenseNetwork(nn.Module):
-    """Encoder plus what an objective needs: ``vader`` the FPN decoder, ``mocov2`` a global head, ``densecl``
-    global and dense heads. ``forward`` returns a dict of the outputs that exist."""
+    """Encoder plus the heads its objective lists (``objectives.OBJECTIVES``): ``vader`` the FPN decoder,
+    ``mocov2`` a global head, ``densecl`` global and dense heads. ``forward`` returns a dict of the outputs that
+    exist."""
 
     def __init__(self, arch: str = "resnet50", objective: str = "vader", dim: int = 128):
         super().__init__()
+        heads = lookup_objective(objective).heads
         self.encoder = ResNetEncoder(arch)
         c5 = self.encoder.channels[-1]
-        self.decoder = FPNDecoder(self.encoder.channels, dim=dim) if objective == "vader" else None
-        self.global_head = mlp(c5, c5, dim) if objective in ("mocov2", "densecl") else None
-        self.dense_head = mlp(c5, c5, dim, dense=True) if objective == "densecl" else None
+        self.decoder = FPNDecoder(self.encoder.channels, dim=dim) if "decoder" in heads else None
+        self.global_head = mlp(c5, c5, dim) if "global_head" in heads else None
+        self.dense_head = mlp(c5, c5, dim, dense=True) if "dense_head" in heads else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(x)
@@ -120,13 +124,22 @@ def read_encoder_state(path: str | Path) -> dict:
     return cleaned
 
 
-def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
-    """Load ``read_encoder_state(path)`` into ``encoder``. Any missing or unexpected key is an error, since a
-    silently partial load would train from a half-random encoder."""
-    cleaned = read_encoder_state(path)
+def load_weights(module: nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module``, all of it: a missing or unexpected key (other than those starting with
+    one of ``optional``) or a shape mismatch is a ``ValueError`` that names ``what`` and the first offenders,
+    since a silently partial load would train or evaluate a half-random network."""
     try:
-        missing, unexpected = encoder.net.load_state_dict(cleaned, strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch: another architecture
-        raise ValueError(f"{path} does not fit this encoder: {str(err).splitlines()[1].strip()} ...") from None
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err).strip()]
+        raise ValueError(f"{what} does not fit {type(module).__name__}: {'; '.join(details[:3])}") from None
+    missing = [k for k in missing if not k.startswith(optional)] if optional else missing
+    unexpected = [k for k in unexpected if not k.startswith(optional)] if optional else unexpected
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit this encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{what} does not fit {type(module).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+    """Load ``read_encoder_state(path)`` into ``encoder``, all of it (``load_weights``)."""
+    load_weights(encoder.net, read_encoder_state(path), str(path))

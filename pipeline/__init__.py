@@ -1,19 +1,19 @@
 """View-pair pipeline: geometry, correspondence kernels, loaders and device-side augmentation.
 
 Importing this package loads only numpy, numba, torch and the JPEG decoder; the DALI and FFCV backends are
-separate modules imported on demand. The batch contract every loader yields is documented in README.md here.
+separate modules that ``build_loader`` imports on demand. The loader contract lives in ``contract.py``.
 """
 
 from .augment import PhotometricAugment
+from .contract import BATCH, PairSpec, ViewPairLoader, assemble_batch, check_batch
 from .correspondence import flow, sample_matches
+from .factory import BACKENDS, build_loader
 from .folder import decode_rgb, scan_image_folder
-from .geometry import Crop, ViewPair, ViewSpec, crop_affine, invert_affine, sample_view_pair
-from .loader import CollateViewPairs, SeededSampler, ViewPairDataset, make_loader
-
-BATCH_KEYS = ("view1", "view2", "geometry1", "geometry2", "matches", "match_xy2", "index")
+from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair
+from .loader import SeededSampler
 
 __all__ = [
-    "BATCH_KEYS", "Crop", "CollateViewPairs", "PhotometricAugment", "SeededSampler", "ViewPair",
-    "ViewPairDataset", "ViewSpec", "crop_affine", "decode_rgb", "flow", "invert_affine", "make_loader",
+    "BACKENDS", "BATCH", "Crop", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair", "ViewPairLoader",
+    "assemble_batch", "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine",
     "sample_matches", "sample_view_pair", "scan_image_folder",
 ]

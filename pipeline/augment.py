@@ -1,7 +1,7 @@
 """Photometric augmentation, batched in torch on the training device.
 
-Loaders only decode and cut geometry: on CPU, colour jitter and blur cut two-view throughput 3-5x (measured
-while planning), while on the GPU they are a rounding error next to the model. Every random parameter is drawn
+Loaders only decode and cut geometry: on the CPU, colour jitter and blur would cost a loader several times its
+own work, while on the GPU they are a rounding error next to the model. Every random parameter is drawn
 per sample, so one call on a batch equals the per-image torchvision recipe (MoCo v2: jitter 0.4/0.4/0.4/0.1
 with p=0.8 in a random order per image, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with p=0.5).
 Photometric changes never move pixels, so the loader's geometry and matches stay valid.

@@ -111,6 +111,26 @@ def count_valid(a1, a2, grid_h, grid_w, stride):
 
 
 @njit(inline="always")
+def _cell(v, cells):
+    """The grid cell holding position ``v``; the border tolerance's slivers (just below 0, just below ``cells``)
+    belong to the outer cells."""
+    return min(max(int(np.floor(v)), 0), cells - 1)
+
+
+@njit(inline="always")
+def _inside_cell(v, cell):
+    """``v`` as float32, kept in [cell, cell + 1): rounding a float64 position to float32 can carry it onto the
+    next cell's edge, and the contract says the view-2 cell is ``floor(match_xy2)``."""
+    f = np.float32(v)
+    if f < cell:
+        return np.float32(cell)
+    edge = np.float32(cell + 1)
+    if f >= edge:
+        return np.nextafter(edge, np.float32(0))
+    return f
+
+
+@njit(inline="always")
 def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
     n = _collect_valid(a1, a2, grid_h, grid_w, stride, buf)
     m00, m01, m02, m10, m11, m12 = _grid_map(a1, a2, stride)
@@ -127,10 +147,11 @@ def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
         y1 = idx1 // grid_w + 0.5
         x2 = m00 * x1 + m01 * y1 + m02
         y2 = m10 * x1 + m11 * y1 + m12
+        cx, cy = _cell(x2, grid_w), _cell(y2, grid_h)
         matches[i, 0] = idx1
-        matches[i, 1] = int(y2) * grid_w + int(x2)  # x2, y2 > -1 here, so int() rounds to the containing cell
-        xy2[i, 0] = x2
-        xy2[i, 1] = y2
+        matches[i, 1] = cy * grid_w + cx
+        xy2[i, 0] = _inside_cell(x2, cx)
+        xy2[i, 1] = _inside_cell(y2, cy)
     for i in range(take, k):
         matches[i, 0] = -1
         matches[i, 1] = -1

@@ -5,13 +5,13 @@ pair is drawn by the project's own Numba sampler (``geometry.view_pair_params``:
 redrawn until ``min_matches`` grid cells are shared, else view 2 reuses view 1's window) running inside the
 graph as a DALI ``numba_function`` operator, from a per-sample seed drawn by DALI's seeded RNG. Both views are
 resized from one decoded image (GPU: ``fn.resize(roi_start, roi_end)``; CPU: the project's Numba resize in a
-second ``numba_function``), and the sampler's 12 parameters are an output, so the iterator rebuilds each view's
-affine matrix and samples matches with the Numba kernel.
+second ``numba_function``), and the sampler's 12 parameters are an output, from which the iterator assembles
+the batch (``contract.assemble_batch``: affines and matches).
 
 The same sampler as the reference and FFCV loaders means the same view distribution and overlap rule in every
-backend. An earlier graph built the rule from DALI arithmetic operators and a redraw conditional: on an H100
-that capped the loader at 3,500 pairs/s while read + decode + two resizes ran at 20,000 (benchmarks/RESULTS.md).
-The iterator counts redraws and fallbacks (``retry_stats``).
+backend. It runs as one compiled operator because the overlap rule built from DALI's arithmetic operators and
+a redraw conditional made the sampler, not the decoder, the loader's bottleneck. The iterator counts redraws
+and fallbacks (``retry_stats``).
 
 ``import pipeline.dali`` needs the ``dali`` extra (``nvidia-dali-cuda130`` or ``-cuda120``).
 """
@@ -29,9 +29,9 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("the DALI backend needs NVIDIA DALI: pip install 'densessl[dali]' "
                       "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12 drivers)") from err
 
-from .correspondence import sample_matches
-from .folder import scan_image_folder, screen_files
-from .geometry import ViewSpec, crop_affines, view_pair_params
+from .contract import PairSpec, assemble_batch
+from .folder import screen_files
+from .geometry import view_pair_params
 from .resize import resize_crop_aa
 
 OUTPUTS = ("view1", "view2", "params", "index")
@@ -43,10 +43,9 @@ def _params_shape(outs, ins):
         outs[0][i][0] = 12
 
 
-def _sampler(spec: ViewSpec, min_matches: int, stride: int, max_tries: int):
+def _sampler(spec: PairSpec):
     """A DALI numba_function body: image shape (H, W, C) and two seed halves -> view_pair_params' int64[12]."""
-    out_h, out_w = spec.size
-    (s_lo, s_hi), (r_lo, r_hi), flip_p = spec.scale, spec.ratio, spec.flip_p
+    out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p, min_matches, stride, max_tries = spec.sampler_args()
 
     def run(params, shape, seed_hi, seed_lo):
         seed = (np.int64(seed_hi[0]) << 31) | np.int64(seed_lo[0])
@@ -55,7 +54,7 @@ def _sampler(spec: ViewSpec, min_matches: int, stride: int, max_tries: int):
     return run
 
 
-def _views_setup(spec: ViewSpec):
+def _views_setup(spec: PairSpec):
     out_h, out_w = spec.size
 
     def setup(outs, ins):
@@ -71,20 +70,19 @@ def _cut_views(view1, view2, image, params):
     resize_crop_aa(image, params[5], params[6], params[7], params[8], params[9] != 0, view2)
 
 
-def pair_params(jpegs, spec: ViewSpec, min_matches: int, stride: int, max_tries: int):
+def pair_params_op(jpegs, spec: PairSpec):
     """Graph piece: each sample's 12 view-pair parameters (``view_pair_params``), drawn from the JPEG header
     alone, so the pair is sampled while the decode runs."""
     shape = fn.peek_image_shape(jpegs)
     seed_hi, seed_lo = (fn.random.uniform(range=[0, _SEED_RANGE], dtype=types.INT32, shape=[1]) for _ in range(2))
-    return numba_function(shape, seed_hi, seed_lo, run_fn=_sampler(spec, min_matches, stride, max_tries),
+    return numba_function(shape, seed_hi, seed_lo, run_fn=_sampler(spec),
                           setup_fn=_params_shape, out_types=[types.INT64], outs_ndim=[1],
                           in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
 
 
-def cut_views(image, params, spec: ViewSpec):
+def cut_views_op(image, params, spec: PairSpec):
     """Graph piece: both views of each decoded image. On the GPU, DALI's ROI resize and flip; on the CPU the
-    project's Numba resize (0.66 vs DALI's 3.2 ms per pair on one core here, and the reference loader's
-    filter)."""
+    project's Numba resize, which is faster there than DALI's CPU resize and is the reference loader's filter."""
     if image.device == "cpu":
         return numba_function(image, params, run_fn=_cut_views, setup_fn=_views_setup(spec),
                               out_types=[types.UINT8, types.UINT8], outs_ndim=[3, 3],
@@ -100,53 +98,47 @@ def cut_views(image, params, spec: ViewSpec):
 
 
 @pipeline_def(enable_checkpointing=True)
-def view_pair_pipeline(files, indices, spec: ViewSpec, min_matches: int, stride: int, max_tries: int,
-                       shard_id: int, num_shards: int, decode_device: str):
+def view_pair_pipeline(files, indices, spec: PairSpec, shard_id: int, num_shards: int, decode_device: str):
     # shuffle_after_epoch draws every shard's order from one fixed seed, whatever the pipeline's seed: the
     # shards of an epoch partition the data while each rank's random operators draw their own numbers
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
-    params = pair_params(jpegs, spec, min_matches, stride, max_tries)
+    params = pair_params_op(jpegs, spec)
     image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    view1, view2 = cut_views(image, params, spec)
+    view1, view2 = cut_views_op(image, params, spec)
     return view1, view2, params, index
 
 
 class DaliViewPairLoader:
-    """Iterates the project's batch contract over a DALI pipeline (views on the GPU with ``device_id``).
-
-    ``device_id=None`` runs everything on the CPU (tests, CPU-only machines). Sharded by ``rank`` /
-    ``world_size``; with ``drop_last`` every rank yields the same number of full batches per epoch, otherwise
-    the last batch is partial and each sample appears exactly once per epoch over all ranks.
+    """The DALI backend (``backend="dali"``) behind ``contract.ViewPairLoader``; build it with
+    ``pipeline.build_loader``. Views come on the GPU with ``device_id``; ``device_id=None`` runs everything on
+    the CPU (tests, CPU-only machines). Sharded by ``rank`` / ``world_size``; with ``drop_last`` every rank
+    yields the same number of full batches per epoch, otherwise the last batch is partial and each sample
+    appears exactly once per epoch over all ranks.
 
     DALI's reader and random generators keep their own state, so a resumed run is exact only when the loader
     is rebuilt from ``state_dict()`` (DALI pipeline checkpointing): pass it back as ``state``.
     """
 
-    def __init__(self, data, batch_size: int, threads: int = 4, device_id: int | None = None, seed: int = 0,
-                 spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True, max_tries: int = 50,
-                 prefetch: int = 2, skip_log: str | None = None, state: dict | None = None):
-        if num_matches > min_matches:
-            raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
-        folder = scan_image_folder(data) if not isinstance(data, (list, tuple)) else None
-        files = list(folder.files if folder else data)
+    def __init__(self, files, spec: PairSpec, batch_size: int, threads: int = 4, device_id: int | None = None,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, prefetch: int = 2,
+                 skip_log: str | None = None, state: dict | None = None):
+        files = list(files)
         # DALI's decoder aborts the pipeline on a broken file: screen headers and end markers first (rank 0
         # logs what was left out; every rank drops the same files, so shards still partition the data)
         keep = np.asarray(screen_files(files, skip_log if rank == 0 else None), np.int64)
         if len(keep) == 0:
             raise ValueError(f"none of the {len(files)} files is a readable image")
         order = keep[np.random.default_rng([seed, 0xDA11]).permutation(len(keep))]  # epoch 0 shuffled too
-        self.spec, self.num_matches, self.stride, self.seed = spec, num_matches, stride, seed
-        self.size = len(keep)
-        if state is not None and state["size"] != self.size:
-            raise ValueError(f"the loader state was saved over {state['size']} images, this data set has "
+        self.spec, self.seed, self.size = spec, seed, len(keep)
+        if state is not None and state.get("size") != self.size:
+            raise ValueError(f"the loader state was saved over {state.get('size')} images, this data set has "
                              f"{self.size}: resume on the same data, or start a new run")
         # the epoch and how many of its batches DALI has delivered; skip: batches to drop (set_epoch)
         self.epoch, self.batch, self.skip = (state["epoch"], state["batch"], 0) if state else (0, 0, 0)
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
         self.pipe = view_pair_pipeline(
-            [files[i] for i in order], order.tolist(), spec, min_matches, stride, max_tries, rank, world_size,
+            [files[i] for i in order], order.tolist(), spec, rank, world_size,
             "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
             device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
             checkpoint=state["dali"] if state else None)
@@ -159,12 +151,12 @@ class DaliViewPairLoader:
     def __len__(self) -> int:
         return len(self.iterator)
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Continue at batch ``start`` of ``epoch``. Exact where the loader already is (the next epoch, or the
-        position of the ``state`` it was built from). Elsewhere DALI's reader and RNG carry on from their own
-        state and ``start`` batches are dropped: the right count, not the batches an unbroken run saw."""
-        if (epoch, start) != (self.epoch, self.batch):
-            self.epoch, self.batch, self.skip = epoch, 0, start
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Continue at batch ``start_batch`` of ``epoch``. Exact where the loader already is (the next epoch, or
+        the position of the ``state`` it was built from). Elsewhere DALI's reader and RNG carry on from their own
+        state and ``start_batch`` batches are dropped: the right count, not the batches an unbroken run saw."""
+        if (epoch, start_batch) != (self.epoch, self.batch):
+            self.epoch, self.batch, self.skip = epoch, 0, start_batch
 
     def state_dict(self) -> dict:
         """The position and DALI's reader and RNG state, after the batches yielded so far."""
@@ -181,21 +173,8 @@ class DaliViewPairLoader:
 
     def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
         p = out["params"].cpu().numpy()
-        index = out["index"].cpu().numpy().reshape(-1).astype(np.int64)
-        g1 = crop_affines(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], self.spec.size)
-        g2 = crop_affines(p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9], self.spec.size)
-        matches, xy2, _ = sample_matches(g1, g2, p[:, 11].view(np.uint64), self.num_matches, self.spec.size,
-                                         self.stride)
         tries = p[:, 10]
         self.retry_stats["pairs"] += len(tries)
         self.retry_stats["redrawn"] += int((tries != 1).sum())
         self.retry_stats["fallback"] += int((tries == 0).sum())
-        return {
-            "view1": out["view1"].permute(0, 3, 1, 2),  # HWC memory: channels_last, as the reference loader
-            "view2": out["view2"].permute(0, 3, 1, 2),
-            "geometry1": torch.from_numpy(g1.astype(np.float32)),
-            "geometry2": torch.from_numpy(g2.astype(np.float32)),
-            "matches": torch.from_numpy(matches),
-            "match_xy2": torch.from_numpy(xy2),
-            "index": torch.from_numpy(index),
-        }
+        return assemble_batch(out["view1"], out["view2"], p, out["index"].cpu().numpy(), self.spec)

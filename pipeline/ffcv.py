@@ -38,9 +38,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("the FFCV backend needs FFCV 1.0.2: run `make setup` (installs libturbojpeg0-dev, "
                       "libopencv-dev, pkg-config, then pip install -e '.[ffcv]')") from err
 
-from .correspondence import sample_matches, splitmix64
+from .contract import PairSpec, Position, assemble_batch
+from .correspondence import splitmix64
 from .folder import BadImage, read_first_readable, scan_image_folder
-from .geometry import ViewSpec, crop_affines, view_pair_params
+from .geometry import view_pair_params
 from .resize import resize_crop_aa
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -146,15 +147,13 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
     (otherwise it silently prepends a default decoder and runs this as a transform).
     """
 
-    def __init__(self, spec: ViewSpec = ViewSpec(), seed: int = 0, min_matches: int = 32, stride: int = 4,
-                 max_tries: int = 50):
+    def __init__(self, spec: PairSpec, seed: int = 0):
         super().__init__()
-        self.spec, self.seed, self.min_matches, self.stride, self.max_tries = spec, seed, min_matches, stride, max_tries
+        self.spec, self.seed = spec, seed
 
     def sampler_args(self) -> tuple:
-        s = self.spec
-        return (np.uint64(self.seed), s.size[0], s.size[1], *s.scale, *s.ratio, s.flip_p, self.min_matches,
-                self.stride, self.max_tries)
+        """``batch_params``' arguments after (indices, heights, widths): the seed, then the spec's."""
+        return (np.uint64(self.seed), *self.spec.sampler_args())
 
     def declare_state_and_memory(self, previous_state):
         largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
@@ -200,23 +199,22 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
         return decode
 
 
-class FfcvViewPairLoader:
-    """The project's batch contract over an FFCV ``Loader`` (page reading, ordering, OS cache, distributed)."""
+class FfcvViewPairLoader(Position):
+    """The FFCV backend (``backend="ffcv"``) behind ``contract.ViewPairLoader``, over an FFCV ``Loader`` (page
+    reads, ordering, OS cache, distributed); build it with ``pipeline.build_loader``."""
 
-    def __init__(self, beton: str | Path, batch_size: int, workers: int = 4, seed: int = 0,
-                 spec: ViewSpec = ViewSpec(), num_matches: int = 32, min_matches: int = 32, stride: int = 4,
+    def __init__(self, beton: str | Path, spec: PairSpec, batch_size: int, workers: int = 4, seed: int = 0,
                  order: str = "random", distributed: bool = False, drop_last: bool = True, os_cache: bool = True,
-                 copy: bool = True, batches_ahead: int = 3):
-        if num_matches > min_matches:
-            raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: raise min_matches")
+                 batches_ahead: int = 3, state: dict | None = None):
         if order not in ORDERS:
             raise ValueError(f"order={order!r}: choose one of {', '.join(ORDERS)}")
         if distributed and order == "quasi_random":
             raise ValueError("order='quasi_random' is not available with distributed=True in FFCV 1.0.2: use 'random'")
         if not Path(beton).is_file():
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m pipeline.ffcv")
-        self.decoder = TwoViewDecoder(spec, seed, min_matches, stride)
-        self.spec, self.num_matches, self.stride, self.copy = spec, num_matches, stride, copy
+        super().__init__(state)
+        self.decoder = TwoViewDecoder(spec, seed)
+        self.spec = spec
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
                              seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,
                              batches_ahead=batches_ahead,
@@ -224,37 +222,22 @@ class FfcvViewPairLoader:
         reader = self.loader.reader
         meta = reader.metadata[f"f{reader.field_names.index('image')}"]  # FFCV names metadata columns f0, f1..
         self.heights, self.widths = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
-        self.start = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """FFCV orders epoch ``epoch`` from its seed; ``start`` batches are skipped (a resumed run)."""
-        self.loader.next_epoch, self.start = epoch, start
-
     def __iter__(self):
-        for i, (views, _, index) in enumerate(_until_failure(iter(self.loader))):
-            if i >= self.start:
-                yield self._to_batch(views, index.reshape(-1).astype(np.int64))
-        self.start = 0
+        """FFCV orders epoch ``epoch`` from its seed; the first ``batch`` batches (a resumed run) are skipped."""
+        self.loader.next_epoch, skip = self.epoch, self.batch
+        batches = (self._to_batch(views, index.reshape(-1).astype(np.int64))
+                   for i, (views, _, index) in enumerate(_until_failure(iter(self.loader))) if i >= skip)
+        return self._counted(batches)
 
     def _to_batch(self, views: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
-        p = batch_params(index, self.heights, self.widths, *self.decoder.sampler_args())
-        g1 = crop_affines(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], self.spec.size)
-        g2 = crop_affines(p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9], self.spec.size)
-        matches, xy2, _ = sample_matches(g1, g2, p[:, 11].view(np.uint64), self.num_matches, self.spec.size,
-                                         self.stride)
-        pixels = torch.from_numpy(views.copy() if self.copy else views)  # FFCV reuses its output buffers
-        return {
-            "view1": pixels[:, 0].permute(0, 3, 1, 2),  # HWC memory: channels_last, as the other backends
-            "view2": pixels[:, 1].permute(0, 3, 1, 2),
-            "geometry1": torch.from_numpy(g1.astype(np.float32)),
-            "geometry2": torch.from_numpy(g2.astype(np.float32)),
-            "matches": torch.from_numpy(matches),
-            "match_xy2": torch.from_numpy(xy2),
-            "index": torch.from_numpy(index),
-        }
+        params = batch_params(index, self.heights, self.widths, *self.decoder.sampler_args())
+        # one copy per view: FFCV reuses its output buffers, and each view must be dense for channels_last
+        view1, view2 = (torch.from_numpy(np.ascontiguousarray(views[:, v])) for v in range(2))
+        return assemble_batch(view1, view2, params, index, self.spec)
 
 
 def _until_failure(epoch):

@@ -12,31 +12,15 @@ reference loader and compiled loaders (FFCV decoders) share one sampler and repr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
 
 from .correspondence import _INV_2_53, count_valid, splitmix64
 
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """How one random view is cut: output size (H, W), RandomResizedCrop scale/ratio, flip probability."""
-
-    size: tuple[int, int] = (224, 224)
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-
-    def __post_init__(self):
-        if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        if not (0 < self.ratio[0] <= self.ratio[1]):
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not (0 <= self.flip_p <= 1):
-            raise ValueError(f"flip_p must be a probability, got {self.flip_p}")
-        if min(self.size) <= 0:
-            raise ValueError(f"view size must be positive, got {self.size}")
+if TYPE_CHECKING:
+    from .contract import PairSpec
 
 
 @dataclass(frozen=True)
@@ -200,21 +184,21 @@ class ViewPair:
     match_seed: int  # continues the pair's random stream: seeds its matches
 
 
-def sample_view_pair(seed: int, height: int, width: int, spec: ViewSpec = ViewSpec(), min_matches: int = 32,
-                     stride: int = 4, max_tries: int = 50) -> ViewPair:
-    """Two random views (from an integer seed) that share at least ``min_matches`` feature-grid cells.
-
-    Pairs are redrawn whole (both views) until they overlap enough, so accepted pairs follow the
-    RandomResizedCrop distribution conditioned on overlap. After ``max_tries`` failures (tiny or extreme
-    images) view 2 reuses view 1's window with its own flip, which always overlaps fully.
-    """
-    gh, gw = spec.size[0] // stride, spec.size[1] // stride
-    if not 0 < min_matches <= gh * gw:
-        raise ValueError(f"min_matches={min_matches} is impossible on a {gh}x{gw} feature grid")
+def pair_params(seed: int, height: int, width: int, spec: PairSpec) -> np.ndarray:
+    """``view_pair_params`` for one image of ``height`` x ``width`` pixels: int64[12] (``contract.PARAMS``)."""
     if height <= 0 or width <= 0:
         raise ValueError(f"source image has no pixels ({height}x{width})")
-    p = view_pair_params(np.uint64(seed), height, width, spec.size[0], spec.size[1], *spec.scale, *spec.ratio,
-                         spec.flip_p, min_matches, stride, max_tries)
+    return view_pair_params(np.uint64(seed), height, width, *spec.sampler_args())
+
+
+def sample_view_pair(seed: int, height: int, width: int, spec: PairSpec) -> ViewPair:
+    """Two random views (from an integer seed) that share at least ``spec.min_matches`` feature-grid cells.
+
+    Pairs are redrawn whole (both views) until they overlap enough, so accepted pairs follow the
+    RandomResizedCrop distribution conditioned on overlap. After ``spec.max_tries`` failures (tiny or extreme
+    images) view 2 reuses view 1's window with its own flip, which always overlaps fully.
+    """
+    p = pair_params(seed, height, width, spec)
     c1, c2 = Crop(*map(int, p[:4]), bool(p[4])), Crop(*map(int, p[5:9]), bool(p[9]))
     return ViewPair(c1, c2, crop_affine(c1, spec.size), crop_affine(c2, spec.size), int(p[10]),
                     int(np.int64(p[11]).view(np.uint64)))

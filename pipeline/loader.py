@@ -1,4 +1,4 @@
-"""Reference CPU view-pair loader: decode once, cut two views, sample matches in the collate step.
+"""Reference CPU view-pair loader: decode once, cut two views, assemble the batch (matches) in the collate step.
 
 Randomness never comes from worker state. ``SeededSampler`` (in the main process) draws the order and one seed
 per sample from ``(seed, epoch)``; a sample's views depend only on its seed and the batch's matches only on the
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .correspondence import sample_matches
-from .folder import read_first_readable, scan_image_folder
-from .geometry import Crop, ViewSpec, sample_view_pair
+from .contract import PairSpec, Position, assemble_batch
+from .folder import read_first_readable
+from .geometry import Crop, pair_params
 from .resize import resize_crop_aa
 
 _SEED_SPACE = 2**63
@@ -66,28 +66,31 @@ class SeededSampler(Sampler):
 def render_view(pixels: np.ndarray, crop: Crop, size: tuple[int, int]) -> np.ndarray:
     """The crop window of an HxWx3 uint8 image resized to ``size`` and flipped: hxwx3 uint8.
 
-    The one antialiased resize every CPU backend uses (``resize_crop_aa``: torch's ``antialias=True`` bilinear
-    filter to one grey level), so the reference, FFCV and DALI-CPU loaders cut identical views from the same
-    windows. It reads the window in place; torch's SIMD path needs a contiguous copy of it first (the loader
-    measured 4% slower with it, benchmarks/RESULTS.md).
+    The one antialiased resize every CPU backend uses (``resize_crop_aa``), so the reference, FFCV and DALI-CPU
+    loaders cut identical views from the same windows. It reads the window in place, with no copy of it.
     """
     view = np.empty((*size, 3), np.uint8)
     resize_crop_aa(pixels, crop.top, crop.left, crop.height, crop.width, crop.flip, view)
     return view
 
 
+def cut_views(pixels: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Both views of one decoded image from its row of sampler parameters (``contract.PARAMS``)."""
+    return tuple(render_view(pixels, Crop(*map(int, params[5 * v:5 * v + 4]), bool(params[5 * v + 4])), size)
+                 for v in range(2))
+
+
 class ViewPairDataset(Dataset):
-    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's two views.
+    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's two views, the pair
+    sampler's parameters and the index of the image they came from.
 
     A file that cannot be read or decoded (``BadImage``: truncated, empty, not an image, too large) is replaced
     by the next readable file in index order, with the same seed, so batches stay full and deterministic. Each
     replacement is warned about and, with ``skip_log``, appended to that file (path, reason) for the trainer.
     """
 
-    def __init__(self, files, spec: ViewSpec = ViewSpec(), min_matches: int = 32, stride: int = 4,
-                 skip_log: str | None = None):
-        self.files, self.spec = list(files), spec
-        self.min_matches, self.stride, self.skip_log = min_matches, stride, skip_log
+    def __init__(self, files, spec: PairSpec, skip_log: str | None = None):
+        self.files, self.spec, self.skip_log = list(files), spec, skip_log
 
     def __len__(self) -> int:
         return len(self.files)
@@ -95,45 +98,23 @@ class ViewPairDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         index, pixels = read_first_readable(self.files, index, self.skip_log)
-        pair = sample_view_pair(seed, pixels.shape[0], pixels.shape[1], self.spec, self.min_matches, self.stride)
-        return {
-            "view1": render_view(pixels, pair.crop1, self.spec.size),
-            "view2": render_view(pixels, pair.crop2, self.spec.size),
-            "geometry1": pair.affine1,
-            "geometry2": pair.affine2,
-            "index": index,
-            "match_seed": pair.match_seed,
-        }
+        params = pair_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
+        view1, view2 = cut_views(pixels, params, self.spec.size)
+        return {"view1": view1, "view2": view2, "params": params, "index": index}
 
 
 @dataclass(frozen=True)
 class CollateViewPairs:
-    """Stacks samples into the batch contract and samples the matches for the whole batch in one kernel call.
+    """Stacks samples and assembles the batch contract (``contract.assemble_batch``: matches for the whole
+    batch in one kernel call). Views stay in HWC memory, so the batch's ``[B,3,H,W]`` views are channels_last."""
 
-    Views are returned as ``[B,3,H,W]`` uint8 tensors in channels_last memory (a zero-copy view of the HWC
-    pixels), which is what a channels_last model consumes.
-    """
-
-    num_matches: int = 32
-    view_size: tuple[int, int] = (224, 224)
-    stride: int = 4
+    spec: PairSpec
     parallel: bool = False  # collate runs inside DataLoader workers
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        g1 = np.stack([s["geometry1"] for s in samples])
-        g2 = np.stack([s["geometry2"] for s in samples])
-        seeds = np.array([s["match_seed"] for s in samples], np.uint64)
-        matches, xy2, _ = sample_matches(g1, g2, seeds, self.num_matches, self.view_size, self.stride,
-                                          self.parallel)
-        views = {k: _stack_views([s[k] for s in samples]).permute(0, 3, 1, 2) for k in ("view1", "view2")}
-        return {
-            **views,
-            "geometry1": torch.from_numpy(g1.astype(np.float32)),
-            "geometry2": torch.from_numpy(g2.astype(np.float32)),
-            "matches": torch.from_numpy(matches),
-            "match_xy2": torch.from_numpy(xy2),
-            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-        }
+        return assemble_batch(_stack_views([s["view1"] for s in samples]), _stack_views([s["view2"] for s in samples]),
+                              np.stack([s["params"] for s in samples]), [s["index"] for s in samples], self.spec,
+                              self.parallel)
 
 
 def _stack_views(views: list[np.ndarray]) -> torch.Tensor:
@@ -149,25 +130,30 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers are the parallelism
 
 
-def make_loader(data, batch_size: int, workers: int = 2, seed: int = 0, spec: ViewSpec = ViewSpec(),
-                num_matches: int = 32, min_matches: int = 32, stride: int = 4, rank: int = 0,
-                world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
-                prefetch_factor: int = 4, skip_log: str | None = None) -> DataLoader:
-    """The reference loader over an ImageFolder root (or a list of files). Call ``loader.sampler.set_epoch``."""
-    if num_matches > min_matches:
-        raise ValueError(f"num_matches={num_matches} > min_matches={min_matches}: views could share fewer "
-                         "cells than the matches asked for; raise min_matches")
-    files = data if isinstance(data, (list, tuple)) else scan_image_folder(data).files
-    if drop_last and len(files) // world_size < batch_size:
-        raise ValueError(f"{len(files)} images give each of {world_size} rank(s) fewer than one batch of "
-                         f"{batch_size}; lower --batch or use more data")
-    sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
-    return DataLoader(
-        ViewPairDataset(files, spec, min_matches, stride, skip_log), batch_size=batch_size, sampler=sampler,
-        num_workers=workers, collate_fn=CollateViewPairs(num_matches, spec.size, stride, parallel=workers == 0),
-        drop_last=drop_last,
-        pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
-        # its own generator: starting an epoch must not draw from torch's global RNG (exact resume)
-        generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=prefetch_factor if workers > 0 else None,
-    )
+class ReferenceLoader(Position):
+    """The reference CPU backend (``backend="torch"``): a torch DataLoader over ``SeededSampler`` with decode
+    and view cutting in its workers. Implements ``contract.ViewPairLoader``; build it with
+    ``pipeline.build_loader``."""
+
+    def __init__(self, files, spec: PairSpec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
+                 prefetch_factor: int = 4, skip_log: str | None = None, state: dict | None = None):
+        super().__init__(state)
+        self.spec, self.batch_size, self.drop_last = spec, batch_size, drop_last
+        self.sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
+        self.loader = DataLoader(
+            ViewPairDataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers, collate_fn=CollateViewPairs(spec, parallel=workers == 0), drop_last=drop_last,
+            pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
+            # its own generator: starting an epoch must not draw from torch's global RNG (exact resume)
+            generator=torch.Generator().manual_seed(seed),
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        per_rank = self.sampler.per_rank()
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch, self.batch * self.batch_size)
+        return self._counted(self.loader)

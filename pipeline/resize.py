@@ -43,8 +43,8 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
     when ``flip``.
 
     Both passes run over contiguous memory so that they vectorise: the vertical pass over whole source rows,
-    stored transposed (one row per source column), then the horizontal pass over those rows. Measured 1.3-1.7x
-    faster than a gathering horizontal pass, and on par with torch's SIMD uint8 path (0.8-1.1x its time).
+    stored transposed (one row per source column), then the horizontal pass over those rows; a gathering
+    horizontal pass does not vectorise (rates against it and torch's SIMD path: benchmarks/RESULTS.md).
     """
     oh, ow = out.shape[0], out.shape[1]
     xf, xn, xw = _aa_weights(width, ow)
@@ -71,7 +71,7 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
             src_col = columns[xf[c] + j]
             for k in range(oh * 3):
                 acc[k] += w * src_col[k]
-        for k in range(oh * 3):  # float -> int32 -> uint8 vectorises; float -> uint8 does not (4x slower)
+        for k in range(oh * 3):  # float -> int32 -> uint8 vectorises; float -> uint8 does not
             column[k] = np.uint8(min(255, max(0, np.int32(acc[k]))))
         d = ow - 1 - c if flip else c
         for r in range(oh):

@@ -143,8 +143,8 @@ def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: fl
 
 
 def _grainy(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Sensor-like noise: smooth procedural scenes compress to ~25 kB at 500x375 and decode 2-3x faster than
-    natural photos; sigma 12 gives ~80 kB JPEGs at quality 90, closer to ImageNet's cost per image."""
+    """Sensor-like noise: smooth procedural scenes compress far better and decode faster than natural photos;
+    grain brings a JPEG's size and decode cost nearer to ImageNet's (sizes and rates: benchmarks/RESULTS.md)."""
     if sigma <= 0:
         return image
     noisy = image.astype(np.float32) + rng.normal(0.0, sigma, image.shape).astype(np.float32)

@@ -1,1 +1,2 @@
-"""Filled in by later issues."""
+"""Launching training on Slurm with submitit (``python -m slurm.submit``): one task per GPU, checkpoint and
+requeue on preemption; ``local_cluster.sh`` starts a real two-node Slurm on loopback for tests."""

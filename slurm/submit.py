@@ -56,32 +56,34 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.train_args = list(train_args)
 
     def __call__(self) -> dict:
-        from train import trainer
+        import torch.distributed as dist
+
+        from train import distributed, trainer
         from train.config import parse
 
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # Our handler only raises a flag: the checkpoint is written at a step boundary by every rank together.
-        signal.signal(signal.SIGUSR2, trainer.request_stop)
+        signal.signal(signal.SIGUSR2, distributed.request_stop)
         print(f"rank {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id}); "
               f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
         cfg = parse(self.train_args + ["resume=auto"])
         try:
-            model = trainer.run(cfg)
-            digest = weights_digest(model)
+            result = trainer.run(cfg)
+            digest = weights_digest(result.model)
             print(f"final weights digest {digest}", flush=True)
-            if trainer.stop_requested():
+            if result.stopped:
                 self._requeue(env)
             return {"rank": env.global_rank, "digest": digest, "run_dir": cfg.run_dir}
         finally:
-            if trainer.dist.is_initialized():
-                trainer.dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @staticmethod
     def _requeue(env) -> None:
         """Rank 0 requeues before anyone exits (a task that exits first could end the job); all ranks then exit
         without a result, so watchers keep waiting for the requeued run's."""
-        from train import trainer
+        import torch.distributed as dist
 
         if env.global_rank == 0:
             if env.cluster == "slurm":
@@ -89,9 +91,9 @@ class TrainJob(submitit.helpers.Checkpointable):
                 print(f"requeued job {env.job_id}", flush=True)
             else:
                 print("stopped on request; not on Slurm, so not requeued (relaunch to resume)", flush=True)
-        if trainer.dist.is_initialized():
-            trainer.dist.barrier()
-            trainer.dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
         if env.cluster == "slurm":
             sys.exit(-1)
 

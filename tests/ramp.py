@@ -1,14 +1,23 @@
-"""Coordinate-ramp check shared by every loader backend's tests.
+"""Geometry checks shared by every loader backend's tests.
 
 A ramp image's pixels name their own source position (R encodes x, G encodes y). Decoding the views at every
-match must give back the source point that the returned geometry predicts, in both views.
+match must give back the source point that the returned geometry predicts, in both views. ``crop_from_affine``
+recovers the crop window a view matrix came from, to re-cut a view and compare.
 """
 
 import numpy as np
 import torch
 
-from pipeline import invert_affine
+from pipeline import Crop, invert_affine
 from pipeline.geometry import apply_affine
+
+
+def crop_from_affine(a: np.ndarray, size) -> Crop:
+    """Invert ``crop_affine``: the integer window and flip a view matrix came from."""
+    flip = a[0, 0] < 0
+    sx, sy = abs(a[0, 0]), a[1, 1]
+    left = (a[0, 2] - size[1]) / sx if flip else -a[0, 2] / sx
+    return Crop(round(-a[1, 2] / sy), round(left), round(size[0] / sy), round(size[1] / sx), bool(flip))
 
 
 def bilinear(image_hwc: np.ndarray, xy: np.ndarray) -> np.ndarray:

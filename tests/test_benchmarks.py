@@ -3,13 +3,12 @@
 import json
 import os
 
-import numpy as np
 import pytest
+import torch
 
 from benchmarks import stages
 from benchmarks.__main__ import BACKENDS, main
-from pipeline import ViewSpec, scan_image_folder
-from pipeline.loader import ViewPairDataset
+from pipeline import BATCH, PairSpec, build_loader, scan_image_folder
 
 
 def test_cli_runs_every_backend_and_writes_json_and_png(synthetic_root, tmp_path):
@@ -30,15 +29,14 @@ def test_cli_runs_every_backend_and_writes_json_and_png(synthetic_root, tmp_path
 
 
 def test_stage_profile_does_what_the_loader_does(synthetic_root):
-    """The serial profile times the reference loader's own steps: same views for the same seed."""
+    """The serial profile times the reference loader's own steps: the batches it makes are the loader's."""
     files = list(scan_image_folder(synthetic_root / "train").files)
-    spec = ViewSpec(size=(64, 64))
-    ms = stages.reference(files, spec, batch=4, n=8)
-    assert {"read", "decode", "geometry", "crop+resize", "correspondence", "collate"} <= set(ms)
-    from pipeline.geometry import sample_view_pair
-    from pipeline.folder import decode_rgb
-    from pipeline.loader import render_view
-    item = ViewPairDataset(files, spec)[(3, 3)]
-    pixels = decode_rgb(open(files[3], "rb").read())
-    pair = sample_view_pair(3, pixels.shape[0], pixels.shape[1], spec)
-    np.testing.assert_array_equal(item["view1"], render_view(pixels, pair.crop1, spec.size))
+    spec = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
+    made = []
+    ms = stages.reference(files, spec, batch=4, n=8, seed=3, batches=made)
+    assert {"read", "decode", "geometry", "crop+resize", "correspondence+collate"} <= set(ms)
+    loader = build_loader("torch", files, spec, batch_size=4, workers=0, seed=3, order="sequential")
+    assert len(made) == 2
+    for got, want in zip(made, loader):
+        for key in BATCH:
+            assert torch.equal(got[key], want[key]), key

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.correspondence import count_valid, flow, sample_matches
-from pipeline.geometry import ViewSpec, apply_affine, compose, invert_affine, sample_view_pair
+from pipeline import PairSpec
+from pipeline.geometry import apply_affine, compose, invert_affine, sample_view_pair
 
 VIEW, STRIDE = (64, 96), 4
 GH, GW = VIEW[0] // STRIDE, VIEW[1] // STRIDE
@@ -35,7 +36,7 @@ def view_pairs(draw):
     """Either random crop+flip views of a random image, or two arbitrary affines."""
     if draw(st.booleans()):
         pair = sample_view_pair(draw(st.integers(0, 2**64 - 1)), draw(st.integers(20, 900)),
-                                draw(st.integers(20, 900)), ViewSpec(size=VIEW), min_matches=8, stride=STRIDE)
+                                draw(st.integers(20, 900)), PairSpec(size=VIEW, num_matches=8, min_matches=8, stride=STRIDE))
         return pair.affine1, pair.affine2
     return draw(arbitrary_affine()), draw(arbitrary_affine())
 
@@ -100,7 +101,7 @@ def test_sampling_is_uniform_without_replacement():
 
 def test_deterministic_and_independent_of_batch_and_threads():
     rng = np.random.default_rng(1)
-    pairs = [sample_view_pair(seed, 300, 400, ViewSpec(size=VIEW), 32, STRIDE) for seed in range(64)]
+    pairs = [sample_view_pair(seed, 300, 400, PairSpec(size=VIEW, stride=STRIDE)) for seed in range(64)]
     a1, a2 = np.stack([p.affine1 for p in pairs]), np.stack([p.affine2 for p in pairs])
     seeds = rng.integers(0, 2**63, 64).astype(np.uint64)
     par = sample_matches(a1, a2, seeds, 32, VIEW, STRIDE, parallel=True)
@@ -123,3 +124,18 @@ def test_bad_input_is_rejected():
         sample_matches(eye, eye, [1, 2], 4, VIEW, STRIDE)
     with pytest.raises(ValueError, match="num_matches"):
         sample_matches(eye, eye, [1], GH * GW + 1, VIEW, STRIDE)
+
+
+def test_floor_of_match_xy2_is_the_view2_cell():
+    """The contract: a match's view-2 cell is ``floor(match_xy2)``. Positions are computed in float64 and stored
+    as float32; rounding must not carry a position onto the next cell's edge (it did for ~0.1% of matches)."""
+    rng = np.random.default_rng(0)
+    spec = PairSpec(size=(224, 224))
+    pairs = [sample_view_pair(seed, int(rng.integers(50, 900)), int(rng.integers(50, 900)), spec)
+             for seed in range(3000)]
+    matches, xy2, _ = sample_matches(np.stack([p.affine1 for p in pairs]), np.stack([p.affine2 for p in pairs]),
+                                     np.array([p.match_seed for p in pairs], np.uint64), 32, spec.size, spec.stride)
+    assert xy2.dtype == np.float32
+    gw = spec.grid[1]
+    cells = np.floor(xy2[..., 1]).astype(np.int64) * gw + np.floor(xy2[..., 0]).astype(np.int64)
+    np.testing.assert_array_equal(cells, matches[..., 1])

@@ -12,37 +12,26 @@ if os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
 else:
     pytest.importorskip("nvidia.dali")
 
-from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder  # noqa: E402
-from pipeline.dali import DaliViewPairLoader  # noqa: E402
+from pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
 from pipeline.folder import decode_rgb  # noqa: E402
 from pipeline.geometry import Crop, sample_view_pair  # noqa: E402
 from pipeline.loader import render_view  # noqa: E402
-from ramp import assert_ramp_agrees, ramp_errors  # noqa: E402
+from ramp import assert_ramp_agrees, crop_from_affine, ramp_errors  # noqa: E402
 
-SPEC = ViewSpec(size=(96, 96))
+SPEC = PairSpec(size=(96, 96))
 DEVICES = [None, pytest.param(0, marks=pytest.mark.gpu, id="gpu")]
 
 
-def dali_loader(root, **kw):
-    args = dict(batch_size=4, threads=2, device_id=None, spec=SPEC)
-    args.update(kw)
-    return DaliViewPairLoader(root, **args)
-
-
-def crop_from_affine(a: np.ndarray, size) -> Crop:
-    """Invert ``crop_affine``: the integer window and flip a view matrix came from."""
-    flip = a[0, 0] < 0
-    sx, sy = abs(a[0, 0]), a[1, 1]
-    left = (a[0, 2] - size[1]) / sx if flip else -a[0, 2] / sx
-    return Crop(round(-a[1, 2] / sy), round(left), round(size[0] / sy), round(size[1] / sx), bool(flip))
+def dali_loader(root, spec=SPEC, **kw):
+    return build_loader("dali", root, spec, **{"batch_size": 4, "workers": 2, **kw})
 
 
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_batch_contract_and_ramp_end_to_end(ramp_root, device_id):
     files = scan_image_folder(ramp_root).files
-    batches = list(dali_loader(ramp_root, device_id=device_id))
-    assert set(batches[0]) == set(BATCH_KEYS)
-    assert batches[0]["view1"].shape == (4, 3, 96, 96) and batches[0]["view1"].dtype == torch.uint8
+    batches = list(dali_loader(ramp_root, device=device_id))
+    for batch in batches:
+        check_batch(batch, SPEC)
     for err in ramp_errors(batches, files):
         assert_ramp_agrees(err)
     with pytest.raises(AssertionError):
@@ -52,7 +41,7 @@ def test_batch_contract_and_ramp_end_to_end(ramp_root, device_id):
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_views_rebuilt_from_returned_geometry(synthetic_root, device_id):
     files = scan_image_folder(synthetic_root / "train").files
-    batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8, device_id=device_id)))
+    batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8, device=device_id)))
     right, wrong = [], []
     for b in range(8):
         image = decode_rgb(open(files[int(batch["index"][b])], "rb").read())
@@ -112,14 +101,14 @@ def test_restored_state_continues_exactly(synthetic_root, taken):
         got += list(restored)
     assert len(got) == len(want) > 0
     for x, y in zip(got, want):
-        for key in BATCH_KEYS:
+        for key in BATCH:
             assert torch.equal(x[key], y[key]), key
 
 
 def test_same_seed_same_batches(synthetic_root):
     a, b = (list(dali_loader(synthetic_root / "train", seed=3)) for _ in range(2))
     for x, y in zip(a, b):
-        for key in BATCH_KEYS:
+        for key in BATCH:
             assert torch.equal(x[key], y[key]), key
 
 
@@ -139,7 +128,7 @@ def test_crop_windows_follow_the_reference_distribution(synthetic_root):
 
 
 def test_overlap_rule_enforced_and_retries_counted(synthetic_root):
-    loader = dali_loader(synthetic_root / "train", min_matches=400, num_matches=32, max_tries=3)
+    loader = dali_loader(synthetic_root / "train", PairSpec(size=(96, 96), min_matches=400, max_tries=3))
     batches = list(loader)  # the kernel raises if any pair shares fewer than 32 cells
     stats = loader.retry_stats
     assert stats["pairs"] == sum(len(b["index"]) for b in batches)

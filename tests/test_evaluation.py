@@ -16,11 +16,12 @@ from PIL import Image
 from evaluation import datasets
 from evaluation.__main__ import main as evaluation_main
 from evaluation.export import detectron2_name, export
-from evaluation.features import GlobalResNet, feature_extractor
+from evaluation.features import GlobalResNet, feature_extractor, feature_extractors
 from evaluation.metrics import boundary_f, confusion, depth_errors, iou_per_class, jaccard, mean_iou
 from evaluation.propagation import propagate
 from model.builder import MoCo, MoCoConfig
-from model.network import FPNDecoder
+from model import checkpoint
+from model.network import FPNDecoder, load_weights
 from pipeline.synthetic import DAVIS_PALETTE
 from train.config import TrainConfig
 
@@ -164,20 +165,21 @@ def test_protocols_run_end_to_end(layouts, tmp_path, protocol, dataset, metric):
     assert "| random init |" in (out / "table.md").read_text()
 
 
-def tiny_checkpoint(path: Path, objective="vader") -> Path:
+def tiny_checkpoint(run_dir: Path, objective="vader", step=2) -> Path:
+    """A checkpoint as the trainer writes one (model, model_config, config) in ``run_dir/checkpoints``."""
     cfg = TrainConfig(arch="resnet18", objective=objective, queue_size=256)
-    model = MoCo(MoCoConfig(objective=objective, arch="resnet18", queue_size=256))
-    torch.save({"model": model.state_dict(), "config": asdict(cfg)}, path)
-    return path
+    model = MoCo(cfg.model_config())
+    return checkpoint.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "config": asdict(cfg)},
+                           run_dir / "checkpoints", step)
 
 
 def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
-    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = tiny_checkpoint(tmp_path / "vader")
     out = tmp_path / "all"
     assert evaluation_main(["all", "--checkpoint", str(ckpt), "--root", str(synthetic_root), "--epochs", "2",
                             "--size", "96", "128", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| ckpt.pt |" in printed and "| random init |" in printed and "depth RMSE" in printed
+    assert "| vader/step_00000002 |" in printed and "| random init |" in printed and "depth RMSE" in printed
     for png in ("pca.png", "retrieval.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -191,12 +193,55 @@ def test_baseline_extractors_give_stride_4_features(tmp_path):
     for spec in (f"torchvision:{tmp_path / 'tv.pth'}", f"mocov2:{tmp_path / 'moco.pth.tar'}"):
         _, fn = feature_extractor(spec, "resnet18")
         assert fn(x).shape == (1, 512, 16, 24)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         feature_extractor(f"torchvision:{tmp_path / 'tv.pth'}", "resnet50")
 
 
+def test_checkpoints_of_two_runs_keep_two_rows(tmp_path):
+    """Runs checkpointed at the same step are named by run and step; a spec given twice is refused."""
+    a, b = tiny_checkpoint(tmp_path / "a"), tiny_checkpoint(tmp_path / "b")
+    assert a.name == b.name
+    names = list(feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'b'}", "random:resnet18"]))
+    assert names == ["a/step_00000002", "b/step_00000002", "random init"]
+    with pytest.raises(ValueError, match="both be named 'a/step_00000002'"):
+        feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'a'}"])
+    mocov2 = tiny_checkpoint(tmp_path / "m", objective="mocov2")
+    assert list(feature_extractors([f"checkpoint:{mocov2}"], "resnet18")) == ["m/step_00000002 (global)"]
+
+
+def test_a_checkpoint_without_its_model_config_is_refused_clearly(tmp_path):
+    model = MoCo(MoCoConfig(arch="resnet18", queue_size=256))
+    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18"}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="no 'model_config'"):
+        checkpoint.load_model(tmp_path / "old.pt")
+
+
+def test_weight_load_errors_name_the_problem_whatever_the_message():
+    """Shape mismatches name the offending keys; an error message of a single line is reported, not lost to an
+    IndexError."""
+    net = torchvision.models.resnet18(weights=None)
+    state = torchvision.models.resnet34(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(3, 3, 7, 7)
+    with pytest.raises(ValueError, match="size mismatch for conv1.weight"):
+        load_weights(net, {k: v for k, v in state.items() if k in net.state_dict()}, "r34.pth")
+
+    class OneLine(torch.nn.Linear):
+        def load_state_dict(self, *args, **kwargs):
+            raise RuntimeError("storage is not readable")
+    with pytest.raises(ValueError, match="w.pth does not fit OneLine: storage is not readable"):
+        load_weights(OneLine(2, 2), {}, "w.pth")
+
+
+def test_extractors_move_their_inputs_to_their_weights(tmp_path):
+    """Extractors accept images on any device and compute where their weights are (here: the meta device, so
+    CI, which has no GPU, still proves the input was moved)."""
+    _, fn = feature_extractor("random:resnet18")
+    fn = fn.to("meta")
+    assert fn(torch.randn(1, 3, 64, 64)).device.type == "meta"
+
+
 def test_export_to_torchvision_and_detectron2(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = tiny_checkpoint(tmp_path / "run")
     written = export(ckpt, tmp_path / "out")
     state = torch.load(written[0])
     missing, unexpected = torchvision.models.resnet18(weights=None).load_state_dict(state, strict=False)

@@ -15,14 +15,13 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder  # noqa: E402
-from pipeline.ffcv import FfcvViewPairLoader, read_stored_image, write_beton  # noqa: E402
+from pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
+from pipeline.ffcv import read_stored_image, write_beton  # noqa: E402
 from pipeline.folder import decode_rgb  # noqa: E402
 from pipeline.loader import render_view  # noqa: E402
-from ramp import assert_ramp_agrees, ramp_errors  # noqa: E402
-from test_dali import crop_from_affine  # noqa: E402
+from ramp import assert_ramp_agrees, crop_from_affine, ramp_errors  # noqa: E402
 
-SPEC = ViewSpec(size=(96, 96))
+SPEC = PairSpec(size=(96, 96))
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +30,7 @@ def raw_beton(synthetic_root, tmp_path_factory):
 
 
 def ffcv_loader(beton, **kw):
-    args = dict(batch_size=4, workers=2, spec=SPEC)
-    args.update(kw)
-    return FfcvViewPairLoader(beton, **args)
+    return build_loader("ffcv", beton, SPEC, **{"batch_size": 4, "workers": 2, **kw})
 
 
 def test_beton_round_trip_keeps_every_sample_and_label(synthetic_root, raw_beton):
@@ -60,7 +57,8 @@ def test_batch_contract_and_ramp_end_to_end(ramp_root, tmp_path, write_mode):
     beton = write_beton(ramp_root, tmp_path / "ramp.beton", jpeg_quality=95, write_mode=write_mode)
     stored = {i: read_stored_image(beton, i) for i in range(len(files))} if write_mode == "jpg" else None
     batches = list(ffcv_loader(beton, order="sequential"))
-    assert set(batches[0]) == set(BATCH_KEYS) and batches[0]["view1"].shape == (4, 3, 96, 96)
+    for batch in batches:
+        check_batch(batch, SPEC)
     for err in ramp_errors(batches, files, stored=stored):
         assert_ramp_agrees(err)
     with pytest.raises(AssertionError):
@@ -86,21 +84,23 @@ def test_recorded_geometry_reproduces_the_views(synthetic_root, raw_beton):
 def test_same_seed_same_batches_and_epochs_differ(raw_beton):
     a, b = (list(ffcv_loader(raw_beton, seed=5)) for _ in range(2))
     for x, y in zip(a, b):
-        for key in BATCH_KEYS:
+        for key in BATCH:
             assert torch.equal(x[key], y[key]), key
     resumed = ffcv_loader(raw_beton, seed=5)
-    resumed.set_epoch(0, start=2)  # a resumed run: skips the first two batches, same views after
+    resumed.set_epoch(0, 2)  # a resumed run: skips the first two batches, same views after
     assert [torch.equal(x["view2"], y["view2"]) for x, y in zip(resumed, a[2:])] == [True] * (len(a) - 2)
     other = ffcv_loader(raw_beton, seed=5)
     other.set_epoch(1)
     assert not torch.equal(next(iter(other))["geometry1"], a[0]["geometry1"])
 
 
-def test_clear_errors(tmp_path, raw_beton):
+def test_clear_errors(tmp_path, raw_beton, synthetic_root):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        FfcvViewPairLoader(tmp_path / "missing.beton", 4)
+        ffcv_loader(tmp_path / "missing.beton")
     with pytest.raises(ValueError, match="order="):
-        FfcvViewPairLoader(raw_beton, 4, order="shuffled")
+        ffcv_loader(raw_beton, order="shuffled")
+    with pytest.raises(ValueError, match="reads a .beton"):
+        ffcv_loader(synthetic_root / "train")
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torchvision.transforms import RandomResizedCrop
 
 from pipeline.correspondence import count_valid, flow
-from pipeline.geometry import (Crop, ViewSpec, apply_affine, compose, crop_affine, crop_overlap_cells,
+from pipeline import PairSpec
+from pipeline.geometry import (Crop, apply_affine, compose, crop_affine, crop_overlap_cells,
                                invert_affine, sample_crop_window, sample_view_pair)
 
 sizes = st.integers(1, 2000)
@@ -83,8 +84,8 @@ def test_crop_statistics_match_torchvision():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(4, 1200), st.integers(4, 1200), st.integers(0, 2**32), st.sampled_from([1, 32, 500]))
 def test_view_pairs_share_min_matches(h, w, seed, min_matches):
-    spec = ViewSpec(size=(96, 128))
-    pair = sample_view_pair(seed, h, w, spec, min_matches=min_matches, stride=4)
+    spec = PairSpec(size=(96, 128), num_matches=1, min_matches=min_matches)
+    pair = sample_view_pair(seed, h, w, spec)
     assert count_valid(pair.affine1, pair.affine2, 24, 32, 4.0) >= min_matches
     valid = np.isfinite(flow(pair.affine1, pair.affine2, (96, 128), 4)[..., 0]).sum()
     assert valid == count_valid(pair.affine1, pair.affine2, 24, 32, 4.0)
@@ -104,12 +105,12 @@ def test_exact_overlap_formula_equals_the_kernel_count(case, data):
 
 
 def test_view_pair_rejects_impossible_requests():
-    with pytest.raises(ValueError, match="impossible"):
-        sample_view_pair(0, 100, 100, ViewSpec(size=(32, 32)), min_matches=65)
+    with pytest.raises(ValueError, match="exceeds the 64 cells"):
+        PairSpec(size=(32, 32), min_matches=65)
     with pytest.raises(ValueError, match="no pixels"):
-        sample_view_pair(0, 0, 100)
+        sample_view_pair(0, 0, 100, PairSpec())
     with pytest.raises(ValueError, match="scale"):
-        ViewSpec(scale=(0.5, 0.2))
+        PairSpec(scale=(0.5, 0.2))
 
 
 def test_overlap_count_on_exact_ties():

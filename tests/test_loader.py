@@ -4,16 +4,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import BATCH_KEYS, SeededSampler, ViewSpec, make_loader, scan_image_folder
+from pipeline import BATCH, PairSpec, SeededSampler, ViewPairLoader, build_loader, check_batch, scan_image_folder
 from pipeline.resize import resize_crop_aa
 from ramp import assert_ramp_agrees, ramp_errors
 
-SPEC = ViewSpec(size=(64, 64))
+SPEC = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
 
 
-def first_batches(root, workers, n=3, **kw):
-    loader = make_loader(root, batch_size=4, workers=workers, seed=7, spec=SPEC, num_matches=8, min_matches=8, **kw)
-    loader.sampler.set_epoch(1)
+def loader_for(root, workers=0, **kw):
+    return build_loader("torch", root, SPEC, **{"batch_size": 4, "workers": workers, "seed": 7, **kw})
+
+
+def first_batches(root, workers, n=3, epoch=1, **kw):
+    loader = loader_for(root, workers, **kw)
+    loader.set_epoch(epoch)
     out = []
     for i, batch in enumerate(loader):
         out.append(batch)
@@ -23,34 +27,47 @@ def first_batches(root, workers, n=3, **kw):
 
 
 def test_batch_contract(synthetic_root):
+    loader = loader_for(synthetic_root / "train")
+    assert isinstance(loader, ViewPairLoader)
+    for batch in first_batches(synthetic_root / "train", 0):
+        check_batch(batch, SPEC)
     batch = first_batches(synthetic_root / "train", 0, n=1)[0]
-    assert set(batch) == set(BATCH_KEYS)
-    b = 4
-    expect = {"view1": ((b, 3, 64, 64), torch.uint8), "view2": ((b, 3, 64, 64), torch.uint8),
-              "geometry1": ((b, 2, 3), torch.float32), "geometry2": ((b, 2, 3), torch.float32),
-              "matches": ((b, 8, 2), torch.int64), "match_xy2": ((b, 8, 2), torch.float32),
-              "index": ((b,), torch.int64)}
-    for key, (shape, dtype) in expect.items():
-        assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, key
-    assert batch["view1"].is_contiguous(memory_format=torch.channels_last)
-    assert ((batch["matches"] >= 0) & (batch["matches"] < 16 * 16)).all()
+    broken = {**batch, "match_xy2": batch["match_xy2"] + 1}  # the check itself must catch a wrong cell
+    with pytest.raises(ValueError, match="floor"):
+        check_batch(broken, SPEC)
+    with pytest.raises(ValueError, match="channels_last"):
+        check_batch({**batch, "view1": batch["view1"].contiguous()}, SPEC)
 
 
 def test_same_batches_for_0_1_2_workers(synthetic_root):
     runs = [first_batches(synthetic_root / "train", w) for w in (0, 1, 2)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
-            for key in BATCH_KEYS:
+            for key in BATCH:
                 assert torch.equal(a[key], b[key]), key
 
 
 def test_epochs_and_seeds_change_the_views(synthetic_root):
     a = first_batches(synthetic_root / "train", 0, n=1)[0]
-    loader = make_loader(synthetic_root / "train", batch_size=4, workers=0, seed=7, spec=SPEC, num_matches=8,
-                         min_matches=8)
-    loader.sampler.set_epoch(2)
-    b = next(iter(loader))
+    b = first_batches(synthetic_root / "train", 0, n=1, epoch=2)[0]
     assert not torch.equal(a["index"], b["index"]) or not torch.equal(a["geometry1"], b["geometry1"])
+
+
+def test_positions_count_batches_and_states_resume(synthetic_root):
+    """Iterating moves on to the next epoch; ``set_epoch(e, b)`` and ``state=`` continue at batch b of epoch e."""
+    loader = loader_for(synthetic_root / "train")
+    epoch0, epoch1 = list(loader), list(loader)
+    assert len(epoch0) == len(epoch1) == len(loader) and not torch.equal(epoch0[0]["index"], epoch1[0]["index"])
+    loader.set_epoch(1, 2)
+    assert [torch.equal(x["view2"], y["view2"]) for x, y in zip(loader, epoch1[2:])] == [True] * (len(loader) - 2)
+    fresh = loader_for(synthetic_root / "train")
+    batches = iter(fresh)
+    next(batches)
+    assert fresh.state_dict() == {"epoch": 0, "batch": 1}
+    resumed = loader_for(synthetic_root / "train", state=fresh.state_dict())
+    assert torch.equal(next(iter(resumed))["index"], epoch0[1]["index"])
+    list(batches)
+    assert fresh.state_dict() == {"epoch": 1, "batch": 0}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -75,21 +92,43 @@ def test_sampler_resumes_mid_epoch():
 
 def test_loader_rejects_bad_configuration(tmp_path, synthetic_root):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        make_loader(tmp_path / "missing", batch_size=2)
+        loader_for(tmp_path / "missing")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(ValueError, match="no .* images"):
-        make_loader(tmp_path / "empty", batch_size=2)
-    with pytest.raises(ValueError, match="raise min_matches"):
-        make_loader(synthetic_root / "train", batch_size=2, num_matches=64, min_matches=32)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        make_loader(synthetic_root / "train", batch_size=1000)
+        loader_for(tmp_path / "empty")
+    with pytest.raises(ValueError, match="fewer than one batch of 1000; lower batch_size"):
+        loader_for(synthetic_root / "train", batch_size=1000)
+    with pytest.raises(ValueError, match="backend='jax'"):
+        build_loader("jax", synthetic_root / "train", SPEC, batch_size=2)
+    with pytest.raises(ValueError, match="order='quasi_random' is not available with backend=torch"):
+        loader_for(synthetic_root / "train", order="quasi_random")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_matches": 64, "min_matches": 32}, "raise min_matches"),
+    ({"size": (102, 64)}, "not a multiple of the feature stride 4"),
+    ({"scale": (0.5, 0.2)}, "scale must satisfy"),
+    ({"ratio": (2.0, 1.0)}, "ratio must satisfy"),
+    ({"flip_p": 1.5}, "flip_p must be a probability"),
+    ({"min_matches": 300, "num_matches": 8}, "exceeds the 256 cells of the 16x16 feature grid"),
+    ({"max_tries": 0}, "max_tries=0"),
+])
+def test_pair_spec_says_what_is_wrong(change, message):
+    with pytest.raises(ValueError, match=message):
+        PairSpec(**{"size": (64, 64), "num_matches": 8, "min_matches": 8, **change})
+
+
+def test_readme_table_is_the_contract():
+    """pipeline/README.md shows the batch contract as ``contract.batch_table()`` writes it: docs cannot drift."""
+    from pathlib import Path
+
+    from pipeline.contract import batch_table
+    assert batch_table() in (Path(__file__).resolve().parents[1] / "pipeline" / "README.md").read_text()
 
 
 def test_coordinate_ramp_end_to_end(ramp_root):
     files = scan_image_folder(ramp_root).files
-    loader = make_loader(ramp_root, batch_size=4, workers=2, seed=0, spec=ViewSpec(size=(96, 96)),
-                         num_matches=32, min_matches=32)
-    batches = list(loader)
+    batches = list(build_loader("torch", ramp_root, PairSpec(size=(96, 96)), batch_size=4, workers=2))
     for err in ramp_errors(batches, files):
         assert_ramp_agrees(err)
     with pytest.raises(AssertionError):

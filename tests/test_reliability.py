@@ -14,13 +14,12 @@ import torch
 from PIL import Image, ImageOps
 
 from corpus import BAD, write_corpus
-from pipeline import BATCH_KEYS, ViewSpec, scan_image_folder
+from model import checkpoint
+from pipeline import PairSpec, build_loader, check_batch, scan_image_folder
 from pipeline.folder import BadImage, decode_rgb, screen_file
-from pipeline.loader import make_loader
-from train import checkpoint
 from train.config import parse
 
-SPEC = ViewSpec(size=(64, 64))
+SPEC = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,8 +35,7 @@ def reported(log: Path) -> set[str]:
 def check_batches(batches, n_files):
     assert batches
     for b in batches:
-        assert set(b) >= set(BATCH_KEYS)
-        assert b["view1"].shape[1:] == (3, 64, 64) and b["view1"].dtype == torch.uint8
+        check_batch(b, SPEC)
         assert ((b["index"] >= 0) & (b["index"] < n_files)).all()
         assert torch.isfinite(b["match_xy2"]).all()
 
@@ -62,8 +60,8 @@ def test_decoder_handles_every_awkward_case(corpus):
 def test_reference_loader_skips_and_reports_bad_files(corpus, tmp_path):
     log = tmp_path / "skipped.txt"
     files = scan_image_folder(corpus).files
-    batches = list(make_loader(corpus, 4, workers=2, spec=SPEC, min_matches=8, num_matches=8, skip_log=str(log),
-                               drop_last=False))  # workers also warn on stderr
+    batches = list(build_loader("torch", corpus, SPEC, batch_size=4, workers=2, skip_log=str(log),
+                                drop_last=False))  # workers also warn on stderr
     check_batches(batches, len(files))
     assert sum(len(b["index"]) for b in batches) == len(files)  # replaced, not dropped
     assert reported(log) == set(BAD)
@@ -71,10 +69,8 @@ def test_reference_loader_skips_and_reports_bad_files(corpus, tmp_path):
 
 def test_dali_screens_out_bad_files(corpus, tmp_path):
     pytest.importorskip("nvidia.dali") if not os.environ.get("DENSESSL_REQUIRE_BACKENDS") else None
-    from pipeline.dali import DaliViewPairLoader
     log = tmp_path / "skipped.txt"
-    loader = DaliViewPairLoader(corpus, 4, 2, None, spec=SPEC, min_matches=8, num_matches=8, skip_log=str(log),
-                                drop_last=False)
+    loader = build_loader("dali", corpus, SPEC, batch_size=4, workers=2, skip_log=str(log), drop_last=False)
     batches = list(loader)
     check_batches(batches, len(scan_image_folder(corpus)))
     assert sum(len(b["index"]) for b in batches) == len(scan_image_folder(corpus)) - len(BAD)
@@ -83,10 +79,10 @@ def test_dali_screens_out_bad_files(corpus, tmp_path):
 
 def test_ffcv_writer_replaces_and_reports_bad_files(corpus, tmp_path):
     pytest.importorskip("ffcv") if not os.environ.get("DENSESSL_REQUIRE_BACKENDS") else None
-    from pipeline.ffcv import FfcvViewPairLoader, write_beton
+    from pipeline.ffcv import write_beton
     beton = write_beton(corpus, tmp_path / "corpus.beton", workers=2)
     assert reported(Path(f"{beton}.skipped.txt")) == set(BAD)
-    batches = list(FfcvViewPairLoader(beton, 4, 2, spec=SPEC, min_matches=8, num_matches=8, drop_last=False))
+    batches = list(build_loader("ffcv", beton, SPEC, batch_size=4, workers=2, drop_last=False))
     check_batches(batches, len(scan_image_folder(corpus)))
     with pytest.raises(RuntimeError, match="max_bad_images=2"):
         write_beton(corpus, tmp_path / "strict.beton", workers=2, max_bad_images=2)
@@ -176,7 +172,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     checkpoint.save({"step": 1, "w": torch.zeros(10)}, tmp_path, 1)
     code = f"""
 import resource, signal, torch
-from train import checkpoint
+from model import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from train import checkpoint
+from model import checkpoint
 from train.config import TrainConfig, parse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,11 @@ def losses(run_dir):
     ({"resume": "/nonexistent.pt"}, "no such checkpoint"),
     ({"data": "/data/train.beton"}, "set backend=ffcv"),
     ({"backend": "ffcv", "ffcv_order": "quasi_random"}, "use ffcv_order=random"),
+    ({"checkpoint_every": 0}, "checkpoint_every=0 must be >= 1"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints=0 must be >= 1"),
+    ({"crop_scale": [0.5, 0.2]}, "scale must satisfy"),
+    ({"feature_stride": 8}, "objective=vader embeds pixels at stride 4"),
+    ({"device": "tpu"}, "device='tpu'"),
 ])
 def test_config_errors_say_what_to_change(override, message):
     cfg = TrainConfig(**{"batch_size": 256, **override})
@@ -53,6 +58,18 @@ def test_parse_yaml_then_overrides(tmp_path):
     assert (cfg.objective, cfg.batch_size, cfg.symmetric) == ("densecl", 32, True)
     with pytest.raises(Exception, match="no_such_key"):
         parse(["no_such_key=1"])
+
+
+def test_crop_and_stride_settings_reach_the_loader():
+    cfg = parse(["crop_scale=[0.5,0.9]", "crop_ratio=[1.0,1.0]", "flip_p=0", "objective=mocov2",
+                 "feature_stride=8", "view_size=64", "num_matches=4", "min_matches=4"])
+    spec = cfg.pair_spec()
+    assert (spec.scale, spec.ratio, spec.flip_p, spec.stride, spec.grid) == ((0.5, 0.9), (1.0, 1.0), 0.0, 8, (8, 8))
+
+
+def test_keeping_no_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep=0"):
+        checkpoint.save({"step": 1}, tmp_path, 1, keep=0)
 
 
 def test_checkpoints_are_pruned_and_corrupt_ones_skipped(tmp_path):
@@ -104,7 +121,7 @@ def _ddp_worker(rank, world, port, args, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from train.trainer import run
-    model = run(parse(args))
+    model = run(parse(args)).model
     torch.save({"queue": model.queue_dense, "ptr": model.queue_dense_ptr,
                 "params": torch.cat([p.detach().flatten() for p in model.encoder_q.parameters()])},
                f"{out}/rank{rank}.pt")
@@ -124,6 +141,31 @@ def test_two_process_gloo_ddp_keeps_queues_identical(synthetic_root, tmp_path):
     assert (tmp_path / "ddp" / "checkpoints" / "step_00000003.pt").exists()
 
 
+def test_a_stop_request_is_honoured_once(synthetic_root, tmp_path):
+    """A stop requested before or during a run stops it after one step, checkpointed; the next run in the same
+    process (a notebook, submitit's local executor) trains all its steps."""
+    from train.distributed import request_stop
+    from train.trainer import run
+    request_stop()
+    first = run(parse(tiny_args(synthetic_root, tmp_path / "first", steps=3, workers=0)))
+    assert (first.stopped, first.step) == (True, 1)
+    assert (tmp_path / "first" / "checkpoints" / "step_00000001.pt").exists()
+    second = run(parse(tiny_args(synthetic_root, tmp_path / "second", steps=3, workers=0)))
+    assert (second.stopped, second.step) == (False, 3)
+
+
+def test_checkpoints_rebuild_the_model_they_hold(synthetic_root, tmp_path):
+    """Every checkpoint carries its model's configuration: evaluation rebuilds the same network from the file."""
+    from train.trainer import run
+    trained = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=2, workers=0, objective="densecl",
+                                  queue_size=256, temperature=0.3))).model
+    rebuilt = checkpoint.load_model(tmp_path / "run")
+    assert rebuilt.cfg == trained.cfg and rebuilt.temperature == 0.3
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value.cpu(), rebuilt.state_dict()[key]), key
+    assert checkpoint.run_and_step(checkpoint.find(tmp_path / "run")) == "run/step_00000002"
+
+
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     from train.demo import main
     out = tmp_path / "demo"
@@ -138,7 +180,7 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
 @pytest.mark.gpu
 def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
     from train.trainer import run
-    model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true")))
+    model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true"))).model
     assert next(model.parameters()).is_cuda
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()
 
@@ -148,6 +190,6 @@ def test_trains_with_each_backend(synthetic_root, tmp_path, backend, module):
     if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
         pytest.importorskip(module)
     from train.trainer import run
-    model = run(parse(tiny_args(synthetic_root, tmp_path / backend, steps=3, backend=backend)))
+    model = run(parse(tiny_args(synthetic_root, tmp_path / backend, steps=3, backend=backend))).model
     assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
     assert len(losses(tmp_path / backend)) == 3

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from model.builder import OBJECTIVES
+from model.builder import MoCoConfig
 from model.network import ARCHS
-
-BACKENDS = ("torch", "dali", "ffcv")
+from model.objectives import OBJECTIVES
+from pipeline import BACKENDS, PairSpec
 INSTALL_HINTS = {
     "dali": ("nvidia.dali", "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)"),
     "ffcv": ("ffcv", "backend=ffcv needs FFCV 1.0.2: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
@@ -35,7 +35,12 @@ class TrainConfig:
     objective: str = "vader"
     arch: str = "resnet50"
     init_encoder: Optional[str] = None  # MoCo v2 or torchvision checkpoint for the encoder
+    device: str = "auto"  # auto (the GPU of LOCAL_RANK when there is one), cuda or cpu
     view_size: int = 224
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
+    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio
+    flip_p: float = 0.5
+    feature_stride: int = 4  # view pixels per feature-grid cell (vader's decoder embeds at stride 4)
     batch_size: int = 256  # global, over all ranks
     workers: int = 8
     epochs: int = 200
@@ -50,6 +55,7 @@ class TrainConfig:
     temperature: Optional[float] = None  # default: 0.07 for vader, 0.2 otherwise
     num_matches: int = 32
     min_matches: int = 32
+    max_tries: int = 50  # pair redraws before view 2 reuses view 1's window
     loss_scale: float = 10.0
     symmetric: bool = False
     densecl_lambda: float = 0.5
@@ -61,13 +67,26 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str = ""  # '', 'auto' (latest in run_dir, if any) or a checkpoint path
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 500  # steps
+    keep_checkpoints: int = 2  # newest checkpoints kept (>= 1)
     progress: bool = True
     collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
     on_nonfinite: str = "stop"  # NaN/inf loss: 'stop' (batch indices saved) or 'skip' the step (state restored)
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip, one more stops the run
     max_bad_images: int = 100  # unreadable files are skipped and listed in run_dir/skipped.txt; more aborts
+
+    def pair_spec(self) -> PairSpec:
+        """The loader's view-pair spec (validated when built)."""
+        return PairSpec(size=(self.view_size, self.view_size), scale=tuple(self.crop_scale),
+                        ratio=tuple(self.crop_ratio), flip_p=self.flip_p, stride=self.feature_stride,
+                        num_matches=self.num_matches, min_matches=self.min_matches, max_tries=self.max_tries)
+
+    def model_config(self) -> MoCoConfig:
+        """The model this configuration trains (saved in every checkpoint, so evaluation rebuilds it)."""
+        return MoCoConfig(objective=self.objective, arch=self.arch, queue_size=self.queue_size,
+                          momentum=self.moco_momentum, temperature=self.temperature, loss_scale=self.loss_scale,
+                          symmetric=self.symmetric, densecl_lambda=self.densecl_lambda,
+                          densecl_warmup_steps=self.densecl_warmup_steps, shuffle_bn=not self.sync_bn)
 
     def validate(self, world_size: int = 1) -> None:
         def need(ok: bool, message: str) -> None:
@@ -77,6 +96,7 @@ class TrainConfig:
         need(self.objective in OBJECTIVES, f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         need(self.arch in ARCHS, f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
         need(self.backend in BACKENDS, f"backend={self.backend!r}: available backends are {', '.join(BACKENDS)}")
+        need(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
         if self.backend in INSTALL_HINTS:
             module, hint = INSTALL_HINTS[self.backend]
             need(importlib.util.find_spec(module.split(".")[0]) is not None
@@ -88,13 +108,17 @@ class TrainConfig:
         need(self.view_size % 32 == 0, f"view_size={self.view_size} must be a multiple of 32 (the encoder stride)")
         need(self.batch_size % world_size == 0,
              f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
-        need(self.num_matches <= self.min_matches,
-             f"num_matches={self.num_matches} > min_matches={self.min_matches}: raise min_matches")
-        grid = (self.view_size // 4) ** 2
-        need(self.min_matches <= grid, f"min_matches={self.min_matches} exceeds the {grid} cells of the feature grid")
-        keys = self.batch_size * (self.num_matches * (2 if self.symmetric else 1) if self.objective == "vader" else 1)
+        self.pair_spec()  # raises ValueError naming what is wrong with the views and matches
+        objective = OBJECTIVES[self.objective]
+        need(objective.dense_stride in (None, self.feature_stride),
+             f"feature_stride={self.feature_stride}: objective={self.objective} embeds pixels at stride "
+             f"{objective.dense_stride}, so its matches must index that grid; set feature_stride="
+             f"{objective.dense_stride}")
+        keys = self.batch_size * objective.keys_per_pair(self.num_matches, self.symmetric)
         need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
              f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
+        need(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1 (steps)")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         need(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
         need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
@@ -115,7 +139,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         for f in fields(TrainConfig):
-            print(f"  {f.name}={f.default}")
+            print(f"  {f.name}={f.default_factory() if f.default is MISSING else f.default}")
         raise SystemExit(0)
     merged = OmegaConf.structured(TrainConfig)
     while "--config" in argv:

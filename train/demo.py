@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
-
 from evaluation.datasets import synthetic
+from evaluation.features import checkpoint_extractor, feature_extractor
 from evaluation.probe import linear_probe
 from evaluation.visualize import plot_pca
-from model.builder import MoCo, MoCoConfig
 from pipeline.synthetic import CLASSES, SyntheticConfig, generate
 
 from .config import TrainConfig
@@ -51,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--view-size", type=int, default=96)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--probe-epochs", type=int, default=60)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="where training and the probes run (auto: the GPU when there is one)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny data set (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -62,13 +62,11 @@ def main(argv=None) -> int:
     cfg = TrainConfig(data=str(root / "train"), arch="resnet18", view_size=args.view_size, batch_size=args.batch,
                       workers=args.workers, steps=args.steps, queue_size=args.batch * 32 * 8, lr=0.3,
                       decoder_lr=0.3, warmup_steps=min(20, args.steps // 10), run_dir=str(out),
-                      checkpoint_every=50, resume="auto")
-    model = run(cfg).eval()
-    torch.manual_seed(0)
-    random_init = MoCo(MoCoConfig(arch="resnet18")).eval()
-    networks = {"VADeR (trained)": model.encoder_q, "random init": random_init.encoder_q}
-
-    extractors = {name: (lambda x, n=net: n(x)["dense"]) for name, net in networks.items()}
+                      checkpoint_every=50, resume="auto", device=args.device)
+    model = run(cfg).model.eval()
+    device = next(model.parameters()).device  # where training ran: the probes' features are computed there too
+    extractors = {"VADeR (trained)": checkpoint_extractor(model, "VADeR (trained)")[1],
+                  "random init": feature_extractor(f"random:{cfg.arch}", device=device)[1]}
     train_set, test_set = synthetic(root, "train"), synthetic(root, "val")
     results = {name: linear_probe(fn, train_set, test_set, PROBE_SIZE, epochs=args.probe_epochs)
                for name, fn in extractors.items()}

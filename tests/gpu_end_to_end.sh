@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's commands end to end on a GPU host: make demo, make eval, evaluation visualize and export, 50-step
+# DALI and FFCV training runs on the GPU, and the whole test suite with CUDA visible (not only -m gpu).
+# Usage: bash tests/gpu_end_to_end.sh [LOG_DIR] (default runs/gpu-e2e). Every step runs; the summary lists each
+# step's status and the script exits non-zero if any failed. Set ALLOW_CPU=1 to rehearse it without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu-e2e}; mkdir -p "$out"
+py=.venv/bin/python
+if ! nvidia-smi -L >"$out/device.txt" 2>&1 && [ -z "${ALLOW_CPU:-}" ]; then
+  echo "no GPU here (nvidia-smi failed): run this on a GPU host, or set ALLOW_CPU=1 to rehearse"; exit 2
+fi
+status=()
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember the outcome
+  local name=$1; shift
+  echo "== $name: $*"
+  if "$@" >"$out/$name.log" 2>&1; then status+=("ok      $name"); else status+=("FAILED  $name (see $out/$name.log)"); fi
+  tail -n 3 "$out/$name.log"
+}
+train=(data=synthetic arch=resnet50 batch_size=64 workers=8 steps=50 checkpoint_every=50 progress=false)
+step setup make setup
+step demo make demo
+step eval make eval
+step visualize $py -m evaluation visualize --features checkpoint:runs/demo random:resnet18 \
+  --images data/synthetic/val/*/*_00000.jpg --out "$out/visualize"
+step train-dali $py -m train "${train[@]}" backend=dali run_dir="$out/train-dali"
+step train-ffcv $py -m train "${train[@]}" backend=ffcv run_dir="$out/train-ffcv"
+step export $py -m evaluation export --checkpoint "$out/train-dali" --out "$out/export"
+step pytest env DENSESSL_REQUIRE_BACKENDS=1 $py -m pytest -q -rs
+for f in "$out"/train-*/metrics.csv; do [ -f "$f" ] && echo "$f: $(head -n 1 "$f") / $(tail -n 1 "$f")"; done
+printf '%s\n' "${status[@]}" | tee "$out/summary.txt"
+! grep -q FAILED "$out/summary.txt"
