@@ -104,24 +104,32 @@ class DenseNetwork(nn.Module):
         return out
 
 
-ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "encoder.net.", "net.")
+# Where the query / online encoder sits in the checkpoints of the projects we read, most specific first: ours
+# (``encoder_q.encoder.net``), DenseCL / OpenSelfSup (``encoder_q.0``: backbone then neck), MoCo v1/v2
+# (``encoder_q``), MoCo v3 (``base_encoder``), mmselfsup (``backbone``), our encoder alone (``encoder.net``, ``net``).
+# A checkpoint with none of them is a plain torchvision state dict.
+ENCODER_PREFIXES = ("encoder_q.encoder.net.", "encoder_q.0.", "encoder_q.", "base_encoder.", "backbone.",
+                    "encoder.net.", "net.")
 
 
 def read_encoder_state(path: str | Path) -> dict:
-    """A MoCo v2 (``module.encoder_q.*``), torchvision, or our own encoder checkpoint as a plain torchvision ResNet
-    state dict, without the classifier / projection head (``fc.*``)."""
+    """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision or densessl checkpoint as a plain torchvision
+    ResNet state dict, without the classifier or projection head (``fc.*``).
+
+    The keys are unwrapped from ``state_dict`` or ``model`` and from DDP's ``module.``; then only the keys of the
+    first ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the
+    queue, which are not the encoder's)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ENCODER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if not key.startswith("fc."):
-            cleaned[key] = value
-    return cleaned
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in state)), "")
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.") and torch.is_tensor(v)}
 
 
 def load_weights(module: nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()) -> None:

@@ -4,6 +4,7 @@ import torchvision
 
 from model.builder import MoCo, MoCoConfig
 from model.network import DenseNetwork, load_encoder_weights
+from released import released_checkpoints
 
 
 def test_vader_network_shapes_and_decoder_size():
@@ -21,16 +22,13 @@ def test_heads_per_objective():
     assert set(DenseNetwork("resnet18", "mocov2").eval()(x)) == {"c5", "global"}
 
 
-def test_loads_torchvision_and_moco_checkpoints(tmp_path):
-    source = torchvision.models.resnet18(weights=None)
-    torch.save(source.state_dict(), tmp_path / "tv.pth")
-    moco = {f"module.encoder_q.{k}": v for k, v in source.state_dict().items() if not k.startswith("fc.")}
-    moco["module.encoder_q.fc.0.weight"] = torch.randn(512, 512)  # MoCo v2's MLP head, dropped
-    torch.save({"state_dict": moco, "epoch": 200}, tmp_path / "moco.pth.tar")
-    for name in ("tv.pth", "moco.pth.tar"):
+def test_loads_encoders_from_every_released_format(tmp_path):
+    source, other = torchvision.models.resnet18(weights=None), torchvision.models.resnet18(weights=None)
+    for name in released_checkpoints(source, other, tmp_path):
         net = DenseNetwork("resnet18", "vader")
         load_encoder_weights(net.encoder, tmp_path / name)
-        torch.testing.assert_close(net.encoder.net.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+        for got, want in zip(net.encoder.net.state_dict().values(), source.state_dict().values()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_encoder_weights(DenseNetwork("resnet18", "vader").encoder, tmp_path / "r50.pth")

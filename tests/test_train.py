@@ -166,6 +166,19 @@ def test_checkpoints_rebuild_the_model_they_hold(synthetic_root, tmp_path):
     assert checkpoint.run_and_step(checkpoint.find(tmp_path / "run")) == "run/step_00000002"
 
 
+def test_trains_from_a_moco_v2_checkpoint(synthetic_root, tmp_path):
+    """init_encoder= takes a checkpoint as facebookresearch/moco's main_moco.py saves it (both encoders, queue)."""
+    import torchvision
+
+    from released import released_checkpoints
+    from train.trainer import run
+    source = torchvision.models.resnet18(weights=None)
+    released_checkpoints(source, torchvision.models.resnet18(weights=None), tmp_path)
+    result = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=1, workers=0, lr=0, decoder_lr=0,
+                                 init_encoder=str(tmp_path / "moco_v2.pth.tar"))))
+    torch.testing.assert_close(result.model.encoder_k.encoder.net.conv1.weight, source.conv1.weight)
+
+
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     from train.demo import main
     out = tmp_path / "demo"
