@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", nargs="+", default=[], help="images for visualize")
     p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
     p.add_argument("--epochs", type=int, default=60, help="probe epochs")
+    p.add_argument("--save-masks", action="store_true", help="propagation: write the predicted masks to "
+                   "OUT/masks/<features>/<video>/<frame>.png (DAVIS's results layout, for its official code)")
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the networks run (default: the GPU when there is one)")
@@ -120,8 +123,10 @@ def main(argv=None) -> int:
             p.error(f"{args.protocol} datasets: {', '.join(table)}")
         if args.protocol == "propagation":
             videos = table[args.dataset](args.root)
-            rows = {name: evaluate_videos(fn, videos) for name, fn in extractors.items()}
-            metrics = ["J", "F", "J&F"]
+            rows = {name: evaluate_videos(fn, videos, save_masks=out / "masks" / re.sub(r"[^\w.-]+", "_", name)
+                                          if args.save_masks else None)
+                    for name, fn in extractors.items()}
+            metrics = ["J&F", "J", "J recall", "J decay", "F", "F recall", "F decay"]
         else:
             reader, train_split, test_split = table[args.dataset]
             train, test = reader(args.root, train_split), reader(args.root, test_split)

@@ -5,7 +5,9 @@ embedded synthetic set. Each returns file lists and knows how to read its target
                 (train_aug: SegmentationClassAug/*.png + ImageSets/Segmentation/train_aug.txt, used when present)
     Cityscapes: ROOT/leftImg8bit/{split}/<city>/<id>_leftImg8bit.png, gtFine/{split}/<city>/<id>_gtFine_labelIds.png
     NYU v2:     ROOT/{train,test}/rgb/<id>.{jpg,png} and ROOT/{train,test}/depth/<id>.png (uint16 millimetres, 0 =
-                no measurement), the layout of the usual 795/654 labelled-split exports
+                no measurement), the layout of the usual 795/654 labelled-split exports; or the official files
+                as downloaded, ROOT/nyu_depth_v2_labeled.mat (MATLAB v7.3 = HDF5) and ROOT/splits.mat (the
+                standard 795/654 split), extracted once into that layout under ROOT/extracted
     DAVIS-2017: ROOT/JPEGImages/480p/<video>/*.jpg, Annotations/480p/<video>/*.png, ImageSets/2017/{train,val}.txt
 """
 
@@ -40,6 +42,8 @@ class DenseSet:
     num_classes: int = 0
     name: str = ""
     label_map: np.ndarray | None = field(default=None, repr=False)  # raw label value -> class id
+    depth_range: tuple[float, float] = (1e-3, 10.0)  # depth: metres that count (exclusive); predictions clamped
+    eigen_crop: bool = False  # depth: score inside the Eigen crop only (NYU)
 
     def __post_init__(self):
         if not self.images:
@@ -91,12 +95,43 @@ def cityscapes(root: str | Path, split: str = "val") -> DenseSet:
     return DenseSet(images, targets, "segmentation", 19, f"Cityscapes {split}", label_map=_CITYSCAPES_LUT)
 
 
+NYU_MAT, NYU_SPLITS = "nyu_depth_v2_labeled.mat", "splits.mat"
+
+
 def nyu_depth(root: str | Path, split: str = "test") -> DenseSet:
+    """NYU-depth v2 in the folder layout, or from the official .mat files (extracted on first use)."""
     root = Path(root)
+    if (root / NYU_MAT).is_file():
+        root = extract_nyu_mat(root)
     rgb = _require(root / split / "rgb", "NYU-depth v2")
     images = sorted(p for p in rgb.iterdir() if p.suffix.lower() in (".jpg", ".png"))
     return DenseSet(images, [root / split / "depth" / f"{p.stem}.png" for p in images], "depth",
-                    name=f"NYU-depth v2 {split}")
+                    name=f"NYU-depth v2 {split}", eigen_crop=True)
+
+
+def extract_nyu_mat(root: Path) -> Path:
+    """Write the labelled set of ``ROOT/nyu_depth_v2_labeled.mat`` into ``ROOT/extracted/{train,test}`` (PNG RGB
+    and uint16-millimetre depth) by the indices of ``ROOT/splits.mat`` (1-based, as MATLAB writes them); once."""
+    import h5py
+    from scipy.io import loadmat
+
+    out = root / "extracted"
+    if (out / ".complete").is_file():
+        return out
+    splits = loadmat(str(_require(root / NYU_SPLITS, "NYU-depth v2 splits.mat")))
+    with h5py.File(root / NYU_MAT, "r") as f:
+        images, depths = f["images"], f["depths"]  # MATLAB's column-major arrays: [N,3,W,H] and [N,W,H]
+        for split, key in (("train", "trainNdxs"), ("test", "testNdxs")):
+            for folder in ("rgb", "depth"):
+                (out / split / folder).mkdir(parents=True, exist_ok=True)
+            for index in np.asarray(splits[key]).reshape(-1).astype(int):
+                i = index - 1
+                Image.fromarray(np.ascontiguousarray(images[i].transpose(2, 1, 0))).save(
+                    out / split / "rgb" / f"{index:04d}.png")
+                millimetres = np.round(np.asarray(depths[i]).T * 1000).clip(0, 65535).astype(np.uint16)
+                Image.fromarray(millimetres).save(out / split / "depth" / f"{index:04d}.png")
+    (out / ".complete").touch()
+    return out
 
 
 def synthetic(root: str | Path, split: str, task: str = "segmentation") -> DenseSet:

@@ -3,8 +3,13 @@
     python -m evaluation export --checkpoint runs/vader/checkpoints/step_00100000.pt --out exported/
 
 writes ``encoder_torchvision.pth`` (a plain torchvision ResNet state dict, no ``fc``), ``encoder_detectron2.pkl``
-(detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any leftover names) and, for
-VADeR, ``decoder.pth`` (the FPN decoder on its own).
+(detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any leftover names) with
+``encoder_detectron2.yaml`` beside it, and, for VADeR, ``decoder.pth`` (the FPN decoder on its own).
+
+The weights are torchvision's ResNet trained on RGB images in [0, 1] normalised by ImageNet's mean and std.
+detectron2's defaults are its own MSRA ResNet: stride in the 1x1 convolution, BGR input, mean-only
+normalisation in 0-255 units. With those defaults the weights load without a warning and compute something
+else, so the YAML holds the config lines that make detectron2 compute what was trained.
 """
 
 from __future__ import annotations
@@ -42,16 +47,36 @@ def to_detectron2(torchvision_state: dict) -> dict:
     return {"model": model, "__author__": "densessl", "matching_heuristics": True}
 
 
+# ImageNet's mean and std (pipeline.augment's, in 0-255 units, RGB order): what the encoder was trained on.
+DETECTRON2_CONFIG = """# Merge into your detectron2 config: the weights are a torchvision ResNet trained on normalised RGB.
+MODEL:
+  WEIGHTS: encoder_detectron2.pkl
+  PIXEL_MEAN: [{mean}]
+  PIXEL_STD: [{std}]
+  RESNETS:
+    STRIDE_IN_1X1: False
+INPUT:
+  FORMAT: RGB
+"""
+
+
+def detectron2_config() -> str:
+    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    return DETECTRON2_CONFIG.format(mean=", ".join(f"{255 * m:.3f}" for m in IMAGENET_MEAN),
+                                    std=", ".join(f"{255 * s:.3f}" for s in IMAGENET_STD))
+
+
 def export(path: str | Path, out: str | Path) -> list[Path]:
     """Write the encoder (torchvision, detectron2) and, when there is one, the decoder of a checkpoint or run."""
     model = checkpoint.load_model(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = model.encoder_q.encoder.net.state_dict()
-    written = [out / "encoder_torchvision.pth", out / "encoder_detectron2.pkl"]
+    written = [out / "encoder_torchvision.pth", out / "encoder_detectron2.pkl", out / "encoder_detectron2.yaml"]
     torch.save(encoder, written[0])
     with open(written[1], "wb") as f:
         pickle.dump(to_detectron2(encoder), f)
+    written[2].write_text(detectron2_config())
     if model.encoder_q.decoder is not None:
         written.append(out / "decoder.pth")
         torch.save(model.encoder_q.decoder.state_dict(), written[-1])

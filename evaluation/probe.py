@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 
 from .datasets import DenseSet
-from .metrics import IGNORE, confusion, depth_errors, iou_per_class, mean_iou
+from .metrics import IGNORE, confusion, depth_errors, eigen_crop, iou_per_class, mean_errors, mean_iou
 
 
 def load_image(path, size: tuple[int, int]) -> torch.Tensor:
@@ -73,26 +73,32 @@ def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes
 
 
 @torch.no_grad()
-def evaluate_probe(mean, std, probe, feats, targets, task: str, num_classes: int = 0) -> dict:
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    preds = []
-    for i in range(0, len(feats), 32):
-        out = F.interpolate(probe((feats[i:i + 32] - mean) / std), size=targets.shape[-2:], mode="bilinear",
-                            align_corners=False)
-        if task == "segmentation":
-            conf += confusion(out.argmax(1), targets[i:i + 32], num_classes)
+def evaluate_probe(mean, std, probe, feats, test: DenseSet) -> dict:
+    """Predictions upsampled (bilinear) to each test image's own target resolution and scored there, as the
+    field's evaluation code does: mIoU from one confusion matrix over all pixels; the depth metrics per image
+    (valid range, Eigen crop where the set asks for it), averaged over images."""
+    conf = torch.zeros(test.num_classes, test.num_classes, dtype=torch.long)
+    per_image = []
+    for i in range(len(test)):
+        target = torch.from_numpy(test.read_target(i))
+        out = F.interpolate(probe((feats[i:i + 1] - mean) / std), size=target.shape, mode="bilinear",
+                            align_corners=False)[0]
+        if test.task == "segmentation":
+            conf += confusion(out.argmax(0), target.long(), test.num_classes)
         else:
-            preds.append(out[:, 0])
-    if task == "segmentation":
+            crop = eigen_crop(target.shape) if test.eigen_crop else None
+            per_image.append(depth_errors(out[0], target, test.depth_range, crop))
+    if test.task == "segmentation":
         return {"mIoU": mean_iou(conf), "IoU": iou_per_class(conf).tolist()}
-    return depth_errors(torch.cat(preds), targets)
+    return mean_errors(per_image)
 
 
 def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), epochs: int = 60) -> dict:
-    """Fit on ``train``, report on ``test``: {'mIoU', 'IoU'} or {'RMSE', 'AbsRel', 'delta1'}."""
+    """Fit on ``train`` at ``size``, report on ``test`` at its own resolution: {'mIoU', 'IoU'} or the depth
+    metrics (``metrics.DEPTH_METRICS``)."""
     if train.task != test.task:
         raise ValueError(f"train is {train.task}, test is {test.task}")
     f_train, y_train = extract(features_fn, train, size)
-    f_test, y_test = extract(features_fn, test, size)
+    f_test, _ = extract(features_fn, test, size)
     fitted = fit_probe(f_train, y_train, train.task, train.num_classes, epochs)
-    return evaluate_probe(*fitted, f_test, y_test, test.task, test.num_classes)
+    return evaluate_probe(*fitted, f_test, test)

@@ -3,11 +3,14 @@
 The first frame's mask is given. Each later frame's labels are a softmax-weighted vote of its ``topk`` most
 similar feature cells among the first frame and the ``context`` previous frames, restricted to a ``radius`` (in
 feature cells) around the query's position, with similarities divided by ``temperature``: the standard settings
-of label-propagation evaluations (top-k 5, 7 previous frames + the first, radius 12, T=0.07). Reported: J (IoU)
-and F (boundary) means over objects, on every frame but the first and the last, as DAVIS does.
+of label-propagation evaluations (top-k 5, 7 previous frames + the first, radius 12, T=0.07). Reported as the
+official DAVIS-2017 evaluation reports them: J (IoU) and F (boundary) on every frame but the first and the last;
+per object their mean, recall and decay; each averaged over all objects; J&F the mean of the J and F means.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,8 +18,10 @@ from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from pipeline.synthetic import DAVIS_PALETTE
+
 from .datasets import Video
-from .metrics import boundary_f, jaccard
+from .metrics import boundary_f, davis_statistics, jaccard
 from .probe import load_image
 
 
@@ -59,10 +64,13 @@ def _read_mask(path) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = None, **settings) -> dict[str, float]:
-    """J and F means over this video's objects. ``size`` (H, W) resizes frames (default: as stored, rounded up
-    to multiples of 32, which the encoder needs); masks are scored at their own resolution. Propagation runs
-    where ``features_fn`` returns its features (its weights' device)."""
+def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = None, save_masks: Path | None = None,
+                   **settings) -> list[dict[str, float]]:
+    """Per object of this video: DAVIS statistics (mean, recall, decay) of J and F over the scored frames (all
+    but the first and the last). ``size`` (H, W) resizes frames (default: as stored, rounded up to multiples of
+    32, which the encoder needs); masks are scored at their own resolution. Propagation runs where
+    ``features_fn`` returns its features (its weights' device). ``save_masks``: a folder that receives the
+    predicted masks as indexed PNGs (``<video>/<frame>.png``, DAVIS's results layout, for its official code)."""
     first = _read_mask(video.masks[0])
     size = tuple(-(-s // 32) * 32 for s in (size or first.shape))
     feats = [features_fn(load_image(f, size)[None])[0].float() for f in video.frames]
@@ -79,19 +87,30 @@ def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = Non
         truth = torch.from_numpy(_read_mask(video.masks[t]))
         up = F.interpolate(labels[t][None].cpu(), size=truth.shape, mode="bilinear", align_corners=False)[0]
         pred = torch.tensor([0, *objects])[up.argmax(0)]
+        if save_masks is not None:
+            _save_mask(pred, Path(save_masks) / video.name / f"{Path(video.frames[t]).stem}.png")
         for o in objects:
             scores[o][0].append(jaccard(pred == o, truth == o))
             scores[o][1].append(boundary_f(pred == o, truth == o))
-    per_object = [(np.mean(j), np.mean(f)) for j, f in scores.values() if j]
-    return {"J": float(np.mean([j for j, _ in per_object])), "F": float(np.mean([f for _, f in per_object])),
-            "objects": len(per_object)}
+    return [{f"{m} {k}": v for m, values in zip("JF", per_frame) for k, v in davis_statistics(values).items()}
+            for per_frame in scores.values() if per_frame[0]]
 
 
-def evaluate_videos(features_fn, videos: list[Video], size=None, **settings) -> dict[str, float]:
-    """DAVIS means: J and F averaged over all objects of all videos, and J&F."""
-    results = [evaluate_video(features_fn, v, size, **settings)
-               for v in tqdm(videos, desc="propagation", leave=False)]
-    n = sum(r["objects"] for r in results)
-    j = sum(r["J"] * r["objects"] for r in results) / n
-    f = sum(r["F"] * r["objects"] for r in results) / n
-    return {"J": j, "F": f, "J&F": (j + f) / 2}
+def _save_mask(pred: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
+    im.putpalette(DAVIS_PALETTE)
+    im.save(path)
+
+
+def evaluate_videos(features_fn, videos: list[Video], size=None, save_masks: Path | None = None,
+                    **settings) -> dict[str, float]:
+    """DAVIS's summary: each statistic of J and F averaged over all objects of all videos, and J&F (the mean of
+    the J and F means)."""
+    objects = [o for v in tqdm(videos, desc="propagation", leave=False)
+               for o in evaluate_video(features_fn, v, size, save_masks, **settings)]
+    if not objects:
+        raise ValueError("no object was scored: the videos have no annotated frame after the first")
+    summary = {key: float(np.mean([o[key] for o in objects])) for key in objects[0]}
+    out = {"J": summary.pop("J mean"), "F": summary.pop("F mean")}
+    return {**out, "J&F": (out["J"] + out["F"]) / 2, **summary}

@@ -17,12 +17,14 @@ from evaluation import datasets
 from evaluation.__main__ import main as evaluation_main
 from evaluation.export import detectron2_name, export
 from evaluation.features import GlobalResNet, feature_extractor, feature_extractors
-from evaluation.metrics import boundary_f, confusion, depth_errors, iou_per_class, jaccard, mean_iou
+from evaluation.metrics import (boundary_f, boundary_map, boundary_radius, confusion, davis_statistics, depth_errors,
+                                eigen_crop, iou_per_class, jaccard, mean_errors, mean_iou)
 from evaluation.propagation import propagate
 from model.builder import MoCo, MoCoConfig
 from model import checkpoint
 from model.network import FPNDecoder, load_weights
 from pipeline.synthetic import DAVIS_PALETTE
+from released import released_checkpoints
 from train.config import TrainConfig
 
 
@@ -57,12 +59,94 @@ def test_jaccard_and_boundary_f_cases():
 
 
 def test_depth_errors_by_hand():
+    """Valid pixels lie strictly inside the range; predictions are clamped to it; images weigh the same."""
     truth = torch.tensor([[1.0, 2.0], [4.0, 0.0]])  # 0 = no measurement
-    pred = torch.tensor([[1.0, 3.0], [2.0, 9.0]])
+    pred = torch.tensor([[1.0, 3.0], [2.0, 20.0]])
     e = depth_errors(pred, truth)
     assert e["RMSE"] == pytest.approx(np.sqrt((0 + 1 + 4) / 3))
     assert e["AbsRel"] == pytest.approx((0 + 0.5 + 0.5) / 3)
-    assert e["delta1"] == pytest.approx(1 / 3)
+    assert e["SqRel"] == pytest.approx((0 + 1 / 2 + 4 / 4) / 3)
+    assert e["RMSE log"] == pytest.approx(np.sqrt((0 + np.log(1.5) ** 2 + np.log(2) ** 2) / 3))
+    assert (e["delta1"], e["delta2"], e["delta3"]) == pytest.approx((1 / 3, 2 / 3, 2 / 3))  # ratios 1, 1.5, 2
+    clamped = depth_errors(torch.tensor([[50.0]]), torch.tensor([[8.0]]))  # 50 m predicted: counted as 10 m
+    assert clamped["RMSE"] == pytest.approx(2.0)
+    assert mean_errors([e, clamped])["RMSE"] == pytest.approx((np.sqrt(5 / 3) + 2.0) / 2)  # not pooled
+    crop = eigen_crop((480, 640))
+    assert crop.sum() == (471 - 45) * (601 - 41) and crop[45, 41] and not crop[44, 41] and not crop[45, 601]
+
+
+def boundary_by_definition(mask: np.ndarray) -> np.ndarray:
+    """DAVIS's boundary map written out pixel by pixel: differs from the east, south or south-east neighbour
+    (background outside), last row east only, last column south only, never the bottom-right pixel."""
+    h, w = mask.shape
+    at = lambda y, x: mask[y, x] if y < h and x < w else False  # noqa: E731
+    out = np.zeros_like(mask)
+    for y in range(h):
+        for x in range(w):
+            if y == h - 1 and x == w - 1:
+                continue
+            if y == h - 1:
+                out[y, x] = mask[y, x] != at(y, x + 1)
+            elif x == w - 1:
+                out[y, x] = mask[y, x] != at(y + 1, x)
+            else:
+                out[y, x] = any(mask[y, x] != at(y + dy, x + dx) for dy, dx in ((0, 1), (1, 0), (1, 1)))
+    return out
+
+
+def f_by_definition(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Boundary F by brute force: a boundary pixel matches when a boundary pixel of the other mask lies within
+    Euclidean distance ceil(0.008 x diagonal)."""
+    bp, bt = boundary_by_definition(pred), boundary_by_definition(truth)
+    if not bp.any() or not bt.any():
+        return float(not bp.any() and not bt.any())
+    r = np.ceil(0.008 * np.hypot(*truth.shape))
+    p, t = np.argwhere(bp), np.argwhere(bt)
+    close = ((p[:, None, :] - t[None, :, :]) ** 2).sum(-1) <= r * r
+    precision, recall = close.any(1).mean(), close.any(0).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_boundary_f_by_hand():
+    """Cases where the official definition and a square window, a rounded radius or an erosion edge differ."""
+    a = np.zeros((10, 10), bool)
+    a[4, 4] = True
+    assert np.argwhere(boundary_map(torch.from_numpy(a)).numpy()).tolist() == [[3, 3], [3, 4], [4, 3], [4, 4]]
+    b = np.zeros_like(a)
+    b[6, 6] = True  # boundary blocks a diagonal step apart: sqrt(2) > radius 1, inside a 3x3 square window
+    assert boundary_radius((10, 10)) == 1 and boundary_f(torch.from_numpy(b), torch.from_numpy(a)) == 0.0
+    square = np.zeros((100, 120), bool)
+    square[20:60, 30:70] = True  # radius ceil(1.25) = 2 (rounding gives 1): a 2-pixel shift matches everywhere
+    assert boundary_radius((100, 120)) == 2
+    assert boundary_f(torch.from_numpy(np.roll(square, 2, axis=1)), torch.from_numpy(square)) == 1.0
+    assert boundary_f(torch.from_numpy(np.roll(square, 3, axis=1)), torch.from_numpy(square)) < 1.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_boundary_f_equals_the_definition(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(8, 40, 2)
+    yy, xx = np.mgrid[:h, :w]
+    masks = []
+    for _ in range(2):  # a disc, a diagonal half-plane, or noise
+        kind = rng.integers(3)
+        if kind == 0:
+            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, 12)
+            masks.append((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+        elif kind == 1:
+            masks.append(yy - xx * rng.uniform(0.3, 3) > rng.uniform(-20, 20))
+        else:
+            masks.append(rng.random((h, w)) < 0.3)
+    pred, truth = masks
+    np.testing.assert_array_equal(boundary_map(torch.from_numpy(truth)).numpy(), boundary_by_definition(truth))
+    assert boundary_f(torch.from_numpy(pred), torch.from_numpy(truth)) == pytest.approx(f_by_definition(pred, truth))
+
+
+def test_davis_statistics_by_hand():
+    """Quarters as DAVIS cuts 8 frames: [0:3] and [5:8]; recall counts frames above 0.5."""
+    stats = davis_statistics([1.0, 0.2, 0.8, 0.4, 0.6, 0.0, 0.9, 0.7])
+    assert stats["mean"] == pytest.approx(4.6 / 8) and stats["recall"] == pytest.approx(5 / 8)
+    assert stats["decay"] == pytest.approx(2.0 / 3 - 1.6 / 3)
 
 
 def test_propagation_follows_matching_features():
@@ -144,6 +228,24 @@ def test_readers_decode_each_layout(layouts):
         datasets.voc(layouts["nyu"], "val")
 
 
+def test_nyu_official_mat_files_are_read(tmp_path):
+    """The labelled set as downloaded: an HDF5 .mat (MATLAB writes column-major, so axes come reversed) and a
+    MATLAB v5 splits.mat with 1-based indices."""
+    import h5py
+    from scipy.io import savemat
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 12, 16, 3), dtype=np.uint8)  # N, H, W, RGB as the test expects them
+    depths = rng.uniform(0.5, 9.0, (5, 12, 16)).astype(np.float32)
+    with h5py.File(tmp_path / "nyu_depth_v2_labeled.mat", "w") as f:
+        f["images"] = images.transpose(0, 3, 2, 1)  # [N, 3, W, H]
+        f["depths"] = depths.transpose(0, 2, 1)  # [N, W, H]
+    savemat(tmp_path / "splits.mat", {"trainNdxs": np.array([[1], [2], [4]]), "testNdxs": np.array([[3], [5]])})
+    test = datasets.nyu_depth(tmp_path, "test")
+    assert len(test) == 2 and len(datasets.nyu_depth(tmp_path, "train")) == 3 and test.eigen_crop
+    np.testing.assert_array_equal(np.asarray(Image.open(test.images[1])), images[4])
+    np.testing.assert_allclose(test.read_target(0), depths[2], atol=5e-4)  # stored in millimetres
+
+
 def test_voc_prefers_train_aug(layouts, tmp_path):
     root = tmp_path / "voc"
     shutil.copytree(layouts["voc"], root)
@@ -190,7 +292,10 @@ def test_baseline_extractors_give_stride_4_features(tmp_path):
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(state, tmp_path / "tv.pth")
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, tmp_path / "moco.pth.tar")
-    for spec in (f"torchvision:{tmp_path / 'tv.pth'}", f"mocov2:{tmp_path / 'moco.pth.tar'}"):
+    released_checkpoints(torchvision.models.resnet18(weights=None), torchvision.models.resnet18(weights=None),
+                         tmp_path)
+    for spec in (f"torchvision:{tmp_path / 'tv.pth'}", f"mocov2:{tmp_path / 'moco.pth.tar'}",
+                 f"mocov2:{tmp_path / 'moco_v2.pth.tar'}", f"mocov2:{tmp_path / 'moco_v3.pth.tar'}"):
         _, fn = feature_extractor(spec, "resnet18")
         assert fn(x).shape == (1, 512, 16, 24)
     with pytest.raises(ValueError, match="does not fit"):
@@ -253,5 +358,6 @@ def test_export_to_torchvision_and_detectron2(tmp_path):
         assert key in d2["model"], key
     assert len(d2["model"]) == len([k for k in state if not k.endswith("num_batches_tracked")])
     np.testing.assert_array_equal(d2["model"]["res4.0.conv1.weight"], state["layer3.0.conv1.weight"].numpy())
-    FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[2]))
+    FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[3]))
+    assert "STRIDE_IN_1X1: False" in written[2].read_text() and "FORMAT: RGB" in written[2].read_text()
     assert detectron2_name("layer1.0.downsample.1.weight") == "res2.0.shortcut.norm.weight"
