@@ -105,6 +105,8 @@ BATCH = {
     "match_xy2": Field(torch.float32, "[B,K,2]", "continuous view-2 grid position (x, y) of each view-1 cell "
                                                  "centre; its floor is the view-2 cell"),
     "index": Field(torch.int64, "[B]", "dataset index (ImageFolder order: sorted classes, then sorted files)"),
+    "tries": Field(torch.int64, "[B]", "pair draws the overlap rule needed (1: the first; 0: none overlapped "
+                                       "enough and view 2 reuses view 1's window)"),
 }
 
 
@@ -207,4 +209,5 @@ def assemble_batch(view1, view2, params, index, spec: PairSpec, parallel: bool =
         "matches": torch.from_numpy(matches),
         "match_xy2": torch.from_numpy(xy2),
         "index": torch.as_tensor(np.asarray(index).reshape(-1), dtype=torch.int64),
+        "tries": torch.from_numpy(p[:, 10].copy()),
     }

@@ -10,8 +10,7 @@ the batch (``contract.assemble_batch``: affines and matches).
 
 The same sampler as the reference and FFCV loaders means the same view distribution and overlap rule in every
 backend. It runs as one compiled operator because the overlap rule built from DALI's arithmetic operators and
-a redraw conditional made the sampler, not the decoder, the loader's bottleneck. The iterator counts redraws
-and fallbacks (``retry_stats``).
+a redraw conditional made the sampler, not the decoder, the loader's bottleneck.
 
 ``import pipeline.dali`` needs the ``dali`` extra (``nvidia-dali-cuda130`` or ``-cuda120``).
 """
@@ -146,7 +145,6 @@ class DaliViewPairLoader:
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.pipe, list(OUTPUTS), reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)
-        self.retry_stats = {"pairs": 0, "redrawn": 0, "fallback": 0}
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -172,9 +170,5 @@ class DaliViewPairLoader:
         self.epoch, self.batch, self.skip = self.epoch + 1, 0, 0
 
     def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
-        p = out["params"].cpu().numpy()
-        tries = p[:, 10]
-        self.retry_stats["pairs"] += len(tries)
-        self.retry_stats["redrawn"] += int((tries != 1).sum())
-        self.retry_stats["fallback"] += int((tries == 0).sum())
-        return assemble_batch(out["view1"], out["view2"], p, out["index"].cpu().numpy(), self.spec)
+        return assemble_batch(out["view1"], out["view2"], out["params"].cpu().numpy(), out["index"].cpu().numpy(),
+                              self.spec)

@@ -130,6 +130,6 @@ def test_crop_windows_follow_the_reference_distribution(synthetic_root):
 def test_overlap_rule_enforced_and_retries_counted(synthetic_root):
     loader = dali_loader(synthetic_root / "train", PairSpec(size=(96, 96), min_matches=400, max_tries=3))
     batches = list(loader)  # the kernel raises if any pair shares fewer than 32 cells
-    stats = loader.retry_stats
-    assert stats["pairs"] == sum(len(b["index"]) for b in batches)
-    assert 0 < stats["fallback"] <= stats["redrawn"] < stats["pairs"]
+    tries = torch.cat([b["tries"] for b in batches])
+    assert ((tries >= 0) & (tries <= 3)).all()
+    assert 0 < (tries == 0).sum() <= (tries != 1).sum() < len(tries)  # some redrawn, some fell back
