@@ -164,5 +164,10 @@ def main(argv=None) -> dict:
     return results
 
 
+def cli() -> None:
+    """The ``densessl-bench`` console entry point (``python -m benchmarks``)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -206,7 +206,8 @@ def submit(argv: list[str]):
              f"  job folder  {folder}",
              f"  rank logs   {folder}/{job.job_id}_<rank>_log.out|err",
              f"  run folder  {run_dir}  (checkpoints, metrics.csv, config.yaml)",
-             f"  follow      tail -f {folder}/{job.job_id}_0_log.out"]
+             f"  follow      tail -f {folder}/{job.job_id}_0_log.err   (a line every log_every steps)",
+             f"  TensorBoard tensorboard --logdir {run_dir}/tensorboard"]
     if not args.local:
         lines += [f"  preempt     scancel --signal=USR2 {job.job_id}   (checkpoint + requeue)",
                   f"  cancel      scancel {job.job_id}"]

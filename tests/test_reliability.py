@@ -104,6 +104,14 @@ def test_training_lists_skipped_files_and_enforces_the_cap(corpus, tmp_path):
         run(parse(train_args(corpus, tmp_path / "strict", max_bad_images=1, steps=8)))
 
 
+def test_feature_pictures_pass_over_unreadable_files(corpus):
+    """The training images shown in TensorBoard come from the data set, bad files and all: never a crash."""
+    from train.run_folder import fixed_images
+    n = len(scan_image_folder(corpus))
+    images = fixed_images(corpus, n, 32)  # every file, the bad ones replaced by their readable neighbours
+    assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
+
+
 def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
     from train.trainer import run
     with pytest.raises(FloatingPointError, match="batch indices saved"):

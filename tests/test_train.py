@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -177,6 +178,46 @@ def test_trains_from_a_moco_v2_checkpoint(synthetic_root, tmp_path):
     result = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=1, workers=0, lr=0, decoder_lr=0,
                                  init_encoder=str(tmp_path / "moco_v2.pth.tar"))))
     torch.testing.assert_close(result.model.encoder_k.encoder.net.conv1.weight, source.conv1.weight)
+
+
+def test_a_run_reads_well_in_a_log_file_and_in_tensorboard(synthetic_root, tmp_path):
+    """stderr to a file (as under Slurm): plain lines, no carriage returns, a closing summary; TensorBoard event
+    files hold the loss at every step, the other scalars and a picture of the features."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        done = subprocess.run([sys.executable, "-m", "train", *tiny_args(
+            synthetic_root, run_dir, steps=5, workers=0, progress="true", log_every=2, log_images_every=3,
+            log_images=2)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
+    text = (tmp_path / "stderr.txt").read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"], text[-2000:]
+    assert all("loss" in line and "pairs/s" in line and "eta" in line for line in lines)
+    assert "finished step 5 of 5: 5 steps in" in text and f"tensorboard --logdir {run_dir / 'tensorboard'}" in text
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5]
+    assert {"lr/encoder", "speed/pairs_per_s", "speed/data_wait", "queue/fill", "pairs/redrawn",
+            "pairs/fell_back"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("features/pca")] == [3, 5]
+    assert events.Scalars("queue/fill")[-1].value == pytest.approx(5 * 4 * 8 / 256)
+
+
+def test_console_commands_are_the_module_commands():
+    """Each installed console command prints the same help as its ``python -m`` form."""
+    import shutil
+    pairs = {"densessl-train": "train", "densessl-eval": "evaluation", "densessl-bench": "benchmarks",
+             "densessl-submit": "slurm.submit", "densessl-demo": "train.demo"}
+    for command, module in pairs.items():
+        path = shutil.which(command, path=str(Path(sys.executable).parent))
+        assert path, f"{command} is not installed: pip install -e ."
+        got = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+        want = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert got.returncode == want.returncode == 0, (command, got.stderr[-500:])
+        options = [set(re.findall(r"--[\w-]+|\b\w+=", out.stdout)) for out in (got, want)]
+        assert options[0] == options[1] and options[0], command  # usage lines wrap by the program's name
 
 
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):

@@ -69,7 +69,12 @@ class TrainConfig:
     resume: str = ""  # '', 'auto' (latest in run_dir, if any) or a checkpoint path
     checkpoint_every: int = 500  # steps
     keep_checkpoints: int = 2  # newest checkpoints kept (>= 1)
-    progress: bool = True
+    progress: bool = True  # a bar in a terminal; plain lines (every log_every steps / log_every_s) in a log file
+    log_every: int = 20  # steps between plain log lines
+    log_every_s: float = 60.0  # ... or seconds, whichever comes first
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard (rank 0)
+    log_images_every: int = 500  # steps between pictures of the dense features in TensorBoard (and at the end)
+    log_images: int = 4  # training images in those pictures (0: none)
     collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
     on_nonfinite: str = "stop"  # NaN/inf loss: 'stop' (batch indices saved) or 'skip' the step (state restored)
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip, one more stops the run
@@ -119,6 +124,8 @@ class TrainConfig:
              f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
         need(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1 (steps)")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        need(self.log_every >= 1 and self.log_images_every >= 1 and self.log_images >= 0 and self.log_every_s > 0,
+             "log_every, log_images_every and log_every_s must be positive, log_images >= 0")
         need(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
         need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import Crop, scan_image_folder
+from pipeline.folder import read_first_readable
+from pipeline.loader import render_view
 from pipeline.synthetic import generate
 
 from .config import TrainConfig
@@ -95,3 +98,25 @@ def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
         root = beton
     barrier(world)
     return root
+
+
+def fixed_images(root: Path, n: int, size: int) -> torch.Tensor:
+    """``n`` training images spread over the data set, centre-cropped square and resized to ``size``: uint8
+    ``[n, 3, size, size]``, the same for every run and resume on this data (the pictures of the features)."""
+    if root.suffix == ".beton":
+        from ffcv.reader import Reader
+
+        from pipeline.ffcv import read_stored_image
+        count = Reader(str(root)).num_samples
+        read = lambda i: read_stored_image(root, i)  # noqa: E731
+    else:
+        files = scan_image_folder(root).files
+        count = len(files)
+        read = lambda i: read_first_readable(files, i, warn=False)[1]  # noqa: E731  (skips unreadable files)
+    out = []
+    for i in np.linspace(0, count - 1, min(n, count)).astype(int):
+        pixels = read(int(i))
+        side = min(pixels.shape[:2])
+        crop = Crop((pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2, side, side, False)
+        out.append(torch.from_numpy(render_view(pixels, crop, (size, size))).permute(2, 0, 1))
+    return torch.stack(out)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from model import checkpoint
 from model.builder import MoCo
@@ -28,7 +27,8 @@ from pipeline import PhotometricAugment, ViewPairLoader, build_loader
 
 from . import distributed
 from .config import TrainConfig, to_yaml
-from .run_folder import MetricsLog, SkippedImages, data_root, rng_state, set_rng_state
+from .monitor import Monitor
+from .run_folder import SkippedImages, data_root, fixed_images, rng_state, set_rng_state
 
 
 def learning_rate(base: float, step: int, total: int, warmup: int) -> float:
@@ -188,9 +188,10 @@ def run(cfg: TrainConfig) -> TrainResult:
         resumed = torch.load(cfg.resume, map_location="cpu", weights_only=False), Path(cfg.resume)
 
     # --- data, model, optimiser
-    loader = build_loader(cfg.backend, data_root(cfg, rank, world), cfg.pair_spec(),
-                          batch_size=cfg.batch_size // world, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                          world_size=world, device=device, state=saved_loader_state(resumed and resumed[0], rank, world),
+    root = data_root(cfg, rank, world)
+    loader = build_loader(cfg.backend, root, cfg.pair_spec(), batch_size=cfg.batch_size // world,
+                          workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world, device=device,
+                          state=saved_loader_state(resumed and resumed[0], rank, world),
                           skip_log=str(run_dir / "skipped.txt"),
                           order=cfg.ffcv_order if cfg.backend == "ffcv" else "random")
     steps_per_epoch = len(loader)
@@ -205,10 +206,11 @@ def run(cfg: TrainConfig) -> TrainResult:
             print(f"resumed from {path} at step {global_step} (epoch {epoch}, batch {step_in_epoch})")
     trainer.wrap()
 
-    # --- logging
-    log = MetricsLog(run_dir / "metrics.csv", global_step) if rank == 0 else None
-    bar = tqdm(total=total, initial=global_step, disable=rank != 0 or not cfg.progress, unit="step",
-               dynamic_ncols=True)
+    # --- monitoring (rank 0): metrics.csv, TensorBoard, console
+    monitor = None
+    if rank == 0:
+        images = fixed_images(root, cfg.log_images, cfg.view_size) if cfg.tensorboard and cfg.log_images else None
+        monitor = Monitor(cfg, run_dir, total, global_step, images)
     heartbeat = distributed.Heartbeat(run_dir, rank, world)
 
     # --- the loop: an epoch at a time, from the resumed position
@@ -230,15 +232,11 @@ def run(cfg: TrainConfig) -> TrainResult:
                 step_in_epoch += 1
                 if step_in_epoch == steps_per_epoch:
                     epoch, step_in_epoch = epoch + 1, 0
-                # metrics
+                # monitoring
                 now = time.perf_counter()
-                wait = (loaded - start) / (now - start)
-                if log is not None:
-                    log.write({"step": global_step, "epoch": epoch, "loss": f"{value:.6f}", "lr": f"{lrs[0]:.6g}",
-                               "images_per_s": f"{cfg.batch_size / (now - start):.1f}", "data_wait": f"{wait:.4f}",
-                               **{k: f"{v.item():.6f}" for k, v in stats.items()}})
-                bar.set_postfix(loss=f"{value:.4f}", wait=f"{wait:.0%}")
-                bar.update()
+                if monitor is not None:
+                    monitor.step(global_step, epoch, value, lrs, cfg.batch_size / (now - start),
+                                 (loaded - start) / (now - start), stats, batch["tries"], trainer.model)
                 heartbeat.beat(global_step)
                 # checkpoint
                 if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
@@ -249,9 +247,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                     break  # epoch finished: the next one reshuffles
 
     # --- wrap-up
-    bar.close()
-    if log is not None:
-        log.close()
+    if monitor is not None:
+        monitor.close(global_step, stopping)
     if stopping:
         distributed.clear_stop()  # honoured: a later run in this process starts without it
     return TrainResult(trainer.model, global_step, total, stopping)
