@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # System packages the optional backends build against (FFCV needs these at build time).
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
-EXTRAS  ?= dev,dali,ffcv
+EXTRAS  ?= dev,dali,ffcv,bench
 DATA    ?= data/synthetic
 
 .PHONY: setup apt test demo eval data bench gpu-check clean

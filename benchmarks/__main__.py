@@ -72,8 +72,8 @@ def plot(results: dict, out: Path) -> None:
     ax[0].bar(backends, rates, yerr=spread, capsize=4, color="tab:blue", label="view pairs/s (median, min-max)")
     ceilings = [results["backends"][b].get("decode_ceiling") or np.nan for b in backends]
     ax[0].scatter(backends, ceilings, marker="_", s=900, color="tab:red", label="decode-only ceiling (img/s)")
-    ax[0].set(ylabel="per second", title="throughput")
-    ax[0].legend(fontsize=8)
+    ax[0].set(ylabel="per second", title="throughput", ylim=(0, 1.3 * np.nanmax([*rates, *ceilings])))
+    ax[0].legend(fontsize=8, loc="upper left")  # the headroom above the bars and ceilings keeps it clear
     names = sorted({s for b in backends for s in results["backends"][b]["stages_ms"]}, key=stage_order)
     bottom = np.zeros(len(backends))
     for stage in names:
@@ -98,7 +98,7 @@ def plot(results: dict, out: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
-    p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times")
+    p.add_argument("--copies", type=int, default=1, help="generated sets: link each file N times")
     p.add_argument("--backends", default="torch,dali,ffcv,naive")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=32)

@@ -147,18 +147,23 @@ def backend_data(backend: str, root: Path, workers: int):
 
 
 SYNTHETIC = {"synthetic": 0.0, "synthetic-photo": 12.0}  # name -> grain (see pipeline.synthetic)
-DATA_HELP = ("ImageFolder root; or 'synthetic' (500x375 scenes, ~25 kB JPEGs) or 'synthetic-photo' (the same "
-             "scenes with grain: ~80 kB JPEGs that decode ~1.7x slower, nearer to photos)")
+DATA_HELP = ("ImageFolder root; or 'photos' (256 ImageNet-like JPEGs cut from scikit-image's photographs: "
+             "benchmarks/photos.py), 'synthetic' (500x375 procedural scenes, ~25 kB JPEGs) or 'synthetic-photo' "
+             "(the same scenes with grain: ~80 kB JPEGs, slower to decode)")
 
 
 def resolve_data(data: str, copies: int = 1) -> Path:
-    """``data``, or a synthetic benchmark set (``SYNTHETIC``); ``copies`` > 1 links each synthetic file that many
-    times (a bigger epoch for fast GPU loaders without generating more scenes)."""
-    if data not in SYNTHETIC:
+    """``data``, or a generated benchmark set (``photos`` or ``SYNTHETIC``); ``copies`` > 1 links each file that
+    many times (a bigger epoch for fast GPU loaders without generating more images)."""
+    if data == "photos":
+        from .photos import write_photo_set
+        base = write_photo_set(Path("data") / "bench-photos")
+    elif data in SYNTHETIC:
+        cfg = SyntheticConfig(height=375, width=500, train_per_class=64, val_per_class=0, videos=0,
+                              grain=SYNTHETIC[data])
+        base = generate(Path("data") / f"bench-{data}-500x375", cfg) / "train"
+    else:
         return Path(data)
-    cfg = SyntheticConfig(height=375, width=500, train_per_class=64, val_per_class=0, videos=0,
-                          grain=SYNTHETIC[data])
-    base = generate(Path("data") / f"bench-{data}-500x375", cfg) / "train"
     if copies <= 1:
         return base
     root = base.parent.with_name(f"{base.parent.name}-x{copies}") / "train"
@@ -174,7 +179,7 @@ def resolve_data(data: str, copies: int = 1) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
-    p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times (bigger epochs)")
+    p.add_argument("--copies", type=int, default=1, help="generated sets: link each file N times (bigger epochs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2, help="epochs per timed repetition")
