@@ -74,7 +74,9 @@ def evaluate_video(features_fn, video: Video, size: tuple[int, int] | None = Non
     first = _read_mask(video.masks[0])
     size = tuple(-(-s // 32) * 32 for s in (size or first.shape))
     feats = [features_fn(load_image(f, size)[None])[0].float() for f in video.frames]
-    objects = [int(o) for o in np.unique(first) if o not in (0, 255)]
+    # objects 1..the largest id of the first mask (void, 255, aside), as DAVIS numbers them: an id the first
+    # frame lacks is still scored, and never predicted
+    objects = list(range(1, int(np.where(first == 255, 0, first).max()) + 1))
     onehot = torch.from_numpy(np.stack([first == o for o in [0, *objects]])).float()[None]
     onehot = F.interpolate(onehot, size=size, mode="nearest")
     first_labels = F.interpolate(onehot, size=feats[0].shape[-2:], mode="area")[0].to(feats[0].device)
