@@ -64,7 +64,9 @@ def _views_setup(spec: PairSpec):
 
 
 def _cut_views(view1, view2, image, params):
-    """A DALI numba_function body (CPU graphs): both views from the decoded image and the sampler's params."""
+    """A DALI numba_function body (CPU graphs): ``resize.cut_pair``'s two calls, written out because a kernel
+    that calls another dispatcher, when first compiled inside DALI's numba plugin, is typed there with its
+    scratch arrays read-only and fails (seen with an empty Numba cache)."""
     resize_crop_aa(image, params[0], params[1], params[2], params[3], params[4] != 0, view1)
     resize_crop_aa(image, params[5], params[6], params[7], params[8], params[9] != 0, view2)
 

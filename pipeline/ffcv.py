@@ -42,7 +42,7 @@ from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
 from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
-from .resize import resize_crop_aa
+from .resize import cut_pair
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -186,9 +186,7 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
                     image = data.reshape(h, w, 3)
                 p = view_pair_params(pair_seed(key, index), h, w, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
                                      min_matches, stride, max_tries)
-                for v in range(2):
-                    resize_crop_aa(image, p[5 * v], p[5 * v + 1], p[5 * v + 2], p[5 * v + 3], p[5 * v + 4] != 0,
-                                   destination[k, v])
+                cut_pair(image, p, destination[k, 0], destination[k, 1])
             for k in range(len(batch_indices)):  # raising inside the parallel loop would serialise it
                 if failed[k, 0]:
                     raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .contract import PairSpec, Position, assemble_batch
 from .folder import read_first_readable
 from .geometry import Crop, pair_params
-from .resize import resize_crop_aa
+from .resize import cut_pair, resize_crop_aa
 
 _SEED_SPACE = 2**63
 
@@ -75,9 +75,10 @@ def render_view(pixels: np.ndarray, crop: Crop, size: tuple[int, int]) -> np.nda
 
 
 def cut_views(pixels: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Both views of one decoded image from its row of sampler parameters (``contract.PARAMS``)."""
-    return tuple(render_view(pixels, Crop(*map(int, params[5 * v:5 * v + 4]), bool(params[5 * v + 4])), size)
-                 for v in range(2))
+    """Both views of one decoded image from its row of sampler parameters (``resize.cut_pair``)."""
+    view1, view2 = np.empty((*size, 3), np.uint8), np.empty((*size, 3), np.uint8)
+    cut_pair(pixels, params, view1, view2)
+    return view1, view2
 
 
 class ViewPairDataset(Dataset):

@@ -78,3 +78,11 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
             out[r, d, 0] = column[3 * r]
             out[r, d, 1] = column[3 * r + 1]
             out[r, d, 2] = column[3 * r + 2]
+
+
+@njit(cache=True)
+def cut_pair(image, params, view1, view2):
+    """Both views of one decoded image (HxWx3 uint8) into ``view1`` and ``view2`` from its row of the pair
+    sampler's parameters (``contract.PARAMS``): every backend's view cutter, from Python or compiled code."""
+    resize_crop_aa(image, params[0], params[1], params[2], params[3], params[4] != 0, view1)
+    resize_crop_aa(image, params[5], params[6], params[7], params[8], params[9] != 0, view2)
