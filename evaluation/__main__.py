@@ -25,6 +25,7 @@ from model import checkpoint as checkpoints
 
 from . import datasets
 from .features import feature_extractors
+from .metrics import DEPTH_METRICS
 from .probe import linear_probe
 from .propagation import evaluate_videos
 from .visualize import plot_pca, plot_retrieval
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
             reader, train_split, test_split = table[args.dataset]
             train, test = reader(args.root, train_split), reader(args.root, test_split)
             rows = {name: linear_probe(fn, train, test, size, args.epochs) for name, fn in extractors.items()}
-            metrics = ["mIoU"] if args.protocol == "segmentation" else ["RMSE", "AbsRel", "delta1"]
+            metrics = ["mIoU"] if args.protocol == "segmentation" else list(DEPTH_METRICS)
         _report(rows, metrics, out, f"{args.protocol} on {args.dataset} ({args.root})")
         return 0
     except (FileNotFoundError, ValueError) as err:

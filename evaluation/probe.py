@@ -34,16 +34,20 @@ def _resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16):
-    """Frozen features ``[N, C, h, w]`` (on the CPU) and targets ``[N, H, W]`` (long class ids or float metres)
-    at ``size``. ``features_fn`` runs where its weights are (``features.Extractor`` moves its inputs there)."""
-    feats, targets = [], []
+def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16) -> torch.Tensor:
+    """Frozen features ``[N, C, h, w]`` (on the CPU) of images resized to ``size``. ``features_fn`` runs where
+    its weights are (``features.Extractor`` moves its inputs there)."""
+    feats = []
     for i in tqdm(range(0, len(data), batch), desc=f"features: {data.name}", leave=False):
         x = torch.stack([load_image(p, size) for p in data.images[i:i + batch]])
         feats.append(features_fn(x).float().cpu())
-        targets += [_resize_target(data.read_target(j), size) for j in range(i, min(i + batch, len(data)))]
-    y = torch.stack(targets)
-    return torch.cat(feats), (y.float() if data.task == "depth" else y.long())
+    return torch.cat(feats)
+
+
+def resized_targets(data: DenseSet, size: tuple[int, int]) -> torch.Tensor:
+    """Targets ``[N, H, W]`` at ``size`` (nearest): long class ids or float metres, to fit a probe on."""
+    y = torch.stack([_resize_target(data.read_target(j), size) for j in range(len(data))])
+    return y.float() if data.task == "depth" else y.long()
 
 
 def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes: int = 0, epochs: int = 60,
@@ -98,7 +102,6 @@ def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), 
     metrics (``metrics.DEPTH_METRICS``)."""
     if train.task != test.task:
         raise ValueError(f"train is {train.task}, test is {test.task}")
-    f_train, y_train = extract(features_fn, train, size)
-    f_test, _ = extract(features_fn, test, size)
-    fitted = fit_probe(f_train, y_train, train.task, train.num_classes, epochs)
-    return evaluate_probe(*fitted, f_test, test)
+    fitted = fit_probe(extract(features_fn, train, size), resized_targets(train, size), train.task,
+                       train.num_classes, epochs)
+    return evaluate_probe(*fitted, extract(features_fn, test, size), test)
