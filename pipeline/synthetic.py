@@ -1,8 +1,10 @@
 """The embedded data set: procedural scenes with dense ground truth, generated deterministically in seconds.
 
-Each scene is a smooth-noise background on a ground plane with a few textured shapes in front of it. Every
-shape class has its own texture family and hue range, so dense features can tell classes apart locally (what a
-linear probe on 1/4-scale features can measure). Written to disk as::
+Each scene is a smooth-noise background on a ground plane with a few textured shapes in front of it. A shape's
+class is its outline only: every instance draws its hue and texture family at random, so no local colour or
+texture names a class, and a probe must read shape, which is what dense pretraining has to learn. The tasks
+also ask for invariance: validation scenes are lit differently from training scenes (colour cast, brightness,
+gamma), and in each clip every frame after the first is lit differently while the camera zooms in. Written to disk as::
 
     ROOT/{train,val}/<class>/<stem>.jpg          ImageFolder layout (class = largest visible shape)
     ROOT/labels/{train,val}/<class>/<stem>.png   per-pixel class id (0 = background, i+1 = CLASSES[i])
@@ -28,8 +30,8 @@ from PIL import Image
 from tqdm import tqdm
 
 CLASSES = ("disc", "square", "triangle", "ring")
-TEXTURES = ("stripes", "checker", "dots", "waves")  # texture family of each class, same order
-HUES = (0.0, 0.33, 0.6, 0.83)  # centre hue of each class
+TEXTURES = ("stripes", "checker", "dots", "waves")  # drawn per instance, whatever its class
+VERSION = 2  # raised whenever the same config renders other pixels, so a stale set on disk is rewritten
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128] + [255] * (3 * 249)
 
 
@@ -44,12 +46,16 @@ class SyntheticConfig:
     max_shapes: int = 4
     jpeg_quality: int = 90
     grain: float = 0.0  # std (grey levels) of per-pixel noise on scene images: JPEGs as costly as photos
+    val_lighting: float = 1.0  # strength of the lighting change of validation scenes (0: lit as training)
+    video_lighting: float = 1.0  # strength of each frame's own lighting change (0: constant)
+    video_zoom: float = 1.4  # a clip's last frame is zoomed in this much about the centre (1: no zoom)
     seed: int = 0
 
 
 @dataclass
 class Shape:
     cls: int
+    texture: int  # index into TEXTURES
     cx: float
     cy: float
     radius: float
@@ -96,11 +102,11 @@ def _shape_mask(cls: int, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
 
 def _random_shape(rng: np.random.Generator, cfg: SyntheticConfig, cls: int | None = None) -> Shape:
     cls = int(rng.integers(len(CLASSES))) if cls is None else cls
-    h = HUES[cls] + rng.uniform(-0.06, 0.06)
+    h = rng.random()  # appearance is the instance's, not the class's
     light = _hsv(h, rng.uniform(0.5, 0.9), rng.uniform(0.75, 1.0))
     dark = _hsv(h + rng.uniform(-0.04, 0.04), rng.uniform(0.6, 1.0), rng.uniform(0.2, 0.45))
     short = min(cfg.height, cfg.width)
-    return Shape(cls, rng.uniform(0.15, 0.85) * cfg.width, rng.uniform(0.2, 0.85) * cfg.height,
+    return Shape(cls, int(rng.integers(len(TEXTURES))), rng.uniform(0.15, 0.85) * cfg.width, rng.uniform(0.2, 0.85) * cfg.height,
                  rng.uniform(0.14, 0.3) * short, rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 4.0),
                  (light, dark), rng.uniform(0.035, 0.07) * short,
                  (rng.uniform(-2.5, 2.5), rng.uniform(-1.5, 1.5)))
@@ -119,13 +125,19 @@ def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndar
     return image, depth.copy()
 
 
-def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: float = 0.0):
-    """Paint shapes far-to-near at time ``t``; returns (RGB uint8, class ids, instance ids, depth metres)."""
+def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: float = 0.0, zoom: float = 1.0):
+    """Paint shapes far-to-near at time ``t`` through a camera zoomed ``zoom`` times about the image centre;
+    returns (RGB uint8, class ids, instance ids, depth metres)."""
     image, depth = background[0].copy(), background[1].copy()
     h, w = depth.shape
     classes = np.zeros((h, w), np.uint8)
     instances = np.zeros((h, w), np.uint8)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    if zoom != 1.0:  # scene coordinates seen by each pixel; the background is resampled the same way
+        xs, ys = w / 2 + (xs - w / 2) / zoom, h / 2 + (ys - h / 2) / zoom
+        image = np.stack([np.asarray(Image.fromarray(image[..., c], mode="F").transform(
+            (w, h), Image.AFFINE, (1 / zoom, 0, w / 2 * (1 - 1 / zoom), 0, 1 / zoom, h / 2 * (1 - 1 / zoom)),
+            Image.BILINEAR)) for c in range(3)], -1)
     order = sorted(range(len(shapes)), key=lambda i: -shapes[i].depth)
     for i in order:
         s = shapes[i]
@@ -133,13 +145,31 @@ def render(background: tuple[np.ndarray, np.ndarray], shapes: list[Shape], t: fl
         ca, sa = np.cos(s.angle), np.sin(s.angle)
         u, v = ca * dx + sa * dy, -sa * dx + ca * dy
         mask = _shape_mask(s.cls, u, v, s.radius)
-        pattern = _texture(TEXTURES[s.cls], u, v, s.period)[..., None]
+        pattern = _texture(TEXTURES[s.texture], u, v, s.period)[..., None]
         paint = s.colours[0] * pattern + s.colours[1] * (1 - pattern)
         image[mask] = paint[mask]
         classes[mask] = s.cls + 1
         instances[mask] = i + 1
         depth[mask] = s.depth
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), classes, instances, depth
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """A global photometric condition: per-channel gain (colour cast times brightness), then gamma."""
+
+    gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    gamma: float = 1.0
+
+    @staticmethod
+    def draw(rng: np.random.Generator, strength: float) -> "Lighting":
+        brightness = 1 + strength * rng.uniform(-0.45, 0.3)
+        cast = 1 + strength * rng.uniform(-0.3, 0.3, 3)
+        return Lighting(tuple(float(g) for g in brightness * cast), float(1 + strength * rng.uniform(-0.3, 0.5)))
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        x = np.clip(image.astype(np.float32) / 255 * np.asarray(self.gain, np.float32), 0, 1) ** self.gamma
+        return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _grainy(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
@@ -175,8 +205,10 @@ def _scene(rng: np.random.Generator, cfg: SyntheticConfig, cls: int):
 def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress: bool = True) -> Path:
     """Write the data set under ``out`` (replacing an incomplete one); returns the root."""
     root = Path(out)
-    if (root / ".complete").exists() and json.loads((root / "meta.json").read_text())["config"] == asdict(cfg):
-        return root
+    if (root / ".complete").exists():
+        meta = json.loads((root / "meta.json").read_text())
+        if meta["config"] == asdict(cfg) and meta.get("version") == VERSION:
+            return root
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -186,6 +218,8 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
     for split, cls, i in tqdm(jobs, desc="synthetic scenes", disable=not progress, unit="img"):
         rng = np.random.default_rng([cfg.seed, split_ids[split], cls, i])
         image, *truth = _scene(rng, cfg, cls)
+        if split == "val" and cfg.val_lighting:
+            image = Lighting.draw(rng, cfg.val_lighting).apply(image)
         _save_scene(root, split, f"{CLASSES[cls]}_{i:05d}", cls, (_grainy(image, rng, cfg.grain), *truth),
                     cfg.jpeg_quality)
     for v in tqdm(range(cfg.videos), desc="synthetic videos", disable=not progress, unit="clip"):
@@ -197,12 +231,16 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
         frames_dir.mkdir(parents=True)
         masks_dir.mkdir(parents=True)
         for f in range(cfg.frames):
-            image, _, instances, _ = render(background, shapes, t=float(f))
+            a = f / max(1, cfg.frames - 1)
+            image, _, instances, _ = render(background, shapes, t=float(f), zoom=1 + a * (cfg.video_zoom - 1))
+            if f and cfg.video_lighting:  # every later frame under its own lighting: no gradual drift to follow
+                image = Lighting.draw(rng, cfg.video_lighting).apply(image)
             Image.fromarray(image).save(frames_dir / f"{f:05d}.jpg", quality=cfg.jpeg_quality)
             mask = Image.fromarray(instances, mode="P")
             mask.putpalette(DAVIS_PALETTE)
             mask.save(masks_dir / f"{f:05d}.png")
-    (root / "meta.json").write_text(json.dumps({"classes": ["background", *CLASSES], "config": asdict(cfg)}, indent=1))
+    (root / "meta.json").write_text(json.dumps({"classes": ["background", *CLASSES], "config": asdict(cfg), "version": VERSION},
+                                             indent=1))
     (root / ".complete").touch()
     return root
 

@@ -69,3 +69,36 @@ def test_grain_adds_noise_to_images_only(tmp_path):
         assert (grainy / rel).read_bytes() == (again / rel).read_bytes()
         label = rel.with_suffix(".png").as_posix().replace("train/", "labels/train/", 1)
         assert (clean / label).read_bytes() == (grainy / label).read_bytes()
+
+
+def test_class_is_the_outline_not_the_appearance():
+    """Every class is drawn in every texture family and over the whole hue circle: no local colour or texture
+    names a class."""
+    import colorsys
+
+    from pipeline.synthetic import TEXTURES, SyntheticConfig, _random_shape
+    rng = np.random.default_rng(0)
+    cfg = SyntheticConfig()
+    for cls in range(len(CLASSES)):
+        shapes = [_random_shape(rng, cfg, cls) for _ in range(200)]
+        assert {s.texture for s in shapes} == set(range(len(TEXTURES)))
+        hues = np.array([colorsys.rgb_to_hsv(*(s.colours[0] / 255))[0] for s in shapes])
+        assert np.histogram(hues, bins=4, range=(0, 1))[0].min() > 25, CLASSES[cls]
+
+
+def test_validation_scenes_and_clip_frames_are_lit_differently(tmp_path):
+    """The same scenes without the lighting change differ from the written ones in validation only; clips
+    zoom in, so the first and last masks differ in object size."""
+    from pipeline.synthetic import SyntheticConfig
+    small = dict(height=48, width=64, train_per_class=1, val_per_class=2, videos=1, frames=3)
+    lit = generate(tmp_path / "lit", SyntheticConfig(**small), progress=False)
+    plain = generate(tmp_path / "plain", SyntheticConfig(**small, val_lighting=0, video_lighting=0, video_zoom=1),
+                     progress=False)
+    for split, differs in (("train", False), ("val", True)):
+        for a in sorted((lit / split).glob("*/*.jpg")):
+            b = plain / a.relative_to(lit)
+            pixels = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16)).mean()
+            assert (pixels > 5) == differs, (a, pixels)
+    masks = sorted((lit / "videos" / "Annotations").glob("*/*.png"))
+    plain_masks = sorted((plain / "videos" / "Annotations").glob("*/*.png"))
+    assert (np.asarray(Image.open(masks[-1])) > 0).sum() > (np.asarray(Image.open(plain_masks[-1])) > 0).sum()
