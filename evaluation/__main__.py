@@ -24,7 +24,7 @@ import torch
 from model import checkpoint as checkpoints
 
 from . import datasets
-from .features import feature_extractors
+from .features import KINDS, feature_extractors
 from .metrics import DEPTH_METRICS
 from .probe import linear_probe
 from .propagation import evaluate_videos
@@ -44,6 +44,20 @@ def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
+def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
+    """A probe result as table columns: the metric, the trivial baseline's, and the probe's final loss; warns
+    when the probe had not converged or does not beat the trivial baseline."""
+    lower_is_better = metric in ("AbsRel", "SqRel", "RMSE", "RMSE log")
+    value, trivial = result[metric], result["trivial"][metric]
+    if not result["probe converged"]:
+        print(f"warning: {label}: probe loss still moving at the end ({result['probe loss']:.4f}): raise --probe-steps",
+              file=sys.stderr)
+    if (value >= trivial) if lower_is_better else (value <= trivial):
+        print(f"warning: {label}: probe {metric} {value:.3f} does not beat the trivial baseline's {trivial:.3f}",
+              file=sys.stderr)
+    return {metric: value, f"trivial {metric}": trivial, "probe loss": result["probe loss"]}
+
+
 def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = _table(rows, metrics)
@@ -53,25 +67,28 @@ def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
     return table
 
 
-def run_all(checkpoint: str, data: str, out: Path, size, epochs: int, device) -> dict:
-    """Segmentation mIoU, depth RMSE and propagation J/F on the embedded set: checkpoint vs random init."""
+def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kinds=("hypercolumn", "dense")) -> dict:
+    """Segmentation mIoU, depth RMSE and propagation J/F on the embedded set: checkpoint vs random init, each
+    read as every feature kind asked for."""
     path = checkpoints.find(checkpoint)
     arch = checkpoints.read(path)["model_config"]["arch"]
     out.mkdir(parents=True, exist_ok=True)
-    extractors = feature_extractors([f"checkpoint:{path}", f"random:{arch}"], arch, device)
+    extractors = feature_extractors([f"checkpoint:{path}", f"random:{arch}"], arch, device, kinds)
     seg = [datasets.synthetic(data, s) for s in ("train", "val")]
     depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
     videos = datasets.synthetic_videos(data)
     rows = {}
     for name, fn in extractors.items():
-        s = linear_probe(fn, *seg, size, epochs)
-        d = linear_probe(fn, *depth, size, epochs)
+        s = linear_probe(fn, *seg, size, steps)
+        d = linear_probe(fn, *depth, size, steps)
         v = evaluate_videos(fn, videos)
         rows[name] = {"seg mIoU": s["mIoU"], "depth RMSE (m)": d["RMSE"], "depth delta1": d["delta1"],
-                      "J": v["J"], "F": v["F"]}
+                      "J": v["J"], "F": v["F"], "J&F": v["J&F"]}
+        probe_row(s, "mIoU", f"{name} segmentation")
+        probe_row(d, "RMSE", f"{name} depth")
     plot_pca(extractors, seg[1].images[:6], out / "pca.png", size)
     plot_retrieval(extractors, seg[1].images[:5], out / "retrieval.png", size)
-    _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F"], out,
+    _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F"], out,
             f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init")
     return rows
 
@@ -83,11 +100,14 @@ def main(argv=None) -> int:
     p.add_argument("--features", nargs="+", default=[], help="extractors: checkpoint:P random:ARCH torchvision:P "
                                                              "mocov2:P")
     p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2 weights")
+    p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"], choices=KINDS,
+                   help="how each model is read (evaluation/features.py): hypercolumn = C2..C5 at stride 4, the "
+                        "same for every model; dense = the objective's dense output; c5 = the last stage")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--root", default="data/synthetic", help="data set root (default: the embedded set)")
     p.add_argument("--images", nargs="+", default=[], help="images for visualize")
     p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
-    p.add_argument("--epochs", type=int, default=60, help="probe epochs")
+    p.add_argument("--probe-steps", type=int, default=100, help="segmentation probe: most L-BFGS iterations")
     p.add_argument("--save-masks", action="store_true", help="propagation: write the predicted masks to "
                    "OUT/masks/<features>/<video>/<frame>.png (DAVIS's results layout, for its official code)")
     p.add_argument("--out", default="runs/eval")
@@ -101,7 +121,7 @@ def main(argv=None) -> int:
         if args.protocol in ("all", "export") and not args.checkpoint:
             p.error(f"{args.protocol} needs --checkpoint")
         if args.protocol == "all":
-            run_all(args.checkpoint, args.root, out, size, args.epochs, device)
+            run_all(args.checkpoint, args.root, out, size, args.probe_steps, device, args.kinds)
             return 0
         if args.protocol == "export":
             from .export import export
@@ -110,7 +130,7 @@ def main(argv=None) -> int:
             return 0
         if not args.features:
             p.error(f"{args.protocol} needs --features")
-        extractors = feature_extractors(args.features, args.arch, device)
+        extractors = feature_extractors(args.features, args.arch, device, args.kinds)
         if args.protocol == "visualize":
             if len(args.images) < 2:
                 p.error("visualize needs --images (two or more)")
@@ -131,8 +151,13 @@ def main(argv=None) -> int:
         else:
             reader, train_split, test_split = table[args.dataset]
             train, test = reader(args.root, train_split), reader(args.root, test_split)
-            rows = {name: linear_probe(fn, train, test, size, args.epochs) for name, fn in extractors.items()}
-            metrics = ["mIoU"] if args.protocol == "segmentation" else list(DEPTH_METRICS)
+            metric = "mIoU" if args.protocol == "segmentation" else "RMSE"
+            rows = {}
+            for name, fn in extractors.items():
+                result = linear_probe(fn, train, test, size, args.probe_steps)
+                rows[name] = {**result, **probe_row(result, metric, name)}
+            metrics = ((["mIoU"] if args.protocol == "segmentation" else list(DEPTH_METRICS))
+                       + [f"trivial {metric}", "probe loss"])
         _report(rows, metrics, out, f"{args.protocol} on {args.dataset} ({args.root})")
         return 0
     except (FileNotFoundError, ValueError) as err:

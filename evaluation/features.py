@@ -1,14 +1,21 @@
 """Frozen dense feature extractors for every compared model, so baselines go through the same protocol code.
 
-    checkpoint:PATH   our training checkpoint or run folder (its objective's dense output, e.g. VADeR's FPN
-                      embedding at stride 4; an objective without one, MoCo v2, as a global model, below)
-    random:ARCH       randomly initialised VADeR network (encoder + decoder), seed 0
-    torchvision:PATH  supervised ResNet weights (a torchvision state dict), as a global model
-    mocov2:PATH       a MoCo v2 checkpoint (``module.encoder_q.*``), as a global model
+A model is named by a spec:
 
-Global models have no dense head: as in the VADeR paper, ResNet-50 is dilated so its last stage keeps stride 4
-(``replace_stride_with_dilation``); ResNet-18/34 cannot be dilated in torchvision, so their C5 is upsampled to
-stride 4 instead.
+    checkpoint:PATH   our training checkpoint or run folder
+    random:ARCH       randomly initialised VADeR network (encoder + decoder), seed 0 (``random:ARCH@SEED``)
+    torchvision:PATH  supervised ResNet weights (a torchvision state dict)
+    mocov2:PATH       a MoCo v2 checkpoint (``module.encoder_q.*``; DenseCL and MoCo v3 files load too)
+
+and each model is read as one or more kinds of features (``KINDS``), so models are compared on equal footing:
+
+    hypercolumn  the encoder's C2..C5, each upsampled to stride 4 and L2-normalised, concatenated: the same
+                 read-out for every model, whatever its objective trained
+    dense        the objective's own dense output (VADeR's FPN embedding at stride 4, DenseCL's dense head
+                 upsampled from stride 32); models without one (MoCo v2, supervised weights) have no such row
+    c5           the last stage at stride 4: dilated for ResNet-50 and deeper, as in the VADeR paper
+                 (``replace_stride_with_dilation``); upsampled from stride 32 for ResNet-18/34, which torchvision
+                 cannot dilate
 
 Every extractor is a module that moves its input to the device its weights are on, so callers can hand it
 CPU tensors wherever the model lives.
@@ -25,7 +32,9 @@ from torch.nn import functional as F
 
 from model import checkpoint
 from model.builder import MoCo, MoCoConfig
-from model.network import load_weights, read_encoder_state
+from model.network import ARCHS, load_weights, read_encoder_state
+
+KINDS = ("hypercolumn", "dense", "c5")
 
 
 class Extractor(nn.Module):
@@ -43,25 +52,53 @@ class Extractor(nn.Module):
         raise NotImplementedError
 
 
-class GlobalResNet(Extractor):
-    """A classification ResNet's last stage as dense features at stride 4."""
+def _resnet(arch: str, state: dict, what: str, dilate: bool = False) -> nn.Module:
+    """A torchvision ResNet without its classifier, holding all of ``state`` (checked)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None,
+                                            replace_stride_with_dilation=[True, True, True] if dilate else None)
+    load_weights(net, state, what, optional=("fc.",))
+    del net.fc
+    return net
 
-    def __init__(self, arch: str, state: dict | None = None, what: str = "weights"):
+
+def _stages(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    out = []
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        x = layer(x)
+        out.append(x)
+    return out
+
+
+def _at_stride4(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    size = (x.shape[-2] // 4, x.shape[-1] // 4)
+    return y if y.shape[-2:] == size else F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class GlobalResNet(Extractor):
+    """A ResNet's last stage as dense features at stride 4 (the ``c5`` kind): dilated where torchvision can."""
+
+    def __init__(self, arch: str, state: dict, what: str = "weights"):
         super().__init__()
-        dilate = arch in ("resnet50", "resnet101", "resnet152")
-        net = getattr(torchvision.models, arch)(weights=None,
-                                                replace_stride_with_dilation=[True, True, True] if dilate else None)
-        if state is not None:
-            load_weights(net, state, what, optional=("fc.",))
-        del net.fc
-        self.net, self.dilated = net, dilate
+        self.dilated = arch not in ("resnet18", "resnet34")
+        self.net = _resnet(arch, state, what, self.dilated)
 
     def features(self, x):
-        n = self.net
-        y = n.layer4(n.layer3(n.layer2(n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x))))))))
-        if not self.dilated:
-            y = F.interpolate(y, size=(x.shape[-2] // 4, x.shape[-1] // 4), mode="bilinear", align_corners=False)
-        return y
+        return _at_stride4(_stages(self.net, x)[-1], x)
+
+
+class Hypercolumn(Extractor):
+    """C2..C5, each upsampled to stride 4 and L2-normalised over channels, concatenated (the ``hypercolumn``
+    kind): no stage dominates by its scale, and every model is read out the same way."""
+
+    def __init__(self, arch: str, state: dict, what: str = "weights"):
+        super().__init__()
+        self.net = _resnet(arch, state, what)
+
+    def features(self, x):
+        return torch.cat([F.normalize(_at_stride4(c, x), dim=1) for c in _stages(self.net, x)], 1)
 
 
 class DenseOutput(Extractor):
@@ -75,38 +112,62 @@ class DenseOutput(Extractor):
         return self.net(x)[self.output]
 
 
-def checkpoint_extractor(model: MoCo, name: str) -> tuple[str, Extractor]:
-    """(display name, extractor) for a trained model, as its objective says its features are read."""
-    output = model.objective.dense_output
-    if output is None:
-        return f"{name} (global)", GlobalResNet(model.cfg.arch, model.encoder_q.encoder.net.state_dict()).eval()
-    return name, DenseOutput(model.encoder_q, output).eval()
+def _check_kinds(kinds) -> None:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"feature kinds {list(kinds)}: choose from {', '.join(KINDS)}")
 
 
-def feature_extractor(spec: str, arch: str = "resnet50", device="cpu") -> tuple[str, Extractor]:
-    """(display name, extractor on ``device``) for one ``KIND:ARG`` spec (module docstring)."""
-    kind, _, arg = spec.partition(":")
-    if kind == "checkpoint":
+def encoder_extractors(arch: str, state: dict, what: str, kinds=KINDS) -> dict[str, Extractor]:
+    """The encoder-only kinds (``hypercolumn``, ``c5``) of a ResNet state dict, by kind."""
+    _check_kinds(kinds)
+    build = {"hypercolumn": Hypercolumn, "c5": GlobalResNet}
+    return {k: build[k](arch, state, what).eval() for k in kinds if k in build}
+
+
+def model_extractors(model: MoCo, kinds=KINDS) -> dict[str, Extractor]:
+    """Each asked-for kind a trained (or random) model has, by kind: the encoder's kinds, and ``dense`` where
+    its objective has a dense output. The query encoder is read, as the projects we compare with do."""
+    out = encoder_extractors(model.cfg.arch, model.encoder_q.encoder.net.state_dict(), "the model's encoder", kinds)
+    if "dense" in kinds and model.objective.dense_output is not None:
+        out["dense"] = DenseOutput(model.encoder_q, model.objective.dense_output).eval()
+    return {k: out[k] for k in kinds if k in out}
+
+
+def random_model(arch: str, seed: int = 0) -> MoCo:
+    """A randomly initialised VADeR network: the random baseline (encoder kinds, and an FPN as its ``dense``)."""
+    torch.manual_seed(seed)
+    return MoCo(MoCoConfig(arch=arch, queue_size=128)).eval()
+
+
+def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KINDS) -> dict[str, Extractor]:
+    """Extractors on ``device`` for one ``SPEC:ARG`` (module docstring), by row name ``model [kind]``; a kind
+    the model does not have has no row."""
+    source, _, arg = spec.partition(":")
+    if source == "checkpoint":
         path = checkpoint.find(arg)
-        name, module = checkpoint_extractor(checkpoint.load_model(path), checkpoint.run_and_step(path))
-    elif kind == "random":
-        torch.manual_seed(0)
-        name, module = "random init", DenseOutput(MoCo(MoCoConfig(arch=arg or arch)).encoder_q).eval()
-    elif kind in ("torchvision", "mocov2"):
-        name, module = f"{kind} {Path(arg).name}", GlobalResNet(arch, read_encoder_state(arg), arg).eval()
+        name, found = checkpoint.run_and_step(path), model_extractors(checkpoint.load_model(path), kinds)
+    elif source == "random":
+        arch_arg, _, seed = arg.partition("@")
+        name = "random init" + (f" seed {seed}" if seed else "")
+        found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
+    elif source in ("torchvision", "mocov2"):
+        name, found = f"{source} {Path(arg).name}", encoder_extractors(arch, read_encoder_state(arg), arg, kinds)
     else:
         raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH or "
                          "mocov2:PATH")
-    return name, module.to(device)
+    if not found:
+        raise ValueError(f"{spec}: has none of the feature kinds {list(kinds)} (a global model has no 'dense')")
+    return {f"{name} [{kind}]": module.to(device) for kind, module in found.items()}
 
 
-def feature_extractors(specs: list[str], arch: str = "resnet50", device="cpu") -> dict[str, Extractor]:
+def feature_extractors(specs: list[str], arch: str = "resnet50", device="cpu", kinds=KINDS) -> dict[str, Extractor]:
     """Named extractors for a table; two specs that would share a row name are an error, not a lost row."""
     out = {}
     for spec in specs:
-        name, module = feature_extractor(spec, arch, device)
-        if name in out:
-            raise ValueError(f"two --features would both be named {name!r} in the table ({spec!r} and an earlier "
-                             "one): compare checkpoints of different runs or steps")
-        out[name] = module
+        for name, module in feature_extractor(spec, arch, device, kinds).items():
+            if name in out:
+                raise ValueError(f"two --features would both be named {name!r} in the table ({spec!r} and an "
+                                 "earlier one): compare checkpoints of different runs or steps")
+            out[name] = module
     return out

@@ -1,10 +1,14 @@
-"""Linear probes on frozen dense features: semantic segmentation (cross-entropy, mIoU) and depth (L1, RMSE).
+"""Linear probes on frozen dense features: semantic segmentation (cross-entropy, mIoU) and depth (least squares, RMSE).
 
 Features are extracted once (the network is frozen), standardised per channel with training statistics, and a
 1x1 convolution is fitted at feature resolution; predictions are upsampled to target resolution for the metrics.
+Every result carries the probe's final training loss, whether it converged, and the trivial baseline's score
+(majority class, mean depth), which a probe worth reporting beats.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,34 +54,107 @@ def resized_targets(data: DenseSet, size: tuple[int, int]) -> torch.Tensor:
     return y.float() if data.task == "depth" else y.long()
 
 
-def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes: int = 0, epochs: int = 60,
-              lr: float = 0.05, seed: int = 0):
-    """A 1x1 conv on standardised features; returns (mean, std, probe)."""
-    torch.manual_seed(seed)
+@dataclass
+class Probe:
+    """A fitted linear probe: standardisation (training statistics), the 1x1 conv, and its training curve
+    (loss after each epoch; one value for depth's closed form)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    layer: nn.Conv2d
+    losses: list[float]
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.layer((feats - self.mean) / self.std)
+
+    @property
+    def converged(self) -> bool:
+        """The loss moved less than 1% over the last fifth of training (always, for the closed form)."""
+        tail = self.losses[-max(2, len(self.losses) // 5):]
+        return len(self.losses) == 1 or abs(tail[0] - tail[-1]) <= 0.01 * abs(tail[0])
+
+
+def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes: int = 0, steps: int = 100,
+              weight_decay: float = 1e-3, ridge: float = 1e-3) -> Probe:
+    """A 1x1 conv on per-channel standardised features, fitted to convergence.
+
+    Segmentation: cross-entropy over all training pixels at once plus a small L2 penalty (``weight_decay``),
+    which makes the problem strictly convex, minimised by L-BFGS for at most ``steps`` iterations: no learning
+    rate or epoch count to tune per feature set, and a curve that shows whether it got there.
+    Depth: least squares on valid pixels (target > 0), solved in closed form with a small ridge (``ridge`` times
+    the mean feature variance), so the fit is exact whatever the conditioning of the features; its loss is the
+    training RMSE. A gradient-fitted L1 probe stalled on some feature sets (issue 18)."""
     mean = feats.mean((0, 2, 3), keepdim=True)
     std = feats.std((0, 2, 3), keepdim=True) + 1e-6
-    x = (feats - mean) / std
-    y = F.interpolate(targets[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0]
-    probe = nn.Conv2d(x.shape[1], num_classes if task == "segmentation" else 1, 1)
+    y = F.interpolate(targets[:, None].float(), size=feats.shape[-2:], mode="nearest")[:, 0]
+    layer = nn.Conv2d(feats.shape[1], num_classes if task == "segmentation" else 1, 1)
     if task == "depth":
-        nn.init.constant_(probe.bias, float(y[y > 0].mean()))
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(32):
-            out = probe(x[idx])
-            if task == "segmentation":
-                loss = F.cross_entropy(out, y[idx].long(), ignore_index=IGNORE)
-            else:
-                valid = y[idx] > 0
-                loss = (out[:, 0] - y[idx]).abs()[valid].mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return mean, std, probe
+        return _fit_least_squares(Probe(mean, std, layer, []), feats, y, ridge)
+    probe = Probe(mean, std, layer, [])
+    # pixels as rows of one matrix, standardised once
+    x = ((feats - mean) / std).permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    labels = y.long().reshape(-1)
+    keep = labels != IGNORE
+    x, labels = x[keep], labels[keep]
+    weight = layer.weight.view(layer.out_channels, -1)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=steps, history_size=20, tolerance_change=1e-7,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(F.linear(x, weight, layer.bias), labels) + weight_decay / 2 * weight.square().sum()
+        loss.backward()
+        probe.losses.append(loss.item())
+        return loss
+
+    opt.step(closure)
+    return probe
 
 
 @torch.no_grad()
-def evaluate_probe(mean, std, probe, feats, test: DenseSet) -> dict:
+def _fit_least_squares(probe: Probe, feats: torch.Tensor, y: torch.Tensor, ridge: float) -> Probe:
+    c = feats.shape[1]
+    gram = torch.zeros(c + 1, c + 1, dtype=torch.float64)
+    rhs = torch.zeros(c + 1, dtype=torch.float64)
+    for i in range(len(feats)):  # one image at a time: the design matrix is never built whole
+        valid = (y[i] > 0).reshape(-1)
+        x = ((feats[i:i + 1] - probe.mean) / probe.std)[0].reshape(c, -1)[:, valid].T.double()
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram += x.T @ x
+        rhs += x.T @ y[i].reshape(-1)[valid].double()
+    n = float(gram[-1, -1])
+    if n == 0:
+        raise ValueError("depth probe: no valid depth (> 0) in the training targets")
+    penalty = ridge * float(gram.diagonal()[:-1].mean()) * torch.eye(c + 1, dtype=torch.float64)
+    penalty[-1, -1] = 0  # the bias is not shrunk
+    w = torch.linalg.solve(gram + penalty, rhs)
+    probe.layer.weight.copy_(w[:-1].float().view(1, c, 1, 1))
+    probe.layer.bias.copy_(w[-1:].float())
+    # training mean squared error from the same sums: (w'Gw - 2w'r + sum y^2) / n
+    y2 = sum(float((y[i][y[i] > 0].double() ** 2).sum()) for i in range(len(y)))
+    mse = (w @ gram @ w - 2 * w @ rhs + y2) / n
+    probe.losses.append(float(mse.clamp(min=0).sqrt()))
+    return probe
+
+
+def trivial_probe(targets: torch.Tensor, task: str, channels: int, num_classes: int = 0) -> Probe:
+    """The baseline every probe must beat: the training set's majority class, or its mean valid depth,
+    predicted everywhere (zero weights)."""
+    layer = nn.Conv2d(channels, num_classes if task == "segmentation" else 1, 1)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        if task == "segmentation":
+            counts = torch.bincount(targets[targets != IGNORE].reshape(-1), minlength=num_classes)
+            layer.bias[int(counts.argmax())] = 1.0
+        else:
+            layer.bias.fill_(float(targets[targets > 0].mean()))
+    zeros = torch.zeros(1, channels, 1, 1)
+    return Probe(zeros, zeros + 1, layer, [float("nan")])
+
+
+@torch.no_grad()
+def evaluate_probe(probe: Probe, feats, test: DenseSet) -> dict:
     """Predictions upsampled (bilinear) to each test image's own target resolution and scored there, as the
     field's evaluation code does: mIoU from one confusion matrix over all pixels; the depth metrics per image
     (valid range, Eigen crop where the set asks for it), averaged over images."""
@@ -85,8 +162,7 @@ def evaluate_probe(mean, std, probe, feats, test: DenseSet) -> dict:
     per_image = []
     for i in range(len(test)):
         target = torch.from_numpy(test.read_target(i))
-        out = F.interpolate(probe((feats[i:i + 1] - mean) / std), size=target.shape, mode="bilinear",
-                            align_corners=False)[0]
+        out = F.interpolate(probe(feats[i:i + 1]), size=target.shape, mode="bilinear", align_corners=False)[0]
         if test.task == "segmentation":
             conf += confusion(out.argmax(0), target.long(), test.num_classes)
         else:
@@ -97,11 +173,16 @@ def evaluate_probe(mean, std, probe, feats, test: DenseSet) -> dict:
     return mean_errors(per_image)
 
 
-def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), epochs: int = 60) -> dict:
+def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), steps: int = 100) -> dict:
     """Fit on ``train`` at ``size``, report on ``test`` at its own resolution: {'mIoU', 'IoU'} or the depth
-    metrics (``metrics.DEPTH_METRICS``)."""
+    metrics (``metrics.DEPTH_METRICS``), with the probe's final training loss (``probe loss``), whether it had
+    flattened (``probe converged``), and the same metrics of the trivial probe (``trivial``)."""
     if train.task != test.task:
         raise ValueError(f"train is {train.task}, test is {test.task}")
-    fitted = fit_probe(extract(features_fn, train, size), resized_targets(train, size), train.task,
-                       train.num_classes, epochs)
-    return evaluate_probe(*fitted, extract(features_fn, test, size), test)
+    feats, targets = extract(features_fn, train, size), resized_targets(train, size)
+    probe = fit_probe(feats, targets, train.task, train.num_classes, steps)
+    del feats
+    test_feats = extract(features_fn, test, size)
+    trivial = trivial_probe(targets, train.task, test_feats.shape[1], train.num_classes)
+    return {**evaluate_probe(probe, test_feats, test), "probe loss": probe.losses[-1],
+            "probe converged": probe.converged, "trivial": evaluate_probe(trivial, test_feats, test)}

@@ -16,9 +16,10 @@ from PIL import Image
 from evaluation import datasets
 from evaluation.__main__ import main as evaluation_main
 from evaluation.export import detectron2_name, export
-from evaluation.features import GlobalResNet, feature_extractor, feature_extractors
+from evaluation.features import GlobalResNet, Hypercolumn, feature_extractor, feature_extractors
 from evaluation.metrics import (boundary_f, boundary_map, boundary_radius, confusion, davis_statistics, depth_errors,
                                 eigen_crop, iou_per_class, jaccard, mean_errors, mean_iou)
+from evaluation.probe import fit_probe, trivial_probe
 from evaluation.propagation import propagate
 from model.builder import MoCo, MoCoConfig
 from model import checkpoint
@@ -261,10 +262,13 @@ def test_voc_prefers_train_aug(layouts, tmp_path):
 def test_protocols_run_end_to_end(layouts, tmp_path, protocol, dataset, metric):
     out = tmp_path / "eval"
     assert evaluation_main([protocol, "--dataset", dataset, "--root", str(layouts[dataset]), "--features",
-                            "random:resnet18", "--epochs", "2", "--size", "96", "128", "--out", str(out)]) == 0
+                            "random:resnet18", "--probe-steps", "3", "--size", "96", "128", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert np.isfinite(results["random init"][metric])
-    assert "| random init |" in (out / "table.md").read_text()
+    assert set(results) == {"random init [hypercolumn]", "random init [dense]"}
+    assert all(np.isfinite(r[metric]) for r in results.values())
+    table = (out / "table.md").read_text()
+    assert "| random init [hypercolumn] |" in table
+    assert protocol == "propagation" or "trivial" in table  # probes show the baseline they must beat
 
 
 def tiny_checkpoint(run_dir: Path, objective="vader", step=2) -> Path:
@@ -278,17 +282,24 @@ def tiny_checkpoint(run_dir: Path, objective="vader", step=2) -> Path:
 def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "vader")
     out = tmp_path / "all"
-    assert evaluation_main(["all", "--checkpoint", str(ckpt), "--root", str(synthetic_root), "--epochs", "2",
+    assert evaluation_main(["all", "--checkpoint", str(ckpt), "--root", str(synthetic_root), "--probe-steps", "3",
                             "--size", "96", "128", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| vader/step_00000002 |" in printed and "| random init |" in printed and "depth RMSE" in printed
+    for row in ("vader/step_00000002 [hypercolumn]", "vader/step_00000002 [dense]", "random init [hypercolumn]"):
+        assert f"| {row} |" in printed
+    assert "depth RMSE" in printed
     for png in ("pca.png", "retrieval.png"):
         assert (out / png).stat().st_size > 1000
 
 
 def test_baseline_extractors_give_stride_4_features(tmp_path):
     x = torch.randn(1, 3, 64, 96)
-    assert GlobalResNet("resnet50").eval()(x).shape == (1, 2048, 16, 24)  # dilated, as in the paper
+    r50 = torchvision.models.resnet50(weights=None).state_dict()
+    assert GlobalResNet("resnet50", r50).eval()(x).shape == (1, 2048, 16, 24)  # dilated, as in the paper
+    column = Hypercolumn("resnet50", r50).eval()(x)
+    assert column.shape == (1, 256 + 512 + 1024 + 2048, 16, 24)
+    norms = [part.norm(dim=1) for part in column.split([256, 512, 1024, 2048], 1)]
+    assert all(torch.allclose(n, torch.ones_like(n), atol=1e-4) for n in norms)  # each stage L2-normalised
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save(state, tmp_path / "tv.pth")
     torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, tmp_path / "moco.pth.tar")
@@ -296,22 +307,44 @@ def test_baseline_extractors_give_stride_4_features(tmp_path):
                          tmp_path)
     for spec in (f"torchvision:{tmp_path / 'tv.pth'}", f"mocov2:{tmp_path / 'moco.pth.tar'}",
                  f"mocov2:{tmp_path / 'moco_v2.pth.tar'}", f"mocov2:{tmp_path / 'moco_v3.pth.tar'}"):
-        _, fn = feature_extractor(spec, "resnet18")
-        assert fn(x).shape == (1, 512, 16, 24)
+        found = feature_extractor(spec, "resnet18")
+        name = f"{spec.split(':')[0]} {Path(spec.split(':')[1]).name}"
+        assert list(found) == [f"{name} [hypercolumn]", f"{name} [c5]"]  # these files have no dense head
+        assert found[f"{name} [c5]"](x).shape == (1, 512, 16, 24)
     with pytest.raises(ValueError, match="does not fit"):
         feature_extractor(f"torchvision:{tmp_path / 'tv.pth'}", "resnet50")
+
+
+def test_probes_fit_to_convergence_and_know_their_trivial_baseline():
+    """Depth: least squares recovers a linear target exactly. Segmentation: L-BFGS flattens its loss and
+    separates a linearly separable labelling. The trivial probe predicts the majority class or the mean depth."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 8, 5, 7, generator=g)
+    depth = 5 + 0.3 * (feats * torch.randn(8, generator=g).view(1, 8, 1, 1)).sum(1)  # metres, all valid
+    probe = fit_probe(feats, depth, "depth", ridge=0)
+    assert probe.converged and probe.losses[-1] < 1e-3
+    torch.testing.assert_close(probe(feats)[:, 0], depth, atol=1e-3, rtol=0)
+    classes = feats[:, :3].argmax(1)
+    seg = fit_probe(feats, classes, "segmentation", 3, steps=300)
+    assert seg.converged and (seg(feats).argmax(1) == classes).float().mean() > 0.97
+    assert (trivial_probe(classes, "segmentation", 8, 3)(feats).argmax(1) == classes.reshape(-1).mode().values).all()
+    torch.testing.assert_close(trivial_probe(depth, "depth", 8)(feats), depth.mean().expand(6, 1, 5, 7))
 
 
 def test_checkpoints_of_two_runs_keep_two_rows(tmp_path):
     """Runs checkpointed at the same step are named by run and step; a spec given twice is refused."""
     a, b = tiny_checkpoint(tmp_path / "a"), tiny_checkpoint(tmp_path / "b")
     assert a.name == b.name
-    names = list(feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'b'}", "random:resnet18"]))
-    assert names == ["a/step_00000002", "b/step_00000002", "random init"]
-    with pytest.raises(ValueError, match="both be named 'a/step_00000002'"):
-        feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'a'}"])
+    names = list(feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'b'}", "random:resnet18"],
+                                    kinds=("dense",)))
+    assert names == ["a/step_00000002 [dense]", "b/step_00000002 [dense]", "random init [dense]"]
+    with pytest.raises(ValueError, match=r"both be named 'a/step_00000002 \[dense\]'"):
+        feature_extractors([f"checkpoint:{a}", f"checkpoint:{tmp_path / 'a'}"], kinds=("dense",))
     mocov2 = tiny_checkpoint(tmp_path / "m", objective="mocov2")
-    assert list(feature_extractors([f"checkpoint:{mocov2}"], "resnet18")) == ["m/step_00000002 (global)"]
+    assert list(feature_extractors([f"checkpoint:{mocov2}"], "resnet18")) == ["m/step_00000002 [hypercolumn]",
+                                                                          "m/step_00000002 [c5]"]
+    with pytest.raises(ValueError, match="has none of the feature kinds"):
+        feature_extractors([f"checkpoint:{mocov2}"], "resnet18", kinds=("dense",))
 
 
 def test_a_checkpoint_without_its_model_config_is_refused_clearly(tmp_path):
@@ -340,8 +373,7 @@ def test_weight_load_errors_name_the_problem_whatever_the_message():
 def test_extractors_move_their_inputs_to_their_weights(tmp_path):
     """Extractors accept images on any device and compute where their weights are (here: the meta device, so
     CI, which has no GPU, still proves the input was moved)."""
-    _, fn = feature_extractor("random:resnet18")
-    fn = fn.to("meta")
+    fn = feature_extractor("random:resnet18", kinds=("hypercolumn",))["random init [hypercolumn]"].to("meta")
     assert fn(torch.randn(1, 3, 64, 64)).device.type == "meta"
 
 
