@@ -31,6 +31,8 @@ class MoCoConfig:
     temperature: float | None = None  # None: the objective's default
     loss_scale: float = 10.0  # VADeR multiplies its loss by 10
     symmetric: bool = False  # VADeR: also query from view 2
+    negatives: str = "queue"  # VADeR: 'queue' of pixel keys, or 'image': the same image's other cells
+    exclusion_radius: float = 2.0  # negatives='image': cells this near the positive are not negatives
     densecl_lambda: float = 0.5
     densecl_warmup_steps: int = 1000  # DenseCL: lambda is 0 before this step
     shuffle_bn: bool = True  # off when the encoder uses SyncBatchNorm
@@ -53,6 +55,11 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
 class MoCo(nn.Module):
     def __init__(self, cfg: MoCoConfig):
         super().__init__()
+        if cfg.negatives not in ("queue", "image") or (cfg.negatives == "image" and cfg.objective != "vader"):
+            raise ValueError(f"negatives={cfg.negatives!r}: 'queue', or 'image' (objective=vader only)")
+        if not 0 <= cfg.momentum < 1:
+            raise ValueError(f"momentum={cfg.momentum}: must be in [0, 1) (0: keys from the query encoder's "
+                             "weights under stop-gradient)")
         self.cfg = cfg
         self.objective = objective(cfg.objective)
         self.temperature = cfg.temperature or self.objective.temperature

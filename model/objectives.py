@@ -4,7 +4,8 @@ and the evaluation's feature extractors all look an objective up here.
 
 | objective | positives | negatives | loss |
 | --- | --- | --- | --- |
-| ``vader`` | 32 matched pixels per pair (decoder, 1/4 scale) | queue of pixel keys | 10 x InfoNCE, T=0.07 |
+| ``vader`` | 32 matched pixels per pair (decoder, 1/4 scale) | queue of pixel keys (or, ``negatives="image"``, the
+  same image's other cells) | 10 x InfoNCE, T=0.07 |
 | ``densecl`` | global view + argmax-similar backbone cells | global keys; pooled dense keys | (1-l)Lg + lLd, T=0.2 |
 | ``mocov2`` | the other view, globally pooled | queue of global keys | InfoNCE, T=0.2 |
 """
@@ -22,12 +23,14 @@ from .losses import densecl_dense_loss, info_nce, vader_loss
 
 def _vader(moco, view1, view2, matches, match_xy2, step):
     t, scale = moco.temperature, moco.cfg.loss_scale
+    radius = moco.cfg.exclusion_radius if moco.cfg.negatives == "image" else None
     q, k = moco.encoder_q(view1), moco.encode_keys(view2)
-    loss, keys = vader_loss(q["dense"], k["dense"], matches, match_xy2, moco.queue_dense.clone(), t, scale)
+    loss, keys = vader_loss(q["dense"], k["dense"], matches, match_xy2, moco.queue_dense.clone(), t, scale,
+                            exclusion_radius=radius)
     if moco.cfg.symmetric:  # also query from view 2's points, keys at view 1's cells
         q2, k1 = moco.encoder_q(view2), moco.encode_keys(view1)
         loss2, keys2 = vader_loss(q2["dense"], k1["dense"], matches, match_xy2, moco.queue_dense.clone(), t, scale,
-                                  reverse=True)
+                                  reverse=True, exclusion_radius=radius)
         loss, keys = (loss + loss2) / 2, torch.cat([keys, keys2])
     return loss, {}, {"queue_dense": keys}
 

@@ -107,3 +107,33 @@ def test_densecl_dense_loss(seed):
             ks.append(unit(kd[i, :, best]))
     want = ref_info_nce(torch.stack(qs), torch.stack(ks), queue, 0.2)
     assert float(densecl_dense_loss(qd, kd, qf, kf, queue, 0.2)) == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_vader_loss_with_negatives_from_the_same_image(seed, reverse):
+    """negatives='image': each query's negatives are the key map's cells of its own image farther than the
+    exclusion radius from the positive's position; written out one query at a time."""
+    q_emb, k_emb, matches, xy, queue = random_case(seed)
+    radius = 1.5
+    got, _ = vader_loss(q_emb, k_emb, matches, xy, queue, T, 10.0, reverse=reverse, exclusion_radius=radius)
+    h, w = k_emb.shape[-2:]
+    terms = []
+    for b in range(q_emb.shape[0]):
+        key_map = k_emb[b]  # the key map is the other view's, in either direction
+        for j in range(matches.shape[1]):
+            cell = int(matches[b, j, 0])
+            x, y = float(xy[b, j, 0]), float(xy[b, j, 1])
+            if not reverse:
+                q, k, px, py = unit(q_emb[b, :, cell // w, cell % w]), unit(ref_bilinear(k_emb[b], x, y)), x, y
+            else:
+                q, k = unit(ref_bilinear(q_emb[b], x, y)), unit(k_emb[b, :, cell // w, cell % w])
+                px, py = cell % w + 0.5, cell // w + 0.5
+            logits = [float(q @ k) / T]
+            for cy in range(h):
+                for cx in range(w):
+                    if (cx + 0.5 - px) ** 2 + (cy + 0.5 - py) ** 2 > radius ** 2:
+                        logits.append(float(q @ unit(key_map[:, cy, cx])) / T)
+            logits = torch.tensor(logits, dtype=torch.float64)
+            terms.append(float(torch.logsumexp(logits, 0) - logits[0]))
+    assert float(got) == pytest.approx(10.0 * sum(terms) / len(terms), rel=1e-8)

@@ -58,6 +58,8 @@ class TrainConfig:
     max_tries: int = 50  # pair redraws before view 2 reuses view 1's window
     loss_scale: float = 10.0
     symmetric: bool = False
+    negatives: str = "queue"  # vader: 'queue' of pixel keys, or 'image' (the same image's other cells)
+    exclusion_radius: float = 2.0  # negatives=image: cells this near the positive are not negatives
     densecl_lambda: float = 0.5
     densecl_warmup_steps: int = 1000  # lambda is 0 before this step, as in DenseCL
     sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN
@@ -90,7 +92,8 @@ class TrainConfig:
         """The model this configuration trains (saved in every checkpoint, so evaluation rebuilds it)."""
         return MoCoConfig(objective=self.objective, arch=self.arch, queue_size=self.queue_size,
                           momentum=self.moco_momentum, temperature=self.temperature, loss_scale=self.loss_scale,
-                          symmetric=self.symmetric, densecl_lambda=self.densecl_lambda,
+                          symmetric=self.symmetric, negatives=self.negatives,
+                          exclusion_radius=self.exclusion_radius, densecl_lambda=self.densecl_lambda,
                           densecl_warmup_steps=self.densecl_warmup_steps, shuffle_bn=not self.sync_bn)
 
     def validate(self, world_size: int = 1) -> None:
@@ -126,6 +129,9 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         need(self.log_every >= 1 and self.log_images_every >= 1 and self.log_images >= 0 and self.log_every_s > 0,
              "log_every, log_images_every and log_every_s must be positive, log_images >= 0")
+        need(self.negatives in ("queue", "image") and (self.negatives == "queue" or self.objective == "vader"),
+             f"negatives={self.negatives!r}: 'queue', or 'image' with objective=vader")
+        need(0 <= self.moco_momentum < 1, f"moco_momentum={self.moco_momentum} must be in [0, 1)")
         need(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
         need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
         need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
