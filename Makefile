@@ -10,7 +10,7 @@ APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 EXTRAS  ?= dev,dali,ffcv,bench
 DATA    ?= data/synthetic
 
-.PHONY: setup apt test demo eval data bench gpu-check clean
+.PHONY: setup apt test demo eval compare ablations data bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: setup
 # After make demo: segmentation, depth and propagation on the embedded set, demo checkpoint vs random init.
 eval: setup
 	$(PY) -m evaluation all --checkpoint runs/demo --root $(DATA) --out runs/demo/eval
+
+# VADeR vs DenseCL vs MoCo v2 vs random init, 3 pretraining seeds each, same budget and protocols (train/compare.py).
+compare: setup
+	$(PY) -m train.compare --data $(DATA) --out runs/compare
+
+# VADeR's ablations (negatives from the same image, queue size, no momentum encoder, matches, MoCo v2 init).
+ablations: setup
+	$(PY) -m train.compare --ablations --data $(DATA) --out runs/ablations
 
 bench: setup data
 	$(PY) -m benchmarks.correspondence

@@ -1,4 +1,6 @@
 import csv
+import json
+import math
 import os
 import re
 import signal
@@ -224,11 +226,34 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     from train.demo import main
     out = tmp_path / "demo"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--batch", "8",
-                 "--view-size", "64", "--probe-epochs", "2"]) == 0
+                 "--view-size", "64"]) == 0
     report = (out / "report.md").read_text()
-    assert "| VADeR (trained) |" in report and "| random init |" in report
+    for row in ("VADeR [hypercolumn]", "VADeR [dense]", "random init [hypercolumn]", "random init [dense]"):
+        assert f"| {row} |" in report
+    assert "strongest random baseline" in report
     for png in ("loss.png", "pca.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
+    """``make compare`` in seconds: two objectives and random init, a row per model and feature kind, finite
+    scores, run costs for trained rows, the trivial baselines, the verdict and the plot."""
+    from train.compare import main
+    out = tmp_path / "compare"
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
+                         "random init [hypercolumn]", "random init [dense]"}  # MoCo v2 has no dense output
+    for name, row in rows.items():
+        assert all(math.isfinite(v) for v in row["mean"].values()), name
+        assert row["random"] or (row["wall_s"][0] > 0 and row["pairs_per_s"][0] > 0), name
+    table = (out / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in rows) and "strongest random baseline" in table
+    assert (out / "compare.png").stat().st_size > 10_000
+    # a second call reuses the finished runs (no retraining): the recorded costs are those of the first
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    rerun = json.loads((out / "results.json").read_text())["rows"]
+    assert rerun["VADeR [dense]"]["wall_s"] == rows["VADeR [dense]"]["wall_s"]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,264 @@
+"""`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
+
+    python -m train.compare --out runs/compare                  # 3 objectives x 3 seeds, then every evaluation
+    python -m train.compare --ablations --out runs/ablations    # VADeR's reviewer ablations, same budget
+    python -m train.compare --tiny                              # seconds: 2 objectives, 1 seed (the test)
+
+Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
+the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output where it
+has one), then scored by the same protocols: a segmentation probe on lighting-shifted scenes, a depth probe,
+and label propagation through clips whose lighting changes every frame. Random initialisations with the same
+seeds are the baselines, read the same ways. Runs resume where they stopped; a finished run is not retrained.
+
+Writes to ``--out``: ``results.json`` (every score of every seed, wall time and pairs/s of each run),
+``table.md`` (mean ± std over seeds, the trivial baselines, the verdict against the strongest random
+baseline), and ``compare.png`` (the same numbers as bars with error bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation import datasets
+from evaluation.features import model_extractors, random_model
+from evaluation.probe import linear_probe
+from evaluation.propagation import evaluate_videos
+from pipeline.synthetic import SyntheticConfig, generate
+
+from .config import TrainConfig
+from .trainer import run
+
+PROBE_SIZE = (128, 160)
+TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
+NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2"}
+# (task, metric, higher is better): the table's columns and the plot's panels
+SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "delta1", True),
+          ("propagation", "J&F", True))
+# The reviewers' questions, each one configuration key against the VADeR baseline ('init MoCo v2' reads the
+# encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
+ABLATIONS = {
+    "VADeR": {},
+    "negatives: same image (r=2)": {"negatives": "image", "exclusion_radius": 2.0},
+    "queue 1,024": {"queue_size": 1024},
+    "no momentum encoder": {"moco_momentum": 0.0},
+    "8 matches per pair": {"num_matches": 8},
+    "init MoCo v2": {"init_encoder": "mocov2"},
+}
+
+
+def base_config(data: Path, args) -> TrainConfig:
+    """The CPU budget (the demo's too): resnet18, ``args``' steps, batch, views and device, a queue of 8
+    batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps."""
+    return TrainConfig(data=str(data / "train"), arch="resnet18", view_size=args.view_size,
+                       batch_size=args.batch, workers=args.workers, steps=args.steps,
+                       queue_size=args.batch * 32 * 8, lr=0.3, decoder_lr=0.3,
+                       warmup_steps=min(20, args.steps // 10), checkpoint_every=max(1, args.steps // 2),
+                       resume="auto", device=args.device, progress=False, log_images=0,
+                       densecl_warmup_steps=args.steps // 10)
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Train (or finish) one run; its wall time and pairs/s are measured once, on the run that completes it,
+    and kept in the run folder, so a resumed comparison still reports them."""
+    timing = Path(cfg.run_dir) / "timing.json"
+    if timing.is_file():
+        return {"model": run(cfg).model.eval(), **json.loads(timing.read_text())}
+    start = time.perf_counter()
+    result = run(cfg)
+    wall = time.perf_counter() - start
+    with open(Path(cfg.run_dir) / "metrics.csv", newline="") as f:
+        steps = len(list(csv.DictReader(f)))
+    stats = {"wall_s": wall, "pairs_per_s": steps * cfg.batch_size / wall, "resumed": steps < result.total}
+    timing.write_text(json.dumps(stats))
+    return {"model": result.model.eval(), **stats}
+
+
+def evaluate(model, data: Path, device, kinds) -> dict[str, dict[str, float]]:
+    """Every kind of the model's features through every protocol: {kind: {score: value}}."""
+    seg = [datasets.synthetic(data, s) for s in ("train", "val")]
+    depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
+    videos = datasets.synthetic_videos(data)
+    out = {}
+    for kind, fn in model_extractors(model, kinds).items():
+        fn = fn.to(device)
+        s, d = linear_probe(fn, *seg, PROBE_SIZE), linear_probe(fn, *depth, PROBE_SIZE)
+        v = evaluate_videos(fn, videos)
+        out[kind] = {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"],
+                     "F": v["F"], "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
+                     "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
+                     "depth probe loss": d["probe loss"],
+                     "probes converged": float(s["probe converged"] and d["probe converged"])}
+        print(f"  [{kind}] mIoU {s['mIoU']:.3f}  RMSE {d['RMSE']:.3f}  J&F {v['J&F']:.3f}", flush=True)
+    return out
+
+
+def summarise(results: list[dict]) -> dict[str, dict]:
+    """Rows ``model [kind]`` with mean and std over seeds of every score, and each model's run costs."""
+    rows: dict[str, dict] = {}
+    for r in results:
+        for kind, scores in r["scores"].items():
+            row = rows.setdefault(f"{r['model']} [{kind}]", {"model": r["model"], "kind": kind, "seeds": {},
+                                                             "random": r["random"], "wall_s": [],
+                                                             "pairs_per_s": []})
+            row["seeds"][r["seed"]] = scores
+            if not r["random"]:
+                row["wall_s"].append(r["wall_s"])
+                row["pairs_per_s"].append(r["pairs_per_s"])
+    for row in rows.values():
+        per_seed = list(row["seeds"].values())
+        row["mean"] = {k: float(np.mean([s[k] for s in per_seed])) for k in per_seed[0]}
+        row["std"] = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
+                      for k in per_seed[0]}
+    return rows
+
+
+def verdict(rows: dict[str, dict]) -> list[dict]:
+    """Per score, the best trained row against the strongest random baseline (means over seeds): the margin
+    is positive when the trained row is better (higher, or lower for RMSE)."""
+    out = []
+    trained = [n for n, r in rows.items() if not r["random"]]
+    baselines = [n for n, r in rows.items() if r["random"]]
+    for metric, higher in (("mIoU", True), ("J&F", True), ("RMSE", False)):
+        if not trained or not baselines:
+            continue
+        pick = max if higher else min
+        best = pick(trained, key=lambda n: rows[n]["mean"][metric])
+        base = pick(baselines, key=lambda n: rows[n]["mean"][metric])
+        margin = (rows[best]["mean"][metric] - rows[base]["mean"][metric]) * (1 if higher else -1)
+        out.append({"metric": metric, "best": best, "baseline": base, "margin": margin,
+                    "line": f"- {metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
+                            f"baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
+                            f"({'better' if margin > 0 else 'not better'})"})
+    return out
+
+
+def table(rows: dict[str, dict], header: str) -> str:
+    def fmt(r, k):  # one seed has no spread to show
+        return f"{r['mean'][k]:.3f}" + (f" ± {r['std'][k]:.3f}" if len(r["seeds"]) > 1 else "")
+
+    cols = ["seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "probes converged",
+            "pretrain wall (s)", "pairs/s"]
+    lines = [header, "", "| model [features] | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cost = (["-", "-"] if r["random"] else
+                [f"{np.mean(r['wall_s']):.0f}", f"{np.mean(r['pairs_per_s']):.1f}"])
+        lines.append(f"| {name} | " + " | ".join([
+            fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"), f"{r['mean']['trivial RMSE']:.3f}",
+            fmt(r, "delta1"), fmt(r, "J&F"), fmt(r, "J"), fmt(r, "F"), f"{r['mean']['probes converged']:.0%}",
+            *cost]) + " |")
+    beaten = [f"{n} ({m})" for n, r in rows.items() for m, t, higher in
+              (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False))
+              if (r["mean"][m] <= r["mean"][t]) == higher]
+    lines += ["", "Every probe beats its trivial baseline (majority class; training-mean depth)." if not beaten else
+              f"Probes NOT beating their trivial baseline: {', '.join(beaten)}.", "",
+              "Verdict (means over seeds):", *(v["line"] for v in verdict(rows))]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    panels = [("mIoU", "segmentation mIoU ↑"), ("RMSE", "depth RMSE (m) ↓"), ("J&F", "propagation J&F ↑")]
+    names = list(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.5), sharey=True)
+    models = list(dict.fromkeys(r["model"] for r in rows.values() if not r["random"]))
+    colours = ["0.6" if rows[n]["random"] else f"C{models.index(rows[n]['model']) % 10}" for n in names]
+    for ax, (metric, title) in zip(axes, panels):
+        means = [rows[n]["mean"][metric] for n in names]
+        stds = [rows[n]["std"][metric] for n in names]
+        ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
+        ax.set(title=title, yticks=range(len(names)), yticklabels=names)
+        ax.invert_yaxis()
+    fig.suptitle("mean ± std over pretraining seeds (grey: random init)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--data", default="data/synthetic")
+    p.add_argument("--objectives", nargs="+", default=list(NAMES), choices=list(NAMES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--view-size", type=int, default=96)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
+    p.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 2 objectives, 1 seed, 4 steps")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.objectives, args.seeds, args.steps, args.batch, args.view_size = ["vader", "mocov2"], [0], 4, 8, 64
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # --- data: the embedded set (tiny: a few scenes and one short clip)
+    data = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny)
+    base = base_config(data, args)
+
+    # --- what to train: objectives, or VADeR under each ablation (MoCo v2 runs first where one is read)
+    plans = []
+    if args.ablations:
+        for seed in args.seeds:
+            plans.append(("MoCo v2 (for init)", "mocov2", seed, replace(base, objective="mocov2")))
+            for label, overrides in ABLATIONS.items():
+                plans.append((label, "vader", seed, replace(base, objective="vader", **overrides)))
+    else:
+        plans = [(NAMES[o], o, seed, replace(base, objective=o)) for seed in args.seeds for o in args.objectives]
+
+    # --- pretrain and evaluate each, then the random baselines of the same seeds (random init seed s is the
+    # initial network of the VADeR run of seed s)
+    def run_dir(label: str, seed: int) -> Path:
+        return out / "runs" / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
+
+    device = None
+    results = []
+    for label, key, seed, cfg in plans:
+        cfg = replace(cfg, seed=seed, run_dir=str(run_dir(label, seed)))
+        if cfg.init_encoder == "mocov2":
+            cfg = replace(cfg, init_encoder=str(run_dir("MoCo v2 (for init)", seed) / "checkpoints" /
+                                                f"step_{args.steps:08d}.pt"))
+        print(f"== {label}, seed {seed}: pretraining {cfg.steps} steps -> {cfg.run_dir}", flush=True)
+        trained = pretrain(cfg)
+        model = trained.pop("model")
+        device = next(model.parameters()).device
+        if args.ablations and label == "MoCo v2 (for init)":
+            continue
+        print(f"== {label}, seed {seed}: evaluating ({trained['pairs_per_s']:.1f} pairs/s in pretraining)",
+              flush=True)
+        results.append({"model": label, "objective": key, "seed": seed, "random": False, **trained,
+                        "scores": evaluate(model, data, device, args.kinds)})
+    for seed in args.seeds:
+        print(f"== random init, seed {seed}: evaluating", flush=True)
+        results.append({"model": "random init", "objective": None, "seed": seed, "random": True,
+                        "scores": evaluate(random_model(base.arch, seed).to(device), data, device, args.kinds)})
+
+    # --- report
+    rows = summarise(results)
+    what = "ablations of VADeR" if args.ablations else "objectives"
+    header = (f"# Comparison of {what} on the embedded set\n\n{base.arch}, {args.steps} steps, batch {args.batch}, "
+              f"{args.view_size} px views, seeds {args.seeds}, device {device}; probes at {PROBE_SIZE[0]}x"
+              f"{PROBE_SIZE[1]}, mean ± std over seeds.")
+    text = table(rows, header)
+    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows}, indent=1, default=str))
+    (out / "table.md").write_text(text + "\n")
+    plot(rows, out / "compare.png")
+    print(text)
+    print(f"written to {out}/table.md, results.json and compare.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
