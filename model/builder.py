@@ -85,7 +85,11 @@ class MoCo(nn.Module):
         if size % n:
             raise ValueError(f"{name}: queue size {size} is not a multiple of the {n} keys enqueued per step")
         start = int(ptr)
-        queue[:, start:start + n] = keys.T
+        # out of place: this step's loss read the old queue, and its backward may still need that very tensor
+        # (torch.compile recomputes the loss's copy of it from the buffer instead of saving the copy)
+        updated = queue.clone()
+        updated[:, start:start + n] = keys.T
+        setattr(self, name, updated)
         ptr.fill_((start + n) % size)
 
     @torch.no_grad()

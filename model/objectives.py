@@ -25,11 +25,11 @@ def _vader(moco, view1, view2, matches, match_xy2, step):
     t, scale = moco.temperature, moco.cfg.loss_scale
     radius = moco.cfg.exclusion_radius if moco.cfg.negatives == "image" else None
     q, k = moco.encoder_q(view1), moco.encode_keys(view2)
-    loss, keys = vader_loss(q["dense"], k["dense"], matches, match_xy2, moco.queue_dense.clone(), t, scale,
+    loss, keys = vader_loss(q["dense"], k["dense"], matches, match_xy2, moco.queue_dense, t, scale,
                             exclusion_radius=radius)
     if moco.cfg.symmetric:  # also query from view 2's points, keys at view 1's cells
         q2, k1 = moco.encoder_q(view2), moco.encode_keys(view1)
-        loss2, keys2 = vader_loss(q2["dense"], k1["dense"], matches, match_xy2, moco.queue_dense.clone(), t, scale,
+        loss2, keys2 = vader_loss(q2["dense"], k1["dense"], matches, match_xy2, moco.queue_dense, t, scale,
                                   reverse=True, exclusion_radius=radius)
         loss, keys = (loss + loss2) / 2, torch.cat([keys, keys2])
     return loss, {}, {"queue_dense": keys}
@@ -37,7 +37,7 @@ def _vader(moco, view1, view2, matches, match_xy2, step):
 
 def _global_loss(moco, q, k):
     qg, kg = F.normalize(q["global"], dim=1), F.normalize(k["global"], dim=1)
-    return info_nce(qg, kg, moco.queue_global.clone(), moco.temperature), kg
+    return info_nce(qg, kg, moco.queue_global, moco.temperature), kg
 
 
 def _mocov2(moco, view1, view2, matches, match_xy2, step):
@@ -52,7 +52,7 @@ def _densecl(moco, view1, view2, matches, match_xy2, step):
     q, k = moco.encoder_q(view1), moco.encode_keys(view2)
     loss_g, keys_g = _global_loss(moco, q, k)
     loss_d = densecl_dense_loss(q["dense"].flatten(2), k["dense"].flatten(2), q["c5"].flatten(2), k["c5"].flatten(2),
-                                moco.queue_dense.clone(), moco.temperature)
+                                moco.queue_dense, moco.temperature)
     stats = {"loss_global": loss_g.detach(), "loss_dense": loss_d.detach()}
     keys = {"queue_global": keys_g, "queue_dense": F.normalize(k["dense"].mean((2, 3)), dim=1)}
     return (1 - lam) * loss_g + lam * loss_d, stats, keys
