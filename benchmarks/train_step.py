@@ -1,19 +1,28 @@
-"""Training-step throughput: forward+backward pairs/s of the model alone (synthetic tensors already on the
-device) and fed by each loader backend, with the fraction of step time spent waiting for data.
+"""Training-step throughput as a fraction of the hardware: pairs/s, achieved TFLOP/s and share of the device's
+peak for each objective, next to a plain torchvision ResNet-50 supervised step timed in the same run (the
+anchor: "x of a tuned RN50 step on this GPU"), and the same step fed by each loader backend.
 
-    python -m benchmarks.train_step [--arch resnet50] [--size 224] [--batch 8] [--steps 5] [--data synthetic]
-                                    [--backends torch,dali,ffcv] [--workers 2]
+    python -m benchmarks.train_step [--objectives vader,densecl,mocov2] [--arch resnet50] [--size 224]
+                                    [--batch 8] [--steps 5] [--compile] [--sync-every 1]
+                                    [--data synthetic] [--backends torch,dali,ffcv] [--workers 2]
+                                    [--profile DIR]
 
-DALI decodes on the GPU (``mixed``) when there is one; FFCV reads a .beton written beside the data.
+FLOPs are counted on the real step (``torch.utils.flop_counter`` around one ``Trainer.step``: forward,
+backward, key encoder), not estimated by hand. ``--profile DIR`` writes a torch profiler trace of a few steps
+(open it in Perfetto or chrome://tracing) and prints the kernels that took the most time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
 import torch
+import torchvision
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import PairSpec, build_loader
 from train.config import TrainConfig
@@ -21,6 +30,17 @@ from train.trainer import Trainer, build_model
 
 from .common import machine
 from .loader import DATA_HELP, backend_data, resolve_data
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; matched by device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def synthetic_batches(batch: int, size: int, k: int = 32):
@@ -34,21 +54,98 @@ def synthetic_batches(batch: int, size: int, k: int = 32):
         yield one
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_steps(trainer: Trainer, batches, steps: int, warmup: int = 2):
-    """(pairs/s, data-wait fraction) of ``Trainer.step`` over ``steps`` steps after ``warmup`` untimed ones.
-    The step itself synchronises (it reads the loss), so each step's time is complete."""
-    wait = total = 0.0
+    """(pairs/s, data-wait fraction) of ``Trainer.step`` over ``steps`` steps after ``warmup`` untimed ones,
+    synchronising as the trainer would (every ``sync_every`` steps) and the device once at the end."""
+    sync_every = trainer.cfg.sync_every
+    for i in range(warmup):
+        trainer.step(next(batches), i)
+    _synchronize(trainer.device)
+    wait = 0.0
     pairs = 0
-    for i in range(warmup + steps):
+    begin = time.perf_counter()
+    for i in range(steps):
         start = time.perf_counter()
         batch = next(batches)
-        loaded = time.perf_counter()
-        trainer.step(batch, i)
-        if i >= warmup:
-            wait += loaded - start
-            total += time.perf_counter() - start
-            pairs += batch["view1"].shape[0]
+        wait += time.perf_counter() - start
+        trainer.step(batch, warmup + i, sync=(i + 1) % sync_every == 0 or i + 1 == steps)
+        pairs += batch["view1"].shape[0]
+    _synchronize(trainer.device)
+    total = time.perf_counter() - begin
     return pairs / total, wait / total
+
+
+def step_flops(trainer: Trainer, batch: dict, step: int = 0) -> int:
+    """FLOPs of one real training step, counted by torch's FLOP counter (matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(batch, step)
+    return counter.get_total_flops()
+
+
+def make_trainer(objective: str, args, device: torch.device) -> Trainer:
+    keys = 32 if objective == "vader" else 1
+    cfg = TrainConfig(objective=objective, arch=args.arch, view_size=args.size, batch_size=args.batch,
+                      queue_size=args.batch * keys * 16, run_dir=tempfile.mkdtemp(prefix="train_step-"),
+                      progress=False, compile=args.compile, sync_every=args.sync_every, tensorboard=False)
+    cfg.validate()
+    trainer = Trainer(cfg, build_model(cfg, device, world=1), 0, 1, device, total=10 ** 6)
+    trainer.wrap()
+    return trainer
+
+
+class ResNet50Step:
+    """The anchor: a supervised torchvision ResNet-50 step (cross-entropy, SGD with momentum), with the same
+    precision and memory format as our trainer (bf16 autocast and channels_last on a GPU)."""
+
+    def __init__(self, batch: int, size: int, device: torch.device):
+        self.device = device
+        self.net = torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = F.cross_entropy(self.net(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def rate(self, steps: int, warmup: int) -> tuple[float, int]:
+        """(images/s, FLOPs per step)."""
+        for _ in range(warmup):
+            self.step()
+        with FlopCounterMode(display=False) as counter:
+            self.step()
+        _synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _synchronize(self.device)
+        return steps * self.x.shape[0] / (time.perf_counter() - start), counter.get_total_flops()
+
+
+def profile(trainer: Trainer, batches, out: str, steps: int = 5) -> None:
+    """A profiler trace of ``steps`` steps in ``out`` and the top kernels by time on stdout."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps):
+            trainer.step(next(batches), i)
+        _synchronize(trainer.device)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"trace_{trainer.cfg.objective}.json")
+    prof.export_chrome_trace(path)
+    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {steps} {trainer.cfg.objective} steps ({path}), top kernels by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def forever(loader):
@@ -58,35 +155,58 @@ def forever(loader):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objectives", default="vader", help="comma-separated: vader, densecl, mocov2")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (workers start, JIT, autotune)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
+    p.add_argument("--sync-every", type=int, default=1, help="steps between host synchronisations")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--copies", type=int, default=1, help="synthetic only: link each file N times (bigger epochs)")
-    p.add_argument("--backends", default="torch", help="comma-separated: torch, dali, ffcv")
+    p.add_argument("--backends", default="", help="comma-separated loaders to feed the first objective: torch, "
+                                                   "dali, ffcv (default: none, the model alone)")
+    p.add_argument("--no-anchor", action="store_true", help="skip the ResNet-50 supervised anchor")
+    p.add_argument("--profile", metavar="DIR", help="write a profiler trace per objective to DIR")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = TrainConfig(arch=args.arch, view_size=args.size, batch_size=args.batch, queue_size=args.batch * 32 * 16,
-                      run_dir=tempfile.mkdtemp(prefix="train_step-"), progress=False)
-    trainer = Trainer(cfg, build_model(cfg, device, world=1), 0, 1, device, total=args.warmup + args.steps)
-    trainer.wrap()
-
-    rows = [("model only (synthetic tensors)",
-             *timed_steps(trainer, synthetic_batches(args.batch, args.size), args.steps, args.warmup))]
-    root = resolve_data(args.data, args.copies)
-    for backend in args.backends.split(","):
-        loader = build_loader(backend, backend_data(backend, root, args.workers), PairSpec(size=(args.size, args.size)),
-                              batch_size=args.batch, workers=args.workers, device=device)
-        rows.append((f"{backend} loader, {args.workers} workers",
-                     *timed_steps(trainer, forever(loader), args.steps, args.warmup)))
-    print(f"train step (Trainer.step): VADeR {args.arch}+FPN, {args.size}px views, batch {args.batch}, "
-          f"{args.steps} timed steps; {machine()}")
-    for name, rate, wait in rows:
-        print(f"{name:44s} {rate:10.2f} pairs/s   data wait {100 * wait:5.1f}% of step time")
+    peak = peak_tflops(device)
+    print(f"train step (Trainer.step): {args.arch}, {args.size}px views, batch {args.batch}, {args.steps} timed "
+          f"steps after {args.warmup}, compile={args.compile}, sync_every={args.sync_every}; {machine()}; "
+          f"bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
+    anchor_tflops = None
+    if not args.no_anchor:
+        rate, flops = ResNet50Step(args.batch, args.size, device).rate(args.steps, args.warmup)
+        anchor_tflops = rate / args.batch * flops / 1e12
+        share = f"{100 * anchor_tflops / peak:5.1f}% of peak" if peak else ""
+        print(f"{'anchor: torchvision resnet50 supervised':44s} {rate:10.1f} img/s   {flops / args.batch / 1e9:6.1f} "
+              f"GFLOP/img   {anchor_tflops:7.2f} TFLOP/s {share}")
+    first = None
+    for objective in args.objectives.split(","):
+        trainer = make_trainer(objective, args, device)
+        first = first or trainer
+        batches = synthetic_batches(args.batch, args.size)
+        flops = step_flops(trainer, next(batches))
+        rate, _ = timed_steps(trainer, batches, args.steps, args.warmup)
+        tflops = rate / args.batch * flops / 1e12
+        share = f"{100 * tflops / peak:5.1f}% of peak" if peak else ""
+        anchor = f"{tflops / anchor_tflops:5.2f}x anchor" if anchor_tflops else ""
+        print(f"{objective + ' ' + args.arch + ' (model only)':44s} {rate:10.1f} pairs/s {flops / args.batch / 1e9:6.1f} "
+              f"GFLOP/pair  {tflops:7.2f} TFLOP/s {share} {anchor}")
+        if args.profile:
+            profile(trainer, batches, args.profile)
+    if args.backends:
+        root = resolve_data(args.data, args.copies)
+        for backend in args.backends.split(","):
+            loader = build_loader(backend, backend_data(backend, root, args.workers),
+                                  PairSpec(size=(args.size, args.size)), batch_size=args.batch,
+                                  workers=args.workers, device=device)
+            rate, wait = timed_steps(first, forever(loader), args.steps, args.warmup)
+            print(f"{first.cfg.objective + ' fed by ' + backend + f', {args.workers} workers':44s} {rate:10.1f} "
+                  f"pairs/s   data wait {100 * wait:5.1f}% of step time")
 
 
 if __name__ == "__main__":

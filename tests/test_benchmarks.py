@@ -58,3 +58,17 @@ def test_photo_set_is_imagenet_like_and_reproducible(tmp_path):
             assert im.format == "JPEG" and im.mode == "RGB" and im.size in {s for s, _ in SIZES}
             assert im.layer[0][1:3] == (2, 2)  # luma sampled 2x2 against chroma: 4:2:0
     assert len({f.parent.name for f in a}) == 8  # one class per photograph
+
+
+def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys):
+    """The step benchmark counts real FLOPs (a VADeR step is more than its query forward), times the RN50
+    anchor in the same run, and writes a profiler trace."""
+    from benchmarks.train_step import main as train_step
+    train_step(["--objectives", "vader,mocov2", "--arch", "resnet18", "--size", "64", "--batch", "4", "--steps", "1",
+                "--warmup", "1", "--sync-every", "2", "--profile", str(tmp_path / "prof")])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if "GFLOP" in line}
+    assert set(rows) == {"anchor:", "vader", "mocov2"}
+    gflop = {k: float(v.split("GFLOP")[0].split()[-1]) for k, v in rows.items()}
+    assert gflop["vader"] > gflop["mocov2"] > 0  # the FPN decoder costs FLOPs
+    assert (tmp_path / "prof" / "trace_vader.json").stat().st_size > 1000

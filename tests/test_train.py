@@ -157,6 +157,38 @@ def test_a_stop_request_is_honoured_once(synthetic_root, tmp_path):
     assert (second.stopped, second.step) == (False, 3)
 
 
+def test_deferred_synchronisation_trains_and_logs_the_same_run(synthetic_root, tmp_path):
+    """sync_every=3 reads the losses three steps at a time: step for step the losses of a run that reads
+    each step's (the device queue is never drained in between, the arithmetic is the same)."""
+    from train.trainer import run
+    for name, every in (("each", 1), ("deferred", 3)):
+        run(parse(tiny_args(synthetic_root, tmp_path / name, steps=7, checkpoint_every=100, sync_every=every)))
+    assert len(losses(tmp_path / "each")) == 7
+    assert losses(tmp_path / "deferred") == losses(tmp_path / "each")
+
+
+def test_a_nonfinite_loss_between_synchronisations_stops_before_a_checkpoint(synthetic_root, tmp_path):
+    """A loss that blows up in an unsynchronised step is named at the next synchronised one, and the
+    poisoned weights are never checkpointed."""
+    from train.trainer import run
+    run_dir = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"not finite at step (\d+) \(found at step (\d+)") as err:
+        run(parse(tiny_args(synthetic_root, run_dir, steps=20, lr=1e30, decoder_lr=1e30, sync_every=10,
+                            checkpoint_every=10)))
+    bad, found = map(int, re.search(r"step (\d+) \(found at step (\d+)", str(err.value)).groups())
+    assert bad <= found and found % 10 == 0
+    assert all(int(p.stem.split("_")[1]) < bad for p in (run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
+    """compile=true (torch.compile of the model) gives the eager run's losses within float tolerance."""
+    from train.trainer import run
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        run(parse(tiny_args(synthetic_root, tmp_path / name, steps=3, checkpoint_every=100, compile=compiled)))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys() and compiled == pytest.approx(eager, rel=1e-3)
+
+
 def test_checkpoints_rebuild_the_model_they_hold(synthetic_root, tmp_path):
     """Every checkpoint carries its model's configuration: evaluation rebuilds the same network from the file."""
     from train.trainer import run

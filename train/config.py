@@ -66,6 +66,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True
     compile: bool = False
+    sync_every: int = 1  # steps between host synchronisations (loss read, non-finite check, stop agreement)
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str = ""  # '', 'auto' (latest in run_dir, if any) or a checkpoint path
@@ -125,6 +126,7 @@ class TrainConfig:
         keys = self.batch_size * objective.keys_per_pair(self.num_matches, self.symmetric)
         need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
              f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
+        need(self.sync_every >= 1, f"sync_every={self.sync_every} must be >= 1 (steps)")
         need(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1 (steps)")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         need(self.log_every >= 1 and self.log_images_every >= 1 and self.log_images >= 0 and self.log_every_s > 0,

@@ -68,11 +68,31 @@ class Monitor:
         self.started = self.last_line = time.perf_counter()
         self.pairs = 0
         self.image_seconds = 0.0
+        self.pending: list[tuple] = []
 
-    def step(self, step: int, epoch: int, loss: float, lrs: list[float], pairs_per_s: float, data_wait: float,
-             stats: dict, tries: torch.Tensor, model: MoCo) -> None:
-        """Record step ``step`` (1-based): CSV row, TensorBoard scalars (and, every ``log_images_every`` steps
-        and at the last, a feature picture), the bar or a plain line."""
+    def step(self, step: int, epoch: int, loss: float | torch.Tensor, lrs: list[float], pairs_per_s: float,
+             data_wait: float, stats: dict, tries: torch.Tensor, model: MoCo) -> None:
+        """Take step ``step``'s (1-based) numbers; the loss and its parts may still be device tensors, which
+        are read only at ``flush`` (the trainer's synchronised steps), so logging never stalls the device."""
+        self.pending.append((step, epoch, loss, lrs, pairs_per_s, data_wait, stats, tries, model))
+
+    def flush(self) -> None:
+        """Write the steps taken since the last flush, reading their device numbers in one transfer."""
+        if not self.pending:
+            return
+        values = [torch.as_tensor(x).detach().float().reshape(()) for row in self.pending
+                  for x in (row[2], *row[6].values())]
+        read = iter(torch.stack([v.to(values[0].device) for v in values]).tolist())
+        for step, epoch, _, lrs, pairs_per_s, data_wait, stats, tries, model in self.pending:
+            loss = next(read)
+            self._write(step, epoch, loss, lrs, pairs_per_s, data_wait, {k: next(read) for k in stats}, tries,
+                        model)
+        self.pending = []
+
+    def _write(self, step: int, epoch: int, loss: float, lrs: list[float], pairs_per_s: float, data_wait: float,
+               stats: dict, tries: torch.Tensor, model: MoCo) -> None:
+        """Record one step: CSV row, TensorBoard scalars (and, every ``log_images_every`` steps and at the
+        last, a feature picture of the model as it is at the flush), the bar or a plain line."""
         cfg = self.cfg
         self.pairs += cfg.batch_size
         parts = {k: float(v) for k, v in stats.items()}
@@ -106,6 +126,7 @@ class Monitor:
 
     def close(self, step: int, stopped: bool) -> None:
         """Flush everything and print where the run's outputs are."""
+        self.flush()
         self.bar.close()
         self.metrics.close()
         if self.writer is not None:

@@ -80,6 +80,7 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.use_amp = cfg.amp and device.type == "cuda"
         self.nonfinite_skips = 0
+        self.first_nonfinite = torch.tensor(-1, device=device)  # first unsynchronised step with a non-finite loss
         self.forward = None  # set by wrap(), after a resume has loaded the weights
 
     def wrap(self) -> None:
@@ -93,20 +94,40 @@ class Trainer:
             group["lr"] = lr
         return lrs
 
-    def step(self, batch: dict, step: int) -> tuple[float, dict, bool]:
+    def step(self, batch: dict, step: int, sync: bool = True) -> tuple[float | torch.Tensor, dict, bool]:
         """Train on one batch as step ``step + 1``: returns the loss, its parts and whether every rank agreed
-        to stop after it (a stop requested on any rank)."""
+        to stop after it (a stop requested on any rank).
+
+        ``sync=False`` leaves the host free to queue the next step's kernels: the loss comes back as a device
+        tensor, a non-finite loss is only recorded on the device (the first such step), and ranks do not agree
+        on anything. The next synchronised step raises for a recorded non-finite loss, naming its step, before
+        anything is checkpointed; the run then resumes from the last checkpoint, as with ``on_nonfinite=stop``
+        at every step. ``on_nonfinite=skip`` must undo a step before the next, so it synchronises every step."""
         cfg = self.cfg
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         v1 = self.augment(batch["view1"], self.augment_gen).contiguous(memory_format=self.memory_format)
         v2 = self.augment(batch["view2"], self.augment_gen).contiguous(memory_format=self.memory_format)
-        undo = _forward_mutated_state(self.model) if cfg.on_nonfinite == "skip" else None
+        skip = cfg.on_nonfinite == "skip"
+        undo = _forward_mutated_state(self.model) if skip else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             loss, stats = self.forward(v1, v2, batch["matches"], batch["match_xy2"], step)
+        if not (sync or skip):
+            bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite < 0)
+            self.first_nonfinite = torch.where(bad, torch.full_like(self.first_nonfinite, step),
+                                               self.first_nonfinite)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach(), stats, False
         value = loss.item()
+        earlier = int(self.first_nonfinite)  # a non-finite loss of an unsynchronised step since the last sync
         nonfinite, stopping, too_many_bad = distributed.agree(
-            [not math.isfinite(value), distributed.stop_requested(), self.rank == 0 and self.skipped.over_limit()],
-            self.world, self.device)
+            [not math.isfinite(value) or earlier >= 0, distributed.stop_requested(),
+             self.rank == 0 and self.skipped.over_limit()], self.world, self.device)
+        if earlier >= 0:
+            raise FloatingPointError(
+                f"loss is not finite at step {earlier + 1} (found at step {step + 1}, the next synchronised step; "
+                f"sync_every={cfg.sync_every}); resume=auto restarts from the last checkpoint")
         if nonfinite:
             self._skip_or_raise(value, step, batch["index"], undo)
         if too_many_bad:
@@ -227,7 +248,9 @@ def run(cfg: TrainConfig) -> TrainResult:
                     break
                 loaded = time.perf_counter()
                 lrs = trainer.set_learning_rates(global_step)
-                value, stats, stopping = trainer.step(batch, global_step)
+                due = global_step + 1  # the step about to be done (1-based)
+                sync = due % cfg.sync_every == 0 or due % cfg.checkpoint_every == 0 or due == total
+                value, stats, stopping = trainer.step(batch, global_step, sync)
                 global_step += 1
                 step_in_epoch += 1
                 if step_in_epoch == steps_per_epoch:
@@ -237,6 +260,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if monitor is not None:
                     monitor.step(global_step, epoch, value, lrs, cfg.batch_size / (now - start),
                                  (loaded - start) / (now - start), stats, batch["tries"], trainer.model)
+                    if sync:
+                        monitor.flush()
                 heartbeat.beat(global_step)
                 # checkpoint
                 if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
