@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's commands end to end on a GPU host: make demo, make eval, evaluation visualize and export, 50-step
-# DALI and FFCV training runs on the GPU, and the whole test suite with CUDA visible (not only -m gpu).
+# DALI and FFCV training runs on the GPU (and a compiled one), and the whole test suite with CUDA visible (not only -m gpu).
 # Usage: bash tests/gpu_end_to_end.sh [LOG_DIR] (default runs/gpu-e2e). Every step runs; the summary lists each
 # step's status and the script exits non-zero if any failed. To rehearse it without a GPU: ALLOW_CPU=1 (and
 # QUICK=1 for tiny training runs, SKIP_PYTEST=1 to leave out the suite).
@@ -28,6 +28,8 @@ step visualize $py -m evaluation visualize --features checkpoint:runs/demo rando
   --images data/synthetic/val/*/*_00000.jpg --out "$out/visualize"
 step train-dali $py -m train "${train[@]}" backend=dali run_dir="$out/train-dali"
 step train-ffcv $py -m train "${train[@]}" backend=ffcv run_dir="$out/train-ffcv"
+# issue 19: the compiled, rarely synchronised step end to end (compare its pairs/s with benchmarks.train_step)
+step train-compiled $py -m train "${train[@]}" backend=dali compile=true sync_every=25 run_dir="$out/train-compiled"
 step export $py -m evaluation export --checkpoint "$out/train-dali" --out "$out/export"
 [ -z "${SKIP_PYTEST:-}" ] && step pytest env DENSESSL_REQUIRE_BACKENDS=1 $py -m pytest -q -rs
 for f in "$out"/train-*/metrics.csv; do [ -f "$f" ] && echo "$f: $(head -n 1 "$f") / $(tail -n 1 "$f")"; done
