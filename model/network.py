@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -112,6 +113,11 @@ ENCODER_PREFIXES = ("encoder_q.encoder.net.", "encoder_q.0.", "encoder_q.", "bas
                     "encoder.net.", "net.")
 
 
+# What unpickling a plain numpy array needs: our training checkpoints hold numpy's RNG state beside the weights.
+NUMPY_ARRAY_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                       type(np.dtype(np.uint32))]
+
+
 def read_encoder_state(path: str | Path) -> dict:
     """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision or densessl checkpoint as a plain torchvision
     ResNet state dict, without the classifier or projection head (``fc.*``).
@@ -119,7 +125,8 @@ def read_encoder_state(path: str | Path) -> dict:
     The keys are unwrapped from ``state_dict`` or ``model`` and from DDP's ``module.``; then only the keys of the
     first ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the
     queue, which are not the encoder's)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):  # data only, still no arbitrary code
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
