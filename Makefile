@@ -51,9 +51,10 @@ eval: setup
 compare: setup
 	$(PY) -m train.compare --data $(DATA) --out runs/compare
 
-# VADeR's ablations (negatives from the same image, queue size, no momentum encoder, matches, MoCo v2 init).
+# VADeR's ablations (negatives from the same image, queue size, no momentum encoder, matches, MoCo v2 init),
+# reusing make compare's VADeR and MoCo v2 runs where they exist.
 ablations: setup
-	$(PY) -m train.compare --ablations --data $(DATA) --out runs/ablations
+	$(PY) -m train.compare --ablations --data $(DATA) --out runs/ablations --runs runs/compare/runs
 
 bench: setup data
 	$(PY) -m benchmarks.correspondence

@@ -288,6 +288,21 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
     assert rerun["VADeR [dense]"]["wall_s"] == rows["VADeR [dense]"]["wall_s"]
 
 
+def test_ablations_run_at_tiny_size(tmp_path):
+    """``make ablations`` in seconds: each reviewer question trains VADeR under its own key, the MoCo v2
+    initialisation reads the MoCo v2 run of the same seed, and each gets a row."""
+    from train.compare import ABLATIONS, main
+    out = tmp_path / "ablations"
+    assert main(["--tiny", "--ablations", "--kinds", "dense", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert set(rows) == {f"{label} [dense]" for label in ABLATIONS} | {"random init [dense]"}
+    runs = {p.name: parse(["--config", str(p / "config.yaml")]) for p in (out / "runs").iterdir()}
+    assert runs["negatives__same_image__r_2__seed0"].negatives == "image"
+    assert runs["no_momentum_encoder_seed0"].moco_momentum == 0
+    assert runs["8_matches_per_pair_seed0"].num_matches == 8 and runs["queue_1_024_seed0"].queue_size == 1024
+    assert Path(runs["init_moco_v2_seed0"].init_encoder).parent.parent.name == "moco_v2_seed0"
+
+
 @pytest.mark.gpu
 def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
     from train.trainer import run

@@ -1,7 +1,7 @@
 """`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
 
     python -m train.compare --out runs/compare                  # 3 objectives x 3 seeds, then every evaluation
-    python -m train.compare --ablations --out runs/ablations    # VADeR's reviewer ablations, same budget
+    python -m train.compare --ablations --out runs/ablations --runs runs/compare/runs   # VADeR's ablations
     python -m train.compare --tiny                              # seconds: 2 objectives, 1 seed (the test)
 
 Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
@@ -196,12 +196,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
     p.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
+    p.add_argument("--runs", help="where the pretraining runs live (default OUT/runs); a finished run found there "
+                                  "is reused, so ablations can share the comparison's VADeR and MoCo v2 runs")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 2 objectives, 1 seed, 4 steps")
     args = p.parse_args(argv)
     if args.tiny:
         args.objectives, args.seeds, args.steps, args.batch, args.view_size = ["vader", "mocov2"], [0], 4, 8, 64
     out = Path(args.out)
+    runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
 
     # --- data: the embedded set (tiny: a few scenes and one short clip)
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
     plans = []
     if args.ablations:
         for seed in args.seeds:
-            plans.append(("MoCo v2 (for init)", "mocov2", seed, replace(base, objective="mocov2")))
+            plans.append(("MoCo v2", "mocov2", seed, replace(base, objective="mocov2")))  # read by init
             for label, overrides in ABLATIONS.items():
                 plans.append((label, "vader", seed, replace(base, objective="vader", **overrides)))
     else:
@@ -221,20 +224,20 @@ def main(argv=None) -> int:
     # --- pretrain and evaluate each, then the random baselines of the same seeds (random init seed s is the
     # initial network of the VADeR run of seed s)
     def run_dir(label: str, seed: int) -> Path:
-        return out / "runs" / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
+        return runs / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
 
     device = None
     results = []
     for label, key, seed, cfg in plans:
         cfg = replace(cfg, seed=seed, run_dir=str(run_dir(label, seed)))
         if cfg.init_encoder == "mocov2":
-            cfg = replace(cfg, init_encoder=str(run_dir("MoCo v2 (for init)", seed) / "checkpoints" /
+            cfg = replace(cfg, init_encoder=str(run_dir("MoCo v2", seed) / "checkpoints" /
                                                 f"step_{args.steps:08d}.pt"))
         print(f"== {label}, seed {seed}: pretraining {cfg.steps} steps -> {cfg.run_dir}", flush=True)
         trained = pretrain(cfg)
         model = trained.pop("model")
         device = next(model.parameters()).device
-        if args.ablations and label == "MoCo v2 (for init)":
+        if args.ablations and key == "mocov2":
             continue
         print(f"== {label}, seed {seed}: evaluating ({trained['pairs_per_s']:.1f} pairs/s in pretraining)",
               flush=True)
