@@ -73,9 +73,12 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """k = m k + (1 - m) q over all parameters, as two multi-tensor kernels rather than two per tensor (the
+        same arithmetic, in the same order, as the per-tensor loop)."""
         m = self.cfg.momentum
-        for q, k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            k.mul_(m).add_(q.detach(), alpha=1 - m)
+        keys, queries = list(self.encoder_k.parameters()), [q.detach() for q in self.encoder_q.parameters()]
+        torch._foreach_mul_(keys, m)
+        torch._foreach_add_(keys, queries, alpha=1 - m)
 
     @torch.no_grad()
     def enqueue(self, name: str, keys: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ def test_momentum_update():
     before = [p.clone() for p in m.encoder_k.parameters()]
     m.momentum_update()
     for k, b, q in zip(m.encoder_k.parameters(), before, m.encoder_q.parameters()):
-        torch.testing.assert_close(k, 0.9 * b + 0.1 * q)
+        assert torch.equal(k, b.mul(0.9).add(q, alpha=1 - 0.9))  # bit for bit the per-tensor update
 
 
 def test_shuffle_bn_unshuffles_keys():
