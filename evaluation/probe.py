@@ -57,7 +57,7 @@ def resized_targets(data: DenseSet, size: tuple[int, int]) -> torch.Tensor:
 @dataclass
 class Probe:
     """A fitted linear probe: standardisation (training statistics), the 1x1 conv, and its training curve
-    (loss after each epoch; one value for depth's closed form)."""
+    (the loss at each L-BFGS evaluation; one value, the training RMSE, for depth's closed form)."""
 
     mean: torch.Tensor
     std: torch.Tensor
