@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's commands end to end on a GPU host: make demo, make eval, evaluation visualize and export, 50-step
-# DALI and FFCV training runs on the GPU (and a compiled one), and the whole test suite with CUDA visible (not only -m gpu).
+# DALI and FFCV training runs on the GPU (and a compiled one), and the whole test suite with CUDA visible (not
+# only -m gpu).
 # Usage: bash tests/gpu_end_to_end.sh [LOG_DIR] (default runs/gpu-e2e). Every step runs; the summary lists each
 # step's status and the script exits non-zero if any failed. To rehearse it without a GPU: ALLOW_CPU=1 (and
 # QUICK=1 for tiny training runs, SKIP_PYTEST=1 to leave out the suite).
