@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="data/synthetic", help="data set root (default: the embedded set)")
     p.add_argument("--images", nargs="+", default=[], help="images for visualize")
     p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
-    p.add_argument("--probe-steps", type=int, default=100, help="segmentation probe: most L-BFGS iterations")
+    p.add_argument("--probe-steps", type=int, default=300, help="segmentation probe: most L-BFGS iterations")
     p.add_argument("--save-masks", action="store_true", help="propagation: write the predicted masks to "
                    "OUT/masks/<features>/<video>/<frame>.png (DAVIS's results layout, for its official code)")
     p.add_argument("--out", default="runs/eval")

@@ -74,7 +74,7 @@ class Probe:
         return len(self.losses) == 1 or abs(tail[0] - tail[-1]) <= 0.01 * abs(tail[0])
 
 
-def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes: int = 0, steps: int = 100,
+def fit_probe(feats: torch.Tensor, targets: torch.Tensor, task: str, num_classes: int = 0, steps: int = 300,
               weight_decay: float = 1e-3, ridge: float = 1e-3) -> Probe:
     """A 1x1 conv on per-channel standardised features, fitted to convergence.
 
@@ -173,7 +173,7 @@ def evaluate_probe(probe: Probe, feats, test: DenseSet) -> dict:
     return mean_errors(per_image)
 
 
-def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), steps: int = 100) -> dict:
+def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), steps: int = 300) -> dict:
     """Fit on ``train`` at ``size``, report on ``test`` at its own resolution: {'mIoU', 'IoU'} or the depth
     metrics (``metrics.DEPTH_METRICS``), with the probe's final training loss (``probe loss``), whether it had
     flattened (``probe converged``), and the same metrics of the trivial probe (``trivial``)."""
