@@ -119,8 +119,9 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             return loss.detach(), stats, False
-        value = loss.item()
-        earlier = int(self.first_nonfinite)  # a non-finite loss of an unsynchronised step since the last sync
+        # one transfer: this loss, and the first non-finite loss of an unsynchronised step since the last sync
+        value, earlier = torch.stack([loss.detach().double(), self.first_nonfinite.double()]).tolist()
+        earlier = int(earlier)
         nonfinite, stopping, too_many_bad = distributed.agree(
             [not math.isfinite(value) or earlier >= 0, distributed.stop_requested(),
              self.rank == 0 and self.skipped.over_limit()], self.world, self.device)
