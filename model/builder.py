@@ -87,13 +87,13 @@ class MoCo(nn.Module):
         n, size = keys.shape[0], queue.shape[1]
         if size % n:
             raise ValueError(f"{name}: queue size {size} is not a multiple of the {n} keys enqueued per step")
-        start = int(ptr)
-        # out of place: this step's loss read the old queue, and its backward may still need that very tensor
-        # (torch.compile recomputes the loss's copy of it from the buffer instead of saving the copy)
-        updated = queue.clone()
-        updated[:, start:start + n] = keys.T
-        setattr(self, name, updated)
-        ptr.fill_((start + n) % size)
+        # the pointer stays on the device (reading it would stall the host every step); it is always a multiple
+        # of n and size is too, so the n columns never wrap. Out of place: this step's loss read the old queue,
+        # and its backward may still need that very tensor (torch.compile recomputes the loss's copy of it from
+        # the buffer instead of saving the copy)
+        columns = ptr + torch.arange(n, device=queue.device)
+        setattr(self, name, queue.index_copy(1, columns, keys.T.to(queue.dtype)))
+        ptr.copy_((ptr + n) % size)
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,10 +108,12 @@ class MoCo(nn.Module):
             out = self.encoder_k(full[perm.view(_world(), -1)[rank]])
             inverse = torch.argsort(perm).view(_world(), -1)[rank]
             return {k: concat_all_gather(v)[inverse] for k, v in out.items()}
-        perm = torch.randperm(x.shape[0], device=x.device)
-        chunks = [self.encoder_k(c) for c in x[perm].chunk(self.cfg.shuffle_groups)]
+        # a random permutation as the order of random keys, not randperm: torch 2.11's inductor fails on CUDA
+        # in its rewrite of ``x[randperm(n)]`` ("Not all inputs to pattern found in match.kwargs")
+        perm = torch.rand(x.shape[0], device=x.device).argsort()
+        chunks = [self.encoder_k(c) for c in x.index_select(0, perm).chunk(self.cfg.shuffle_groups)]
         inverse = torch.argsort(perm)
-        return {k: torch.cat([c[k] for c in chunks])[inverse] for k in chunks[0]}
+        return {k: torch.cat([c[k] for c in chunks]).index_select(0, inverse) for k in chunks[0]}
 
     def forward(self, view1, view2, matches=None, match_xy2=None, step: int | None = None):
         """Returns (loss, stats dict) and enqueues this step's keys. Views are augmented, normalised float

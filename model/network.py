@@ -43,6 +43,20 @@ class ResNetEncoder(nn.Module):
         return [c2, c3, c4, n.layer4(c4)]
 
 
+class BilinearUp2(nn.Module):
+    """2x bilinear upsampling (align_corners=False), the same as ``nn.Upsample(scale_factor=2, mode="bilinear")``.
+
+    On CUDA the input is made channels_last first. The decoder's GroupNorm returns NCHW tensors, and CUDA's NCHW
+    bilinear kernel gives one thread per output position that loops over every image and channel: on an H100
+    the decoder's upsamplings took a third of the VADeR step that way (benchmarks/RESULTS.md). The
+    channels_last kernel gives a thread per output value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 def _conv_gn_relu(cin: int, cout: int, groups: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True)]
 
@@ -61,7 +75,7 @@ class FPNDecoder(nn.Module):
             for i in range(max(1, level)):
                 layers += _conv_gn_relu(fpn_dim if i == 0 else dim, dim, groups)
                 if level > 0:
-                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+                    layers.append(BilinearUp2())
             self.levels.append(nn.Sequential(*layers))
         self.out = nn.Conv2d(dim, dim, 1)
 

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from model.builder import MoCo, MoCoConfig
-from model.network import DenseNetwork, load_encoder_weights
+from model.network import BilinearUp2, DenseNetwork, load_encoder_weights
 from released import released_checkpoints
 
 
@@ -60,6 +60,18 @@ def test_shuffle_bn_unshuffles_keys():
     # with fixed BN statistics, shuffling then unshuffling must give exactly the plain forward
     x = torch.randn(6, 3, 64, 64)
     torch.testing.assert_close(m.encode_keys(x)["dense"], m.encoder_k(x)["dense"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decoder_upsampling_is_bilinear_2x_in_any_layout(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(3, 16, 7, 5, device=device)
+    reference = torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)(x)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = BilinearUp2()(x.contiguous(memory_format=layout))
+        assert out.shape == (3, 16, 14, 10)
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["vader", "densecl", "mocov2"])

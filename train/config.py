@@ -66,6 +66,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True
     compile: bool = False
+    cudnn_benchmark: bool = True  # GPU: cuDNN times its convolution algorithms once for our fixed shapes and
+    # keeps the fastest (false: the default algorithms, for runs that must repeat bit for bit)
     sync_every: int = 1  # steps between host synchronisations (loss read, non-finite check, stop agreement)
     seed: int = 0
     run_dir: str = "runs/default"

@@ -79,6 +79,8 @@ class Trainer:
         self.skipped = SkippedImages(self.run_dir / "skipped.txt", cfg.max_bad_images)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.use_amp = cfg.amp and device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         self.nonfinite_skips = 0
         self.first_nonfinite = torch.tensor(-1, device=device)  # first unsynchronised step with a non-finite loss
         self.forward = None  # set by wrap(), after a resume has loaded the weights
