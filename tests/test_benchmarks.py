@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,43 @@ def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys
     gflop = {k: float(v.split("GFLOP")[0].split()[-1]) for k, v in rows.items()}
     assert gflop["vader"] > gflop["mocov2"] > 0  # the FPN decoder costs FLOPs
     assert (tmp_path / "prof" / "trace_vader.json").stat().st_size > 1000
+
+
+def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(synthetic_root, capsys):
+    """The feasibility benchmark of issue 20 measures the right thing: its union covers both windows at the
+    smallest scale that keeps them at view size, and its libjpeg region decoder returns the full decode's
+    pixels of that region (at 8/8). The two outermost columns on each side may differ (measured up to 11 grey
+    levels): chroma upsampling has no neighbour beyond a cropped edge."""
+    import simplejpeg
+
+    from benchmarks import partial_decode
+    from pipeline.geometry import pair_params
+
+    spec = PairSpec(size=(64, 64))
+    files = list(scan_image_folder(synthetic_root / "train").files)[:12]
+    region = partial_decode.scanline_decoder()
+    for i, path in enumerate(files):
+        data = open(path, "rb").read()
+        plan = partial_decode.plan(data, i, spec)
+        p = pair_params(i, plan["h"], plan["w"], spec)
+        for top, left, h, w in ((p[0], p[1], p[2], p[3]), (p[5], p[6], p[7], p[8])):
+            assert plan["top"] <= top and top + h <= plan["top"] + plan["height"]
+            assert plan["left"] <= left and left + w <= plan["left"] + plan["width"]
+        smallest = min(p[2], p[3], p[7], p[8]) / 64  # both windows stay at view size or above at m/8
+        m = plan["m"]
+        assert (m == 8 and smallest < 1) or (smallest * m / 8 >= 1 and (m == 1 or smallest * (m - 1) / 8 < 1))
+        assert plan["atop"] % 8 == 0 and plan["aleft"] % 8 == 0 and plan["atop"] <= plan["top"]
+        if region is None:
+            continue
+        full = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        rows, first = region(data, plan["top"], plan["left"], plan["height"], plan["width"], 8)
+        assert first <= plan["left"] and first + rows.shape[1] >= plan["left"] + plan["width"]
+        want = full[plan["top"]:plan["top"] + plan["height"], first:first + rows.shape[1]]
+        assert rows.shape == want.shape
+        diff = np.abs(rows.astype(int) - want)
+        assert diff[:, 2:-2].max() <= 1 and diff.max() <= 16, (path, diff.max())
+        scaled, _ = region(data, 0, 0, plan["h"], plan["w"], 4)
+        assert scaled.shape == ((plan["h"] + 1) // 2, (plan["w"] + 1) // 2, 3)
+    partial_decode.main(["--data", str(synthetic_root / "train"), "--reps", "1", "--size", "64"])
+    out = capsys.readouterr().out
+    assert "union of the two windows" in out and "simplejpeg, whole image" in out
