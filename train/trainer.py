@@ -88,7 +88,9 @@ class Trainer:
     def wrap(self) -> None:
         net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                                       broadcast_buffers=False) if self.world > 1 else self.model
-        self.forward = torch.compile(net) if self.cfg.compile else net
+        # fallback_random: random draws inside the compiled graph (shuffle-BN's permutation) come from torch's
+        # generator as in eager mode, not from inductor's own, so a compiled run follows the eager run
+        self.forward = torch.compile(net, options={"fallback_random": True}) if self.cfg.compile else net
 
     def set_learning_rates(self, step: int) -> list[float]:
         lrs = [learning_rate(b, step, self.total, self.cfg.warmup_steps) for b in self.base_lrs]
