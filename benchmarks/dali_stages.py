@@ -2,8 +2,9 @@
 
     python -m benchmarks.dali_stages [--data synthetic] [--device 0] [--threads 8] [--batch 256] [--copies 16]
 
-Stages: read + decode; + the Numba pair sampler (overlap rule, params out); + both views cut (the full graph:
-DALI's ROI resize on the GPU, the Numba resize on the CPU); the full loader (iterator, torch tensors, matches).
+Stages: read + decode of the whole image; read + the Numba pair sampler (overlap rule, params out) + the
+loader's decode (on the CPU only the union box of the two windows); + both views cut (the full graph: DALI's
+ROI resize on the GPU, the Numba resize on the CPU); the full loader (iterator, torch tensors, matches).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline import PairSpec, build_loader
-from pipeline.dali import pair_params_op, view_pair_pipeline
+from pipeline.dali import decode_op, pair_params_op, view_pair_pipeline
 from pipeline.folder import scan_image_folder
 
 from .common import Rate, machine, time_loader
@@ -23,10 +24,13 @@ from .loader import DATA_HELP, resolve_data
 
 @pipeline_def
 def decode_pipeline(files, device: str, spec: PairSpec | None = None):
-    """Read + decode; with ``spec``, the pair sampler too (the full graph less the two views)."""
+    """Read + decode the whole image (the decode-only ceiling); with ``spec``, the pair sampler and the loader's
+    own decode instead (on the CPU the union box of the two windows): the full graph less the two views."""
     jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True, name="Reader")
-    image = fn.decoders.image(jpegs, device=device, output_type=types.RGB)
-    return image if spec is None else (image, pair_params_op(jpegs, spec))
+    if spec is None:
+        return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+    params, anchor, shape = pair_params_op(jpegs, spec)
+    return decode_op(jpegs, anchor, shape, device), params
 
 
 def time_pipe(name: str, pipe, batches: int, reps: int, batch: int) -> Rate:
@@ -58,8 +62,9 @@ def main(argv=None) -> None:
     kw = dict(batch_size=args.batch, num_threads=args.threads, device_id=args.device, seed=0)
     spec = PairSpec()
     order = list(range(len(files)))
-    rows = [time_pipe("read + decode", decode_pipeline(files, dev, **kw), batches, args.reps, args.batch),
-            time_pipe("+ Numba pair sampler, params out", decode_pipeline(files, dev, spec, **kw), batches,
+    rows = [time_pipe("read + decode (whole image)", decode_pipeline(files, dev, **kw), batches, args.reps,
+                      args.batch),
+            time_pipe("read + pair sampler + the loader's decode", decode_pipeline(files, dev, spec, **kw), batches,
                       args.reps, args.batch),
             time_pipe("+ both views cut (full graph)", view_pair_pipeline(files, order, spec, 0, 1, dev,
                                                                           **kw), batches, args.reps, args.batch)]

@@ -32,7 +32,7 @@ import simplejpeg
 
 from pipeline import PairSpec
 from pipeline.folder import scan_image_folder
-from pipeline.geometry import pair_params
+from pipeline.geometry import pair_params, window_union
 
 from .common import machine
 from .loader import DATA_HELP, resolve_data
@@ -46,8 +46,8 @@ def plan(data: bytes, seed: int, spec: PairSpec) -> dict:
     """The union of one pair's windows (source pixels), its iMCU-aligned version, and the scale M/8."""
     h, w, subsampling, _ = simplejpeg.decode_jpeg_header(data)
     p = pair_params(seed, h, w, spec)
-    top, left = min(p[0], p[5]), min(p[1], p[6])
-    bottom, right = max(p[0] + p[2], p[5] + p[7]), max(p[1] + p[3], p[6] + p[8])
+    top, left, height, width = window_union(p)
+    bottom, right = top + height, left + width
     mx, my = IMCU.get(subsampling, (16, 16))
     atop, aleft = top // my * my, left // mx * mx
     smallest = min(p[2], p[7]) / spec.size[0], min(p[3], p[8]) / spec.size[1]

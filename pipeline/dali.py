@@ -3,10 +3,11 @@
 DALI's fused random-crop operators keep their crop windows to themselves (DALI issues #2576, #2206). Here each
 pair is drawn by the project's own Numba sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
 redrawn until ``min_matches`` grid cells are shared, else view 2 reuses view 1's window) running inside the
-graph as a DALI ``numba_function`` operator, from a per-sample seed drawn by DALI's seeded RNG. Both views are
-resized from one decoded image (GPU: ``fn.resize(roi_start, roi_end)``; CPU: the project's Numba resize in a
-second ``numba_function``), and the sampler's 12 parameters are an output, from which the iterator assembles
-the batch (``contract.assemble_batch``: affines and matches).
+graph as a DALI ``numba_function`` operator, from a per-sample seed drawn by DALI's seeded RNG and the JPEG
+header, before the decode. Both views are resized from one decode (GPU: the whole image, then
+``fn.resize(roi_start, roi_end)``; CPU: only the union box of the two windows, then the project's Numba resize
+in a second ``numba_function``), and the sampler's 12 parameters are an output, from which the iterator
+assembles the batch (``contract.assemble_batch``: affines and matches).
 
 The same sampler as the reference and FFCV loaders means the same view distribution and overlap rule in every
 backend. It runs as one compiled operator because the overlap rule built from DALI's arithmetic operators and
@@ -30,7 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .contract import PairSpec, assemble_batch
 from .folder import screen_files
-from .geometry import view_pair_params
+from .geometry import view_pair_params, window_union
 from .resize import resize_crop_aa
 
 OUTPUTS = ("view1", "view2", "params", "index")
@@ -39,17 +40,20 @@ _SEED_RANGE = 2**31  # two DALI int32 draws make one 62-bit sampler seed
 
 def _params_shape(outs, ins):
     for i in range(len(outs[0])):
-        outs[0][i][0] = 12
+        outs[0][i][0], outs[1][i][0], outs[2][i][0] = 12, 2, 2
 
 
 def _sampler(spec: PairSpec):
-    """A DALI numba_function body: image shape (H, W, C) and two seed halves -> view_pair_params' int64[12]."""
+    """A DALI numba_function body: image shape (H, W, C) and two seed halves -> view_pair_params' int64[12],
+    and the union box of the two windows as ``decoders.image_slice``'s anchor (x, y) and shape (w, h)."""
     out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p, min_matches, stride, max_tries = spec.sampler_args()
 
-    def run(params, shape, seed_hi, seed_lo):
+    def run(params, anchor, box, shape, seed_hi, seed_lo):
         seed = (np.int64(seed_hi[0]) << 31) | np.int64(seed_lo[0])
         params[:] = view_pair_params(seed, shape[0], shape[1], out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
                                      min_matches, stride, max_tries)
+        top, left, height, width = window_union(params)
+        anchor[0], anchor[1], box[0], box[1] = left, top, width, height
     return run
 
 
@@ -64,26 +68,40 @@ def _views_setup(spec: PairSpec):
 
 
 def _cut_views(view1, view2, image, params):
-    """A DALI numba_function body (CPU graphs): ``resize.cut_pair``'s two calls, written out because a kernel
-    that calls another dispatcher, when first compiled inside DALI's numba plugin, is typed there with its
-    scratch arrays read-only and fails (seen with an empty Numba cache)."""
-    resize_crop_aa(image, params[0], params[1], params[2], params[3], params[4] != 0, view1)
-    resize_crop_aa(image, params[5], params[6], params[7], params[8], params[9] != 0, view2)
+    """A DALI numba_function body (CPU graphs): ``resize.cut_pair``'s two calls on an image that holds only the
+    union box of the two windows (``decode_op``), so each window moves by the box's corner. Written out because
+    a kernel that calls another dispatcher, when first compiled inside DALI's numba plugin, is typed there with
+    its scratch arrays read-only and fails (seen with an empty Numba cache)."""
+    top, left, _, _ = window_union(params)
+    resize_crop_aa(image, params[0] - top, params[1] - left, params[2], params[3], params[4] != 0, view1)
+    resize_crop_aa(image, params[5] - top, params[6] - left, params[7], params[8], params[9] != 0, view2)
 
 
 def pair_params_op(jpegs, spec: PairSpec):
     """Graph piece: each sample's 12 view-pair parameters (``view_pair_params``), drawn from the JPEG header
-    alone, so the pair is sampled while the decode runs."""
+    alone, so the pair is sampled before the decode, and the union box of its two windows (anchor, shape)."""
     shape = fn.peek_image_shape(jpegs)
     seed_hi, seed_lo = (fn.random.uniform(range=[0, _SEED_RANGE], dtype=types.INT32, shape=[1]) for _ in range(2))
-    return numba_function(shape, seed_hi, seed_lo, run_fn=_sampler(spec),
-                          setup_fn=_params_shape, out_types=[types.INT64], outs_ndim=[1],
+    return numba_function(shape, seed_hi, seed_lo, run_fn=_sampler(spec), setup_fn=_params_shape,
+                          out_types=[types.INT64, types.FLOAT, types.FLOAT], outs_ndim=[1, 1, 1],
                           in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
 
 
+def decode_op(jpegs, anchor, shape, device: str):
+    """Graph piece: each image as the views are cut from it. On the CPU only the union box of its pair's windows
+    (``pair_params_op``'s anchor and shape): libjpeg-turbo skips the inverse DCT, upsampling and colour
+    conversion outside it (1.05-1.26x the whole-image decode, benchmarks/RESULTS.md), and the windows keep
+    their source coordinates, so geometry is unchanged. With ``device="mixed"`` the whole image, on the GPU."""
+    if device == "cpu":
+        return fn.decoders.image_slice(jpegs, anchor, shape, device="cpu", output_type=types.RGB,
+                                       normalized_anchor=False, normalized_shape=False)
+    return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+
+
 def cut_views_op(image, params, spec: PairSpec):
-    """Graph piece: both views of each decoded image. On the GPU, DALI's ROI resize and flip; on the CPU the
-    project's Numba resize, which is faster there than DALI's CPU resize and is the reference loader's filter."""
+    """Graph piece: both views of each image from ``decode_op``. On the GPU, DALI's ROI resize and flip of the
+    whole image; on the CPU the project's Numba resize of the union box, which is faster there than DALI's CPU
+    resize and is the reference loader's filter."""
     if image.device == "cpu":
         return numba_function(image, params, run_fn=_cut_views, setup_fn=_views_setup(spec),
                               out_types=[types.UINT8, types.UINT8], outs_ndim=[3, 3],
@@ -104,9 +122,8 @@ def view_pair_pipeline(files, indices, spec: PairSpec, shard_id: int, num_shards
     # shards of an epoch partition the data while each rank's random operators draw their own numbers
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
-    params = pair_params_op(jpegs, spec)
-    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    view1, view2 = cut_views_op(image, params, spec)
+    params, anchor, shape = pair_params_op(jpegs, spec)
+    view1, view2 = cut_views_op(decode_op(jpegs, anchor, shape, decode_device), params, spec)
     return view1, view2, params, index
 
 

@@ -145,6 +145,16 @@ def view_pair_params(seed, height, width, out_h, out_w, scale_lo, scale_hi, rati
     return out
 
 
+@njit(cache=True)
+def window_union(params):
+    """(top, left, height, width) of the smallest box holding both windows of a row of ``view_pair_params``:
+    what a loader that decodes only part of an image must decode."""
+    top, left = min(params[0], params[5]), min(params[1], params[6])
+    bottom = max(params[0] + params[2], params[5] + params[7])
+    right = max(params[1] + params[3], params[6] + params[8])
+    return top, left, bottom - top, right - left
+
+
 def sample_crop_window(seed: int, height: int, width: int, scale=(0.2, 1.0),
                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(top, left, h, w) with torchvision ``RandomResizedCrop.get_params`` semantics, from an integer seed."""

@@ -133,3 +133,23 @@ def test_overlap_rule_enforced_and_retries_counted(synthetic_root):
     tries = torch.cat([b["tries"] for b in batches])
     assert ((tries >= 0) & (tries <= 3)).all()
     assert 0 < (tries == 0).sum() <= (tries != 1).sum() < len(tries)  # some redrawn, some fell back
+
+
+def test_cpu_graph_decodes_the_union_box_with_the_whole_images_pixels(tmp_path):
+    """The CPU graph decodes only the union box of each pair's windows (issue 20). On natural photos its views
+    equal, bit for bit, the views the reference filter cuts from the whole decoded image."""
+    pytest.importorskip("skimage")
+    from benchmarks.photos import write_photo_set
+    root = write_photo_set(tmp_path / "photos", count=24)
+    files = scan_image_folder(root).files
+    spec = PairSpec(size=(128, 128))
+    compared = 0
+    for batch in dali_loader(root, spec, batch_size=8):
+        for b in range(batch["index"].shape[0]):
+            image = decode_rgb(open(files[int(batch["index"][b])], "rb").read())
+            for v in ("1", "2"):
+                crop = crop_from_affine(batch["geometry" + v][b].double().numpy(), spec.size)
+                got = batch["view" + v][b].permute(1, 2, 0).numpy()
+                np.testing.assert_array_equal(got, render_view(image, crop, spec.size))
+                compared += 1
+    assert compared == 48
