@@ -24,9 +24,10 @@ import torch
 from model import checkpoint as checkpoints
 
 from . import datasets
+from .embedded import EmbeddedTasks, score_embedded
 from .features import KINDS, feature_extractors
 from .metrics import DEPTH_METRICS
-from .probe import linear_probe
+from .probe import linear_probe, warn_if_unreliable
 from .propagation import evaluate_videos
 from .visualize import plot_pca, plot_retrieval
 
@@ -45,17 +46,11 @@ def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
 
 
 def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
-    """A probe result as table columns: the metric, the trivial baseline's, and the probe's final loss; warns
-    when the probe had not converged or does not beat the trivial baseline."""
-    lower_is_better = metric in ("AbsRel", "SqRel", "RMSE", "RMSE log")
-    value, trivial = result[metric], result["trivial"][metric]
-    if not result["probe converged"]:
-        print(f"warning: {label}: probe loss still moving at the end ({result['probe loss']:.4f}): raise --probe-steps",
-              file=sys.stderr)
-    if (value >= trivial) if lower_is_better else (value <= trivial):
-        print(f"warning: {label}: probe {metric} {value:.3f} does not beat the trivial baseline's {trivial:.3f}",
-              file=sys.stderr)
-    return {metric: value, f"trivial {metric}": trivial, "probe loss": result["probe loss"]}
+    """A probe result as table columns: the metric, the trivial baseline's, and the probe's final loss (with
+    ``probe.warn_if_unreliable``'s warnings)."""
+    warn_if_unreliable(result, metric, label)
+    return {metric: result[metric], f"trivial {metric}": result["trivial"][metric],
+            "probe loss": result["probe loss"]}
 
 
 def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
@@ -74,20 +69,14 @@ def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kin
     arch = checkpoints.read(path)["model_config"]["arch"]
     out.mkdir(parents=True, exist_ok=True)
     extractors = feature_extractors([f"checkpoint:{path}", f"random:{arch}"], arch, device, kinds)
-    seg = [datasets.synthetic(data, s) for s in ("train", "val")]
-    depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
-    videos = datasets.synthetic_videos(data)
+    tasks = EmbeddedTasks.load(data)
     rows = {}
     for name, fn in extractors.items():
-        s = linear_probe(fn, *seg, size, steps)
-        d = linear_probe(fn, *depth, size, steps)
-        v = evaluate_videos(fn, videos)
-        rows[name] = {"seg mIoU": s["mIoU"], "depth RMSE (m)": d["RMSE"], "depth delta1": d["delta1"],
-                      "J": v["J"], "F": v["F"], "J&F": v["J&F"]}
-        probe_row(s, "mIoU", f"{name} segmentation")
-        probe_row(d, "RMSE", f"{name} depth")
-    plot_pca(extractors, seg[1].images[:6], out / "pca.png", size)
-    plot_retrieval(extractors, seg[1].images[:5], out / "retrieval.png", size)
+        r = score_embedded(fn, tasks, name, size, steps)
+        rows[name] = {"seg mIoU": r["mIoU"], "depth RMSE (m)": r["RMSE"], "depth delta1": r["delta1"], "J": r["J"],
+                      "F": r["F"], "J&F": r["J&F"]}
+    plot_pca(extractors, tasks.segmentation[1].images[:6], out / "pca.png", size)
+    plot_retrieval(extractors, tasks.segmentation[1].images[:5], out / "retrieval.png", size)
     _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F"], out,
             f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init")
     return rows

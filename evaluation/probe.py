@@ -8,6 +8,8 @@ Every result carries the probe's final training loss, whether it converged, and 
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,3 +188,16 @@ def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), 
     trivial = trivial_probe(targets, train.task, test_feats.shape[1], train.num_classes)
     return {**evaluate_probe(probe, test_feats, test), "probe loss": probe.losses[-1],
             "probe converged": probe.converged, "trivial": evaluate_probe(trivial, test_feats, test)}
+
+
+def warn_if_unreliable(result: dict, metric: str, label: str) -> None:
+    """Warn on stderr, naming ``label``, when a ``linear_probe`` result had not converged or its ``metric``
+    does not beat the trivial probe's."""
+    lower_is_better = metric in ("AbsRel", "SqRel", "RMSE", "RMSE log")
+    value, trivial = result[metric], result["trivial"][metric]
+    if not result["probe converged"]:
+        print(f"warning: {label}: probe loss still moving at the end ({result['probe loss']:.4f}): raise --probe-steps",
+              file=sys.stderr)
+    if (value >= trivial) if lower_is_better else (value <= trivial):
+        print(f"warning: {label}: probe {metric} {value:.3f} does not beat the trivial baseline's {trivial:.3f}",
+              file=sys.stderr)

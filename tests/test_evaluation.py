@@ -393,3 +393,15 @@ def test_export_to_torchvision_and_detectron2(tmp_path):
     FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[3]))
     assert "STRIDE_IN_1X1: False" in written[2].read_text() and "FORMAT: RGB" in written[2].read_text()
     assert detectron2_name("layer1.0.downsample.1.weight") == "res2.0.shortcut.norm.weight"
+
+
+def test_unreliable_probes_are_warned_about(capsys):
+    from evaluation.probe import warn_if_unreliable
+    good = {"mIoU": 0.5, "trivial": {"mIoU": 0.1}, "probe converged": True, "probe loss": 0.2}
+    warn_if_unreliable(good, "mIoU", "m seg")
+    assert capsys.readouterr().err == ""
+    warn_if_unreliable({**good, "probe converged": False}, "mIoU", "m seg")
+    assert "m seg: probe loss still moving" in capsys.readouterr().err
+    depth = {"RMSE": 0.9, "trivial": {"RMSE": 0.8}, "probe converged": True, "probe loss": 0.2}
+    warn_if_unreliable(depth, "RMSE", "m depth")  # lower is better: 0.9 loses to 0.8
+    assert "m depth: probe RMSE 0.900 does not beat the trivial baseline's 0.800" in capsys.readouterr().err

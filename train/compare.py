@@ -27,16 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation import datasets
+from evaluation.embedded import PROBE_SIZE, EmbeddedTasks, score_embedded
 from evaluation.features import model_extractors, random_model
-from evaluation.probe import linear_probe
-from evaluation.propagation import evaluate_videos
 from pipeline.synthetic import SyntheticConfig, generate
 
 from .config import TrainConfig
 from .trainer import run
 
-PROBE_SIZE = (128, 160)
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2"}
 # (task, metric, higher is better): the table's columns and the plot's panels
@@ -75,21 +72,13 @@ def pretrain(cfg: TrainConfig) -> dict:
 
 
 def evaluate(model, data: Path, device, kinds) -> dict[str, dict[str, float]]:
-    """Every kind of the model's features through every protocol: {kind: {score: value}}."""
-    seg = [datasets.synthetic(data, s) for s in ("train", "val")]
-    depth = [datasets.synthetic(data, s, "depth") for s in ("train", "val")]
-    videos = datasets.synthetic_videos(data)
+    """Every kind of the model's features through every protocol (``evaluation.embedded``): {kind: scores}."""
+    tasks = EmbeddedTasks.load(data)
     out = {}
     for kind, fn in model_extractors(model, kinds).items():
-        fn = fn.to(device)
-        s, d = linear_probe(fn, *seg, PROBE_SIZE), linear_probe(fn, *depth, PROBE_SIZE)
-        v = evaluate_videos(fn, videos)
-        out[kind] = {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"],
-                     "F": v["F"], "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
-                     "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
-                     "depth probe loss": d["probe loss"],
-                     "probes converged": float(s["probe converged"] and d["probe converged"])}
-        print(f"  [{kind}] mIoU {s['mIoU']:.3f}  RMSE {d['RMSE']:.3f}  J&F {v['J&F']:.3f}", flush=True)
+        out[kind] = score_embedded(fn.to(device), tasks, kind)
+        print(f"  [{kind}] mIoU {out[kind]['mIoU']:.3f}  RMSE {out[kind]['RMSE']:.3f}  J&F {out[kind]['J&F']:.3f}",
+              flush=True)
     return out
 
 

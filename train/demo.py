@@ -18,11 +18,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from evaluation.datasets import synthetic
+from evaluation.embedded import PROBE_SIZE
 from evaluation.features import model_extractors, random_model
 from evaluation.visualize import plot_pca
 from pipeline.synthetic import SyntheticConfig, generate
 
-from .compare import PROBE_SIZE, TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
+from .compare import TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
 
 KINDS = ("hypercolumn", "dense")
 

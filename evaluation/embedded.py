@@ -1,0 +1,45 @@
+"""The embedded set's three protocols for one feature extractor in one call: segmentation and depth probes
+and mask propagation, with each probe's trivial baseline and state. ``python -m evaluation all``,
+``make compare`` and ``make demo`` all report these scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import datasets
+from .probe import linear_probe, warn_if_unreliable
+from .propagation import evaluate_videos
+
+PROBE_SIZE = (128, 160)  # probe input (H, W): the embedded set's frame size
+
+
+@dataclass(frozen=True)
+class EmbeddedTasks:
+    """The embedded set's (train, val) segmentation and depth sets and its validation clips, read once."""
+
+    segmentation: tuple
+    depth: tuple
+    videos: list
+
+    @classmethod
+    def load(cls, root: str | Path) -> EmbeddedTasks:
+        return cls(tuple(datasets.synthetic(root, s) for s in ("train", "val")),
+                   tuple(datasets.synthetic(root, s, "depth") for s in ("train", "val")),
+                   datasets.synthetic_videos(root))
+
+
+def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZE, steps: int = 300) -> dict:
+    """One extractor through the three protocols: mIoU, RMSE, delta1, J&F, J, F, the trivial probes' mIoU, RMSE
+    and delta1, both probes' final losses and whether both converged (1.0 or 0.0). Warns, naming ``label``,
+    when a probe had not converged or loses to its trivial baseline."""
+    s = linear_probe(features_fn, *tasks.segmentation, size, steps)
+    d = linear_probe(features_fn, *tasks.depth, size, steps)
+    v = evaluate_videos(features_fn, tasks.videos)
+    warn_if_unreliable(s, "mIoU", f"{label} segmentation")
+    warn_if_unreliable(d, "RMSE", f"{label} depth")
+    return {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"], "F": v["F"],
+            "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
+            "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
+            "depth probe loss": d["probe loss"],
+            "probes converged": float(s["probe converged"] and d["probe converged"])}
