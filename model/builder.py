@@ -87,11 +87,10 @@ class MoCo(nn.Module):
         n, size = keys.shape[0], queue.shape[1]
         if size % n:
             raise ValueError(f"{name}: queue size {size} is not a multiple of the {n} keys enqueued per step")
-        # the pointer stays on the device (reading it would stall the host every step); it is always a multiple
-        # of n and size is too, so the n columns never wrap. Out of place: this step's loss read the old queue,
-        # and its backward may still need that very tensor (torch.compile recomputes the loss's copy of it from
-        # the buffer instead of saving the copy)
-        columns = ptr + torch.arange(n, device=queue.device)
+        # the pointer stays on the device: reading it would stall the host every step. Out of place: this
+        # step's loss read the old queue, and its backward may still need that very tensor (torch.compile
+        # recomputes the loss's copy of it from the buffer instead of saving the copy)
+        columns = (ptr + torch.arange(n, device=queue.device)) % size
         setattr(self, name, queue.index_copy(1, columns, keys.T.to(queue.dtype)))
         ptr.copy_((ptr + n) % size)
 
