@@ -9,7 +9,6 @@ Every result carries the probe's final training loss, whether it converged, and 
 from __future__ import annotations
 
 import sys
-
 from dataclasses import dataclass
 
 import numpy as np

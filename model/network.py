@@ -47,9 +47,9 @@ class BilinearUp2(nn.Module):
     """2x bilinear upsampling (align_corners=False), the same as ``nn.Upsample(scale_factor=2, mode="bilinear")``.
 
     On CUDA the input is made channels_last first. The decoder's GroupNorm returns NCHW tensors, and CUDA's NCHW
-    bilinear kernel gives one thread per output position that loops over every image and channel: on an H100
-    the decoder's upsamplings took a third of the VADeR step that way (benchmarks/RESULTS.md). The
-    channels_last kernel gives a thread per output value."""
+    bilinear kernel gives one thread per output position that loops over every image and channel, which made
+    these upsamplings the largest cost of the VADeR step on an H100 (benchmarks/RESULTS.md). The channels_last
+    kernel gives a thread per output value."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:

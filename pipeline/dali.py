@@ -90,8 +90,8 @@ def pair_params_op(jpegs, spec: PairSpec):
 def decode_op(jpegs, anchor, shape, device: str):
     """Graph piece: each image as the views are cut from it. On the CPU only the union box of its pair's windows
     (``pair_params_op``'s anchor and shape): libjpeg-turbo skips the inverse DCT, upsampling and colour
-    conversion outside it (1.05-1.26x the whole-image decode, benchmarks/RESULTS.md), and the windows keep
-    their source coordinates, so geometry is unchanged. With ``device="mixed"`` the whole image, on the GPU."""
+    conversion outside it (rates: benchmarks/RESULTS.md), and the windows keep their source coordinates, so
+    geometry is unchanged. With ``device="mixed"`` the whole image, on the GPU."""
     if device == "cpu":
         return fn.decoders.image_slice(jpegs, anchor, shape, device="cpu", output_type=types.RGB,
                                        normalized_anchor=False, normalized_shape=False)
