@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from model import checkpoint
 from model.builder import MoCo, MoCoConfig
-from model.network import ARCHS, load_weights, read_encoder_state
+from model.network import ARCHS, load_weights
 
 KINDS = ("hypercolumn", "dense", "c5")
 
@@ -152,7 +152,7 @@ def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KIN
         name = "random init" + (f" seed {seed}" if seed else "")
         found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
     elif source in ("torchvision", "mocov2"):
-        name, found = f"{source} {Path(arg).name}", encoder_extractors(arch, read_encoder_state(arg), arg, kinds)
+        name, found = f"{source} {Path(arg).name}", encoder_extractors(arch, checkpoint.read_encoder_state(arg), arg, kinds)
     else:
         raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH or "
                          "mocov2:PATH")

@@ -1,21 +1,28 @@
-"""Training checkpoints: atomic writes, discovery, and the model rebuilt from what a checkpoint says it is.
+"""Checkpoint files: atomic writes, discovery, safe reading, the model rebuilt from what a checkpoint says it is,
+and the encoders of other projects' checkpoints.
 
 Written to a temporary file in the same folder, fsynced, then renamed over (rename is atomic on POSIX), and the
-folder fsynced so the rename itself survives a power cut. Loading falls back to an older checkpoint when the
-newest cannot be read. Every checkpoint holds ``model_config`` (the ``MoCoConfig`` fields), so training,
-evaluation and export rebuild the same model from the file alone.
+folder fsynced so the rename itself survives a power cut. Every checkpoint holds ``model_config`` (the
+``MoCoConfig`` fields), so training, evaluation and export rebuild the same model from the file alone.
+
+Every file is read by ``load_file`` and nothing else: torch's weights-only unpickler, which builds tensors, plain
+Python containers and numbers, and the numpy array types in ``NUMPY_ARRAY_GLOBALS``, and refuses any other type
+before building it. A shared checkpoint is someone else's pickle, and a pickle may name any function to call.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .builder import MoCo, MoCoConfig
+from .network import ResNetEncoder, load_weights
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -57,13 +64,60 @@ def checkpoints(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
 
 
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint; its message is one line that names the file."""
+
+
+class RefusedCheckpoint(CheckpointError):
+    """A file whose pickle names a type or function that weights-only loading does not build."""
+
+
+# What unpickling a plain numpy array needs: our training checkpoints hold numpy's RNG state (a uint32 array)
+# beside the weights. Building these runs no code of the file's choosing.
+NUMPY_ARRAY_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                       type(np.dtype(np.uint32))]
+# How torch's weights-only unpickler names what it refused: a global (a function, a class), or an instance of an
+# unlisted class. Its other errors ("Unsupported operand") mean the bytes are no pickle of ours at all.
+_REFUSED = re.compile(r"GLOBAL (\S+)|allowlisted.*? but got (.+)")
+
+
+def load_file(path: str | Path, map_location="cpu"):
+    """The contents of ``path``, weights only (see the module's docstring).
+
+    Raises ``RefusedCheckpoint`` naming the first type the file asked for and was refused, and ``CheckpointError``
+    for a file that is truncated, corrupt or not a torch file at all."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _REFUSED.search(str(err))
+        if found:
+            raise RefusedCheckpoint(f"{path}: refused {found.group(1) or found.group(2)}: checkpoints are loaded "
+                                    "weights only (tensors, plain Python values, numpy arrays), so that a file "
+                                    "cannot run code") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_detail(err)})") from None
+    except Exception as err:  # the zip reader's RuntimeError, a KeyError from a file that is not a pickle, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {_detail(err)})") \
+            from None
+
+
+def _detail(err: Exception) -> str:
+    """The informative line of a loading error: torch wraps the unpickler's own in paragraphs of advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
+    return (ours or lines or ["no message"])[0]
+
+
 def load_latest(folder: str | Path, map_location="cpu") -> tuple[dict, Path] | None:
-    """The newest readable checkpoint, or None when there is none."""
+    """The newest readable checkpoint, or None when there is none. A truncated or corrupt newest file falls back
+    to the one before it (a crash mid-write); a refused one raises, since it was not written by a crash."""
     for path in reversed(checkpoints(folder)):
         try:
-            return torch.load(path, map_location=map_location, weights_only=False), path
-        except Exception as err:  # a truncated or corrupt file: fall back to the one before
-            warnings.warn(f"checkpoint {path} is unreadable ({err}); trying the previous one")
+            return load_file(path, map_location), path
+        except RefusedCheckpoint:
+            raise
+        except CheckpointError as err:
+            warnings.warn(f"{err}; trying the previous checkpoint")
     return None
 
 
@@ -90,11 +144,11 @@ def run_and_step(path: str | Path) -> str:
 def read(path: str | Path) -> dict:
     """The contents of one of our training checkpoints (a file or a run folder's newest), checked."""
     path = find(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_file(path)
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a densessl training checkpoint (no 'model')")
+        raise CheckpointError(f"{path} is not a densessl training checkpoint (no 'model')")
     if "model_config" not in state:
-        raise ValueError(f"{path} has no 'model_config': it was written by an older densessl; export its encoder "
+        raise CheckpointError(f"{path} has no 'model_config': it was written by an older densessl; export its encoder "
                          "with that version, or load it as weights (torchvision:/mocov2:)")
     return state
 
@@ -105,3 +159,36 @@ def load_model(path: str | Path) -> MoCo:
     model = MoCo(MoCoConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+# Where the query / online encoder sits in the checkpoints of the projects we read, most specific first: ours
+# (``encoder_q.encoder.net``), DenseCL / OpenSelfSup (``encoder_q.0``: backbone then neck), MoCo v1/v2
+# (``encoder_q``), MoCo v3 (``base_encoder``), mmselfsup (``backbone``), our encoder alone (``encoder.net``, ``net``).
+# A checkpoint with none of them is a plain torchvision state dict.
+ENCODER_PREFIXES = ("encoder_q.encoder.net.", "encoder_q.0.", "encoder_q.", "base_encoder.", "backbone.",
+                    "encoder.net.", "net.")
+
+
+def read_encoder_state(path: str | Path) -> dict:
+    """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision or densessl checkpoint as a plain torchvision
+    ResNet state dict, without the classifier or projection head (``fc.*``).
+
+    The keys are unwrapped from ``state_dict`` or ``model`` and from DDP's ``module.``; then only the keys of the
+    first ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the
+    queue, which are not the encoder's)."""
+    state = load_file(path)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in state)), "")
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.") and torch.is_tensor(v)}
+
+
+def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
+    """Load ``read_encoder_state(path)`` into ``encoder``, all of it (``load_weights``)."""
+    load_weights(encoder.net, read_encoder_state(path), str(path))

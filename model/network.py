@@ -7,9 +7,7 @@ it unchanged and trained encoders export as plain torchvision state dicts.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -119,40 +117,6 @@ class DenseNetwork(nn.Module):
         return out
 
 
-# Where the query / online encoder sits in the checkpoints of the projects we read, most specific first: ours
-# (``encoder_q.encoder.net``), DenseCL / OpenSelfSup (``encoder_q.0``: backbone then neck), MoCo v1/v2
-# (``encoder_q``), MoCo v3 (``base_encoder``), mmselfsup (``backbone``), our encoder alone (``encoder.net``, ``net``).
-# A checkpoint with none of them is a plain torchvision state dict.
-ENCODER_PREFIXES = ("encoder_q.encoder.net.", "encoder_q.0.", "encoder_q.", "base_encoder.", "backbone.",
-                    "encoder.net.", "net.")
-
-
-# What unpickling a plain numpy array needs: our training checkpoints hold numpy's RNG state beside the weights.
-NUMPY_ARRAY_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
-                       type(np.dtype(np.uint32))]
-
-
-def read_encoder_state(path: str | Path) -> dict:
-    """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision or densessl checkpoint as a plain torchvision
-    ResNet state dict, without the classifier or projection head (``fc.*``).
-
-    The keys are unwrapped from ``state_dict`` or ``model`` and from DDP's ``module.``; then only the keys of the
-    first ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the
-    queue, which are not the encoder's)."""
-    with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):  # data only, still no arbitrary code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in state)), "")
-    return {k[len(prefix):]: v for k, v in state.items()
-            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.") and torch.is_tensor(v)}
-
-
 def load_weights(module: nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``module``, all of it: a missing or unexpected key (other than those starting with
     one of ``optional``) or a shape mismatch is a ``ValueError`` that names ``what`` and the first offenders,
@@ -167,8 +131,3 @@ def load_weights(module: nn.Module, state: dict, what: str, optional: tuple[str,
     if missing or unexpected:
         raise ValueError(f"{what} does not fit {type(module).__name__}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-
-
-def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
-    """Load ``read_encoder_state(path)`` into ``encoder``, all of it (``load_weights``)."""
-    load_weights(encoder.net, read_encoder_state(path), str(path))

@@ -380,7 +380,7 @@ def test_extractors_move_their_inputs_to_their_weights(tmp_path):
 def test_export_to_torchvision_and_detectron2(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "run")
     written = export(ckpt, tmp_path / "out")
-    state = torch.load(written[0])
+    state = torch.load(written[0], weights_only=True)
     missing, unexpected = torchvision.models.resnet18(weights=None).load_state_dict(state, strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     d2 = pickle.loads(written[1].read_bytes())
@@ -390,7 +390,7 @@ def test_export_to_torchvision_and_detectron2(tmp_path):
         assert key in d2["model"], key
     assert len(d2["model"]) == len([k for k in state if not k.endswith("num_batches_tracked")])
     np.testing.assert_array_equal(d2["model"]["res4.0.conv1.weight"], state["layer3.0.conv1.weight"].numpy())
-    FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[3]))
+    FPNDecoder((64, 128, 256, 512)).load_state_dict(torch.load(written[3], weights_only=True))
     assert "STRIDE_IN_1X1: False" in written[2].read_text() and "FORMAT: RGB" in written[2].read_text()
     assert detectron2_name("layer1.0.downsample.1.weight") == "res2.0.shortcut.norm.weight"
 

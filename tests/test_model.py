@@ -3,7 +3,8 @@ import torch
 import torchvision
 
 from model.builder import MoCo, MoCoConfig
-from model.network import BilinearUp2, DenseNetwork, load_encoder_weights
+from model.checkpoint import load_encoder_weights
+from model.network import BilinearUp2, DenseNetwork
 from released import released_checkpoints
 
 

@@ -126,7 +126,7 @@ def test_nonfinite_steps_can_be_skipped_without_poisoning_the_queue(corpus, tmp_
     with pytest.raises(FloatingPointError, match="2 earlier step"):
         run(parse(train_args(corpus, run_dir, lr=1e30, decoder_lr=1e30, steps=20, checkpoint_every=1,
                              keep_checkpoints=20, on_nonfinite="skip", max_nonfinite_skips=2)))
-    saved = {int(p.stem.split("_")[1]): torch.load(p, weights_only=False)["model"]
+    saved = {int(p.stem.split("_")[1]): checkpoint.load_file(p)["model"]
              for p in (run_dir / "checkpoints").glob("step_*.pt")}
     first_bad = min(json.loads(p.read_text())["step"] for p in run_dir.glob("nonfinite_step*_rank0.json"))
     before, after = saved[first_bad - 1], saved[max(saved)]

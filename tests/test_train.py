@@ -137,7 +137,7 @@ def test_two_process_gloo_ddp_keeps_queues_identical(synthetic_root, tmp_path):
         port = s.getsockname()[1]
     args = tiny_args(synthetic_root, tmp_path / "ddp", steps=3, workers=0, batch_size=8, checkpoint_every=100)
     mp.start_processes(_ddp_worker, args=(2, port, args, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert int(r0["ptr"]) == int(r1["ptr"]) == 3 * 8 * 8 % 256
     torch.testing.assert_close(r0["queue"], r1["queue"], rtol=0, atol=0)
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)

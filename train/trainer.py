@@ -22,7 +22,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import checkpoint
 from model.builder import MoCo
-from model.network import load_encoder_weights
 from pipeline import PhotometricAugment, ViewPairLoader, build_loader
 
 from . import distributed
@@ -42,7 +41,7 @@ def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MoCo(cfg.model_config())
     if cfg.init_encoder:
-        load_encoder_weights(model.encoder_q.encoder, cfg.init_encoder)
+        checkpoint.load_encoder_weights(model.encoder_q.encoder, cfg.init_encoder)
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     if cfg.sync_bn:
         if device.type != "cuda" or world == 1:
@@ -211,7 +210,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     if cfg.resume == "auto":
         resumed = checkpoint.load_latest(ckpt_dir)
     elif cfg.resume:
-        resumed = torch.load(cfg.resume, map_location="cpu", weights_only=False), Path(cfg.resume)
+        resumed = checkpoint.read(cfg.resume), Path(cfg.resume)
 
     # --- data, model, optimiser
     root = data_root(cfg, rank, world)
@@ -291,6 +290,8 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGUSR2, distributed.request_stop)  # e.g. sbatch --signal=USR2@120: checkpoint first
     try:
         run(cfg)
+    except checkpoint.CheckpointError as err:  # a file given as resume= or init_encoder=: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
