@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine: `make demo` and `make test`.
-# `make setup` is idempotent: it reinstalls only when pyproject.toml changes.
+# `make setup` is idempotent: it reinstalls only when pyproject.toml or constraints.txt changes. pyproject.toml
+# declares ranges; constraints.txt pins the exact set we test, which setup installs.
 
 PYTHON  ?= python3.11
 VENV    := .venv
@@ -14,12 +15,14 @@ DATA    ?= data/synthetic
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory apt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11"; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or newer"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@# Numba's on-disk caches name the modules they were compiled in: a reinstall may have renamed them
+	@find pipeline benchmarks -name '*.nb[ic]' -delete
 	@touch $(STAMP)
 
 # Installs only what is missing; never purges or autoremoves (OpenCV's dev packages depend on libmunge2).
@@ -36,29 +39,29 @@ test: setup
 	DENSESSL_REQUIRE_BACKENDS=1 $(PY) -m pytest -q
 
 $(DATA)/.complete: | setup
-	$(PY) -m pipeline.synthetic --out $(DATA)
+	$(PY) -m densessl.pipeline.synthetic --out $(DATA)
 
 data: $(DATA)/.complete
 
 demo: setup
-	$(PY) -m train.demo --data $(DATA) --out runs/demo
+	$(PY) -m densessl.experiments.demo --data $(DATA) --out runs/demo
 
 # After make demo: segmentation, depth and propagation on the embedded set, demo checkpoint vs random init.
 eval: setup
-	$(PY) -m evaluation all --checkpoint runs/demo --root $(DATA) --out runs/demo/eval
+	$(PY) -m densessl.evaluation all --checkpoint runs/demo --root $(DATA) --out runs/demo/eval
 
-# VADeR vs DenseCL vs MoCo v2 vs random init, 3 pretraining seeds each, same budget and protocols (train/compare.py).
+# VADeR vs DenseCL vs MoCo v2 vs random init, 3 pretraining seeds each, same budget and protocols (experiments/compare.py).
 compare: setup
-	$(PY) -m train.compare --data $(DATA) --out runs/compare
+	$(PY) -m densessl.experiments.compare --data $(DATA) --out runs/compare
 
 # VADeR's ablations (negatives from the same image, queue size, no momentum encoder, matches, MoCo v2 init),
 # reusing make compare's VADeR and MoCo v2 runs where they exist.
 ablations: setup
-	$(PY) -m train.compare --ablations --data $(DATA) --out runs/ablations --runs runs/compare/runs
+	$(PY) -m densessl.experiments.compare --ablations --data $(DATA) --out runs/ablations --runs runs/compare/runs
 
 bench: setup data
-	$(PY) -m benchmarks.correspondence
-	$(PY) -m benchmarks.loader --data $(DATA)/train
+	$(PY) -m densessl.benchmarks.correspondence
+	$(PY) -m densessl.benchmarks.loader --data $(DATA)/train
 
 # On a GPU host: the README's commands end to end and the whole suite with CUDA visible (logs in runs/gpu-e2e).
 gpu-check: setup

@@ -1,6 +1,6 @@
 """Profile view-pair loader throughput for every backend on the same files, and show where the time goes.
 
-    python -m benchmarks --data DIR|synthetic|synthetic-photo --backends torch,dali,ffcv,naive --workers 2 --batch 32 \\
+    python -m densessl.benchmarks --data DIR|synthetic|synthetic-photo --backends torch,dali,ffcv,naive --workers 2 --batch 32 \\
                          [--reps 3] [--epochs 1] [--sweep] [--device 0] [--out runs/bench]
 
 Per backend: pairs/s (one warm-up epoch, then ``--reps`` timed repetitions: median and spread), MB/s read, CPU
@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import PairSpec, build_loader  # noqa: E402
-from pipeline.folder import scan_image_folder  # noqa: E402
+from densessl.pipeline import PairSpec, build_loader  # noqa: E402
+from densessl.pipeline.folder import scan_image_folder  # noqa: E402
 
 from . import stages  # noqa: E402
 from .common import machine, time_loader  # noqa: E402
@@ -96,7 +96,7 @@ def plot(results: dict, out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m densessl.benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--copies", type=int, default=1, help="generated sets: link each file N times")
     p.add_argument("--backends", default="torch,dali,ffcv,naive")
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    """The ``densessl-bench`` console entry point (``python -m benchmarks``)."""
+    """The ``densessl-bench`` console entry point (``python -m densessl.benchmarks``)."""
     main()
 
 

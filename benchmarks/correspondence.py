@@ -1,6 +1,6 @@
 """Throughput of the Numba correspondence kernels: view pairs/s, single thread and parallel.
 
-    python -m benchmarks.correspondence [--pairs 8192] [--reps 5]
+    python -m densessl.benchmarks.correspondence [--pairs 8192] [--reps 5]
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 import numba
 import numpy as np
 
-from pipeline.correspondence import flow, sample_matches, set_threads
-from pipeline import PairSpec, sample_view_pair
+from densessl.pipeline.correspondence import flow, sample_matches, set_threads
+from densessl.pipeline import PairSpec, sample_view_pair
 
 from .common import Rate, machine
 

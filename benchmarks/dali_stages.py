@@ -1,6 +1,6 @@
 """Where DALI's view-pair time goes: the same reader and decoder with progressively more of the graph.
 
-    python -m benchmarks.dali_stages [--data synthetic] [--device 0] [--threads 8] [--batch 256] [--copies 16]
+    python -m densessl.benchmarks.dali_stages [--data synthetic] [--device 0] [--threads 8] [--batch 256] [--copies 16]
 
 Stages: read + decode of the whole image; read + the Numba pair sampler (overlap rule, params out) + the
 loader's decode (on the CPU only the union box of the two windows); + both views cut (the full graph: DALI's
@@ -14,9 +14,9 @@ import time
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline import PairSpec, build_loader
-from pipeline.dali import decode_op, pair_params_op, view_pair_pipeline
-from pipeline.folder import scan_image_folder
+from densessl.pipeline import PairSpec, build_loader
+from densessl.pipeline.dali import decode_op, pair_params_op, view_pair_pipeline
+from densessl.pipeline.folder import scan_image_folder
 
 from .common import Rate, machine, time_loader
 from .loader import DATA_HELP, resolve_data

@@ -7,18 +7,18 @@ out=${1:-runs/gpu}; py=${PYTHON:-python3}; mkdir -p "$out"
 cores=$(nproc)
 nvidia-smi -L | tee "$out/device.txt"
 $py -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu_tests.log"
-$py -m benchmarks.loader --backend torch,dali --device 0 --workers "$cores" --batch 256 --copies 16 \
+$py -m densessl.benchmarks.loader --backend torch,dali --device 0 --workers "$cores" --batch 256 --copies 16 \
     --epochs 1 --reps 3 2>&1 | tee "$out/loader.log"
-$py -m benchmarks.dali_stages --device 0 --threads "$cores" --batch 256 --copies 16 2>&1 | tee "$out/dali_stages.log"
-$py -m benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 --warmup 20 --steps 40 --copies 16 \
+$py -m densessl.benchmarks.dali_stages --device 0 --threads "$cores" --batch 256 --copies 16 2>&1 | tee "$out/dali_stages.log"
+$py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 --warmup 20 --steps 40 --copies 16 \
     --workers $((cores - 2)) --backends torch,dali 2>&1 | tee "$out/train_step.log"
-$py -m benchmarks.train_step --batch 128 --warmup 20 --steps 60 --compile --sync-every 20 \
+$py -m densessl.benchmarks.train_step --batch 128 --warmup 20 --steps 60 --compile --sync-every 20 \
     --profile "$out/profile" 2>&1 | tee "$out/train_step_compiled.log"
 # the trainer end to end, compiled, on 4,096 files (the embedded set is 2 batches per epoch, and every epoch's
 # first batch waits for the workers): compare its median pairs/s with the compiled model-only step above
 root=$($py -c "from benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
 for backend in dali torch; do
-  $py -m train data="$root" arch=resnet50 batch_size=128 workers=$((cores - 2)) steps=300 compile=true \
+  $py -m densessl.train data="$root" arch=resnet50 batch_size=128 workers=$((cores - 2)) steps=300 compile=true \
       sync_every=20 backend=$backend run_dir="$out/e2e-$backend" progress=false checkpoint_every=1000 \
       tensorboard=false 2>&1 | tail -n 3 | tee "$out/e2e-$backend.log"
   $py -c "import csv, statistics, sys; r = list(csv.DictReader(open(sys.argv[1])))[50:]

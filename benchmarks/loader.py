@@ -1,7 +1,7 @@
 """Loader throughput: the reference view-pair loader beside a naive torchvision baseline and the decode-only
 ceiling of the same decoder, on the same files, workers and batch size, in one run.
 
-    python -m benchmarks.loader --data DIR|synthetic [--backend torch,dali,ffcv] [--workers 2] [--batch 32]
+    python -m densessl.benchmarks.loader --data DIR|synthetic [--backend torch,dali,ffcv] [--workers 2] [--batch 32]
                                 [--epochs 2] [--reps 3]
 
 ``synthetic`` writes (once) an embedded-style set at ImageNet-like resolution (500x375) under data/. With
@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from pipeline import PairSpec, build_loader
-from pipeline.folder import decode_rgb, scan_image_folder
-from pipeline.synthetic import SyntheticConfig, generate
+from densessl.pipeline import PairSpec, build_loader
+from densessl.pipeline.folder import decode_rgb, scan_image_folder
+from densessl.pipeline.synthetic import SyntheticConfig, generate
 
 from .common import machine, time_loader
 
@@ -128,7 +128,7 @@ def stock_ffcv_two_view(beton, batch: int, workers: int, size: int):
 
 def beton_for(root: Path, workers: int) -> Path:
     """The .beton beside an ImageFolder, written once."""
-    from pipeline.ffcv import write_beton
+    from densessl.pipeline.ffcv import write_beton
     beton = root.parent / f"{root.name}.beton"
     if not beton.is_file():
         write_beton(root, beton.with_suffix(".partial"), workers=max(1, workers)).rename(beton)

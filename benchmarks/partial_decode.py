@@ -1,7 +1,7 @@
 """What decoding only the two windows of a pair would save (issue 20): each way of decoding part of a JPEG
 against the same decoder decoding the whole image, on the same files, one core.
 
-    python -m benchmarks.partial_decode [--data photos] [--reps 3] [--size 224]
+    python -m densessl.benchmarks.partial_decode [--data photos] [--reps 3] [--size 224]
 
 Every file gets one view pair from our sampler (``geometry.pair_params``; the seed is the file's index). The
 region to decode is the union box of the two windows, and M/8 is the smallest libjpeg scale that keeps both
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from pipeline import PairSpec
-from pipeline.folder import scan_image_folder
-from pipeline.geometry import pair_params, window_union
+from densessl.pipeline import PairSpec
+from densessl.pipeline.folder import scan_image_folder
+from densessl.pipeline.geometry import pair_params, window_union
 
 from .common import machine
 from .loader import DATA_HELP, resolve_data

@@ -1,7 +1,7 @@
 """A natural-photo benchmark set: ImageNet-like JPEGs cut from the colour photographs scikit-image ships in its
 wheel, so loader numbers reflect what decoding real photos costs (procedural scenes decode far faster).
 
-    python -m benchmarks.photos --out data/bench-photos --count 256
+    python -m densessl.benchmarks.photos --out data/bench-photos --count 256
 
 Each file is a random window of one photograph (random scale and aspect), resized to an ImageNet-like size
 (500x375, 375x500, 500x333, 333x500, 500x500, and some larger ones), randomly mirrored, and saved as a 4:2:0

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import PairSpec, SeededSampler, assemble_batch, build_loader
-from pipeline.folder import decode_rgb
-from pipeline.geometry import pair_params
-from pipeline.loader import cut_views
+from densessl.pipeline import PairSpec, SeededSampler, assemble_batch, build_loader
+from densessl.pipeline.folder import decode_rgb
+from densessl.pipeline.geometry import pair_params
+from densessl.pipeline.loader import cut_views
 
 STAGES = ("read", "decode", "geometry", "crop+resize", "correspondence", "collate", "host-to-device")
 
@@ -118,7 +118,7 @@ def naive(files, size: int, n: int = 64) -> dict[str, float]:
 def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> dict[str, float]:
     """DALI's graph grown stage by stage (one thread); differences give each stage's cost. The pair sampler
     runs before the decode (the CPU graph decodes only the two windows' union box), so they are one stage."""
-    from pipeline.dali import view_pair_pipeline
+    from densessl.pipeline.dali import view_pair_pipeline
 
     from .common import time_loader
     from .dali_stages import decode_pipeline, time_pipe

@@ -2,7 +2,7 @@
 peak for each objective, next to a plain torchvision ResNet-50 supervised step timed in the same run (the
 anchor: "x of a tuned RN50 step on this GPU"), and the same step fed by each loader backend.
 
-    python -m benchmarks.train_step [--objectives vader,densecl,mocov2] [--arch resnet50] [--size 224]
+    python -m densessl.benchmarks.train_step [--objectives vader,densecl,mocov2] [--arch resnet50] [--size 224]
                                     [--batch 8] [--steps 5] [--compile] [--sync-every 1]
                                     [--data synthetic] [--backends torch,dali,ffcv] [--workers 2]
                                     [--profile DIR]
@@ -25,9 +25,9 @@ import torchvision
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import PairSpec, build_loader
-from train.config import TrainConfig
-from train.trainer import Trainer, build_model
+from densessl.pipeline import PairSpec, build_loader
+from densessl.train.config import TrainConfig
+from densessl.train.trainer import Trainer, build_model
 
 from .common import machine
 from .loader import DATA_HELP, backend_data, resolve_data

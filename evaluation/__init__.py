@@ -1,2 +1,2 @@
-"""Downstream protocols on frozen features (``python -m evaluation``): linear-probe segmentation and depth, video
+"""Downstream protocols on frozen features (``python -m densessl.evaluation``): linear-probe segmentation and depth, video
 mask propagation, baselines through the same feature extractors, figures, and weight export."""

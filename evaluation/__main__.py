@@ -1,11 +1,11 @@
 """Downstream evaluation of frozen dense features.
 
-    python -m evaluation all --checkpoint runs/demo       # newest checkpoint of a run; embedded set; one table
-    python -m evaluation segmentation --dataset voc --root VOCdevkit/VOC2012 --features checkpoint:CKPT random:resnet50
-    python -m evaluation depth --dataset nyu --root nyu_depth_v2 --features checkpoint:CKPT torchvision:r50.pth
-    python -m evaluation propagation --dataset davis --root DAVIS --features checkpoint:CKPT mocov2:moco.pth.tar
-    python -m evaluation visualize --features checkpoint:CKPT random:resnet18 --images a.jpg b.jpg c.jpg
-    python -m evaluation export --checkpoint CKPT --out exported/
+    python -m densessl.evaluation all --checkpoint runs/demo       # newest checkpoint of a run; embedded set; one table
+    python -m densessl.evaluation segmentation --dataset voc --root VOCdevkit/VOC2012 --features checkpoint:CKPT random:resnet50
+    python -m densessl.evaluation depth --dataset nyu --root nyu_depth_v2 --features checkpoint:CKPT torchvision:r50.pth
+    python -m densessl.evaluation propagation --dataset davis --root DAVIS --features checkpoint:CKPT mocov2:moco.pth.tar
+    python -m densessl.evaluation visualize --features checkpoint:CKPT random:resnet18 --images a.jpg b.jpg c.jpg
+    python -m densessl.evaluation export --checkpoint CKPT --out exported/
 
 ``--features`` takes any number of extractors (see evaluation/features.py), so baselines run the same code.
 Results are printed as a markdown table and written to ``--out`` (results.json, table.md, figures).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model import checkpoint as checkpoints
+from densessl.model import checkpoint as checkpoints
 
 from . import datasets
 from .embedded import EmbeddedTasks, score_embedded
@@ -83,7 +83,7 @@ def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kin
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m densessl.evaluation", description=__doc__.split("\n\n")[0])
     p.add_argument("protocol", choices=["all", "segmentation", "depth", "propagation", "visualize", "export"])
     p.add_argument("--checkpoint", help="our training checkpoint (all, export)")
     p.add_argument("--features", nargs="+", default=[], help="extractors: checkpoint:P random:ARCH torchvision:P "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
+from densessl.pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
 
 from .metrics import IGNORE
 
@@ -135,7 +135,7 @@ def extract_nyu_mat(root: Path) -> Path:
 
 
 def synthetic(root: str | Path, split: str, task: str = "segmentation") -> DenseSet:
-    """The embedded set's labelled scenes (``python -m pipeline.synthetic``): background + its classes, or depth."""
+    """The embedded set's labelled scenes (``python -m densessl.pipeline.synthetic``): background + its classes, or depth."""
     root = Path(root)
     images = sorted((root / split).glob("*/*.jpg"))
     suffix = "_depth.png" if task == "depth" else ".png"

@@ -1,5 +1,5 @@
 """The embedded set's three protocols for one feature extractor in one call: segmentation and depth probes
-and mask propagation, with each probe's trivial baseline and state. ``python -m evaluation all``,
+and mask propagation, with each probe's trivial baseline and state. ``python -m densessl.evaluation all``,
 ``make compare`` and ``make demo`` all report these scores."""
 
 from __future__ import annotations

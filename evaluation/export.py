@@ -1,6 +1,6 @@
 """Export trained weights for downstream frameworks.
 
-    python -m evaluation export --checkpoint runs/vader/checkpoints/step_00100000.pt --out exported/
+    python -m densessl.evaluation export --checkpoint runs/vader/checkpoints/step_00100000.pt --out exported/
 
 writes ``encoder_torchvision.pth`` (a plain torchvision ResNet state dict, no ``fc``), ``encoder_detectron2.pkl``
 (detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any leftover names) with
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from model import checkpoint
+from densessl.model import checkpoint
 
 _D2_RULES = [  # torchvision name -> detectron2 name, applied in order
     (r"^conv1\.", "stem.conv1."),
@@ -61,7 +61,7 @@ INPUT:
 
 
 def detectron2_config() -> str:
-    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from densessl.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
     return DETECTRON2_CONFIG.format(mean=", ".join(f"{255 * m:.3f}" for m in IMAGENET_MEAN),
                                     std=", ".join(f"{255 * s:.3f}" for s in IMAGENET_STD))
 

@@ -30,9 +30,9 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from model import checkpoint
-from model.builder import MoCo, MoCoConfig
-from model.network import ARCHS, load_weights
+from densessl.model import checkpoint
+from densessl.model.builder import MoCo, MoCoConfig
+from densessl.model.network import ARCHS, load_weights
 
 KINDS = ("hypercolumn", "dense", "c5")
 

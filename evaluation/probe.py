@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from densessl.pipeline.augment import normalize
 
 from .datasets import DenseSet
 from .metrics import IGNORE, confusion, depth_errors, eigen_crop, iou_per_class, mean_errors, mean_iou
@@ -28,8 +28,7 @@ def load_image(path, size: tuple[int, int]) -> torch.Tensor:
     """An image resized to ``size`` (H, W), normalised as in training."""
     with Image.open(path) as im:
         x = torch.from_numpy(np.array(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)))
-    x = x.permute(2, 0, 1).float() / 255
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return normalize(x.permute(2, 0, 1).float() / 255)
 
 
 def _resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline.synthetic import DAVIS_PALETTE
+from densessl.pipeline.synthetic import DAVIS_PALETTE
 
 from .datasets import Video
 from .metrics import boundary_f, davis_statistics, jaccard

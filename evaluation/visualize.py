@@ -17,19 +17,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from densessl.model.pictures import pca_rgb  # noqa: E402
+
 from .probe import load_image  # noqa: E402
-
-
-def pca_rgb(feats: torch.Tensor) -> np.ndarray:
-    """``[N, C, h, w]`` features -> ``[N, h, w, 3]`` uint8: the first 3 principal components as colours."""
-    n, c, h, w = feats.shape
-    x = feats.permute(0, 2, 3, 1).reshape(-1, c).double()
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)
-    y = x @ v[:3].T
-    lo, hi = y.quantile(0.01, 0), y.quantile(0.99, 0)
-    y = ((y - lo) / (hi - lo)).clamp(0, 1)
-    return (y.reshape(n, h, w, 3).numpy() * 255).astype(np.uint8)
 
 
 def _show(images, rows_labels, title, out: Path, cmap=None):

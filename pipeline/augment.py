@@ -17,6 +17,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
 
 
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Float images in [0, 1] with channels at dim -3 -> normalised as the networks see them in training."""
+    return (x - torch.as_tensor(mean).to(x).view(3, 1, 1)) / torch.as_tensor(std).to(x).view(3, 1, 1)
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
@@ -137,4 +142,4 @@ class PhotometricAugment(nn.Module):
             x = gaussian_blur(x, sigma, kernel)
         if self.solarize_p > 0:
             x = torch.where(coin(self.solarize_p).view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)
-        return (x - self.mean.to(x)) / self.std.to(x)  # works whichever device the module was left on
+        return normalize(x, self.mean, self.std)  # works whichever device the module was left on

@@ -42,7 +42,7 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
     if backend == "ffcv":
         if isinstance(data, (list, tuple)) or Path(data).suffix != ".beton":
             raise ValueError(f"backend=ffcv reads a .beton, not {data!r}: write one with "
-                             "python -m pipeline.ffcv DIR OUT.beton")
+                             "python -m densessl.pipeline.ffcv DIR OUT.beton")
         from .ffcv import FfcvViewPairLoader
         loader = FfcvViewPairLoader(data, spec, batch_size, max(1, workers), seed, order=order,
                                     distributed=world_size > 1, drop_last=drop_last, state=state)

@@ -190,7 +190,7 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
             for k in range(len(batch_indices)):  # raising inside the parallel loop would serialise it
                 if failed[k, 0]:
                     raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "
-                                     "write it again (python -m pipeline.ffcv)")
+                                     "write it again (python -m densessl.pipeline.ffcv)")
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -209,7 +209,7 @@ class FfcvViewPairLoader(Position):
         if distributed and order == "quasi_random":
             raise ValueError("order='quasi_random' is not available with distributed=True in FFCV 1.0.2: use 'random'")
         if not Path(beton).is_file():
-            raise FileNotFoundError(f"{beton} does not exist: write it with python -m pipeline.ffcv")
+            raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
         self.decoder = TwoViewDecoder(spec, seed)
         self.spec = spec

@@ -13,7 +13,7 @@ gamma), and in each clip every frame after the first is lit differently while th
     ROOT/videos/Annotations/<video>/<frame>.png  palette PNG instance masks (0 = background)
     ROOT/meta.json                               classes, sizes and the seed; ROOT/.complete marks a full write
 
-Run ``python -m pipeline.synthetic --out DIR``.
+Run ``python -m densessl.pipeline.synthetic --out DIR``.
 """
 
 from __future__ import annotations

@@ -1,2 +1,2 @@
-"""Launching training on Slurm with submitit (``python -m slurm.submit``): one task per GPU, checkpoint and
+"""Launching training on Slurm with submitit (``python -m densessl.slurm.submit``): one task per GPU, checkpoint and
 requeue on preemption; ``local_cluster.sh`` starts a real two-node Slurm on loopback for tests."""

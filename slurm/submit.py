@@ -1,10 +1,10 @@
 """Launch training on Slurm (or on this machine) with submitit: one task per GPU, requeued on preemption/time-out.
 
-    python -m slurm.submit --nodes 2 --gpus-per-node 8 --partition gpu --time 4320 -- \\
+    python -m densessl.slurm.submit --nodes 2 --gpus-per-node 8 --partition gpu --time 4320 -- \\
         data=/data/imagenet/train batch_size=256 objective=vader
-    python -m slurm.submit --local --tasks-per-node 2 -- data=synthetic arch=resnet18 steps=20
+    python -m densessl.slurm.submit --local --tasks-per-node 2 -- data=synthetic arch=resnet18 steps=20
 
-Everything after ``--`` is passed to the trainer (``python -m train`` syntax); ``resume=auto`` is always added,
+Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax); ``resume=auto`` is always added,
 so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2 ``--signal-delay``
 seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a preemption notice
 would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is written, and rank
@@ -58,8 +58,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         import torch.distributed as dist
 
-        from train import distributed, trainer
-        from train.config import parse
+        from densessl.train import distributed, trainer
+        from densessl.train.config import parse
 
         env = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -157,7 +157,7 @@ def parse_args(argv: list[str]):
         own, train_args = argv[:i], argv[i + 1:]
     else:
         own, train_args = argv, []
-    p = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m densessl.slurm.submit", description=__doc__.split("\n\n")[0],
                                 epilog="Trainer arguments (key=value) follow `--`.")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU tasks")
@@ -192,7 +192,7 @@ def parse_args(argv: list[str]):
 
 def submit(argv: list[str]):
     """Submit; returns (job, run_dir). Validates the trainer config first, so mistakes fail here, not in the queue."""
-    from train.config import parse
+    from densessl.train.config import parse
 
     args, train_args = parse_args(argv)
     tasks = (args.gpus_per_node or args.tasks_per_node) * args.nodes

@@ -4,7 +4,7 @@ import torch
 from hypothesis import settings
 from PIL import Image
 
-from pipeline.synthetic import SyntheticConfig, generate
+from densessl.pipeline.synthetic import SyntheticConfig, generate
 
 # The first call of a Numba function compiles it (seconds on a fresh clone): no per-example deadline.
 settings.register_profile("project", deadline=None)

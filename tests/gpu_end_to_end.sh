@@ -25,13 +25,13 @@ train=(data=synthetic arch=resnet50 batch_size=64 workers=8 steps=50 checkpoint_
 step setup make setup
 step demo make demo
 step eval make eval
-step visualize $py -m evaluation visualize --features checkpoint:runs/demo random:resnet18 \
+step visualize $py -m densessl.evaluation visualize --features checkpoint:runs/demo random:resnet18 \
   --images data/synthetic/val/*/*_00000.jpg --out "$out/visualize"
-step train-dali $py -m train "${train[@]}" backend=dali run_dir="$out/train-dali"
-step train-ffcv $py -m train "${train[@]}" backend=ffcv run_dir="$out/train-ffcv"
+step train-dali $py -m densessl.train "${train[@]}" backend=dali run_dir="$out/train-dali"
+step train-ffcv $py -m densessl.train "${train[@]}" backend=ffcv run_dir="$out/train-ffcv"
 # issue 19: the compiled, rarely synchronised step end to end (compare its pairs/s with benchmarks.train_step)
-step train-compiled $py -m train "${train[@]}" backend=dali compile=true sync_every=25 run_dir="$out/train-compiled"
-step export $py -m evaluation export --checkpoint "$out/train-dali" --out "$out/export"
+step train-compiled $py -m densessl.train "${train[@]}" backend=dali compile=true sync_every=25 run_dir="$out/train-compiled"
+step export $py -m densessl.evaluation export --checkpoint "$out/train-dali" --out "$out/export"
 [ -z "${SKIP_PYTEST:-}" ] && step pytest env DENSESSL_REQUIRE_BACKENDS=1 $py -m pytest -q -rs
 for f in "$out"/train-*/metrics.csv; do [ -f "$f" ] && echo "$f: $(head -n 1 "$f") / $(tail -n 1 "$f")"; done
 printf '%s\n' "${status[@]}" | tee "$out/summary.txt"

@@ -8,8 +8,8 @@ recovers the crop window a view matrix came from, to re-cut a view and compare.
 import numpy as np
 import torch
 
-from pipeline import Crop, invert_affine
-from pipeline.geometry import apply_affine
+from densessl.pipeline import Crop, invert_affine
+from densessl.pipeline.geometry import apply_affine
 
 
 def crop_from_affine(a: np.ndarray, size) -> Crop:

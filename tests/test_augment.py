@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.augment import (IMAGENET_MEAN, IMAGENET_STD, PhotometricAugment, adjust_brightness, adjust_contrast,
+from densessl.pipeline.augment import (IMAGENET_MEAN, IMAGENET_STD, PhotometricAugment, adjust_brightness, adjust_contrast,
                               adjust_hue, adjust_saturation, gaussian_blur)
 
 

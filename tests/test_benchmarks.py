@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import stages
-from benchmarks.__main__ import BACKENDS, main
-from pipeline import BATCH, PairSpec, build_loader, scan_image_folder
+from densessl.benchmarks import stages
+from densessl.benchmarks.__main__ import BACKENDS, main
+from densessl.pipeline import BATCH, PairSpec, build_loader, scan_image_folder
 
 
 def test_cli_runs_every_backend_and_writes_json_and_png(synthetic_root, tmp_path):
@@ -50,7 +50,7 @@ def test_photo_set_is_imagenet_like_and_reproducible(tmp_path):
         pytest.importorskip("skimage")
     from PIL import Image
 
-    from benchmarks.photos import SIZES, write_photo_set
+    from densessl.benchmarks.photos import SIZES, write_photo_set
     a = sorted(write_photo_set(tmp_path / "a", count=10).glob("*/*.jpg"))
     b = sorted(write_photo_set(tmp_path / "b", count=10).glob("*/*.jpg"))
     assert len(a) == 10 and [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
@@ -64,7 +64,7 @@ def test_photo_set_is_imagenet_like_and_reproducible(tmp_path):
 def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys):
     """The step benchmark counts real FLOPs (a VADeR step is more than its query forward), times the RN50
     anchor in the same run, and writes a profiler trace."""
-    from benchmarks.train_step import main as train_step
+    from densessl.benchmarks.train_step import main as train_step
     train_step(["--objectives", "vader,mocov2", "--arch", "resnet18", "--size", "64", "--batch", "4", "--steps", "1",
                 "--warmup", "1", "--sync-every", "2", "--profile", str(tmp_path / "prof")])
     out = capsys.readouterr().out
@@ -82,8 +82,8 @@ def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(syn
     levels): chroma upsampling has no neighbour beyond a cropped edge."""
     import simplejpeg
 
-    from benchmarks import partial_decode
-    from pipeline.geometry import pair_params
+    from densessl.benchmarks import partial_decode
+    from densessl.pipeline.geometry import pair_params
 
     spec = PairSpec(size=(64, 64))
     files = list(scan_image_folder(synthetic_root / "train").files)[:12]

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torchvision
 
-from evaluation.__main__ import main as evaluation_main
-from model import checkpoint
-from model.builder import MoCo
-from train.config import TrainConfig
-from train.trainer import main as train_main
+from densessl.evaluation.__main__ import main as evaluation_main
+from densessl.model import checkpoint
+from densessl.model.builder import MoCo
+from densessl.train.config import TrainConfig
+from densessl.train.trainer import main as train_main
 
 
 class RunsAShellCommand:
@@ -132,7 +132,7 @@ def test_checkpoints_written_by_the_trainer_load_at_every_entry_point(tmp_path, 
     assert exit_code(train_main, train_args(synthetic_root, tmp_path / "init", init_encoder=first)) == 0
     assert evaluation_main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
     names = {f"checkpoint:{run}": "run/step_00000004 [dense]", f"mocov2:{first}": "mocov2 step_00000001.pt [c5]"}
-    from evaluation.features import feature_extractors
+    from densessl.evaluation.features import feature_extractors
     found = feature_extractors(list(names), "resnet18", kinds=("dense", "c5"))
     assert set(names.values()) <= set(found), found
 
@@ -140,7 +140,7 @@ def test_checkpoints_written_by_the_trainer_load_at_every_entry_point(tmp_path, 
 def test_the_command_line_exits_non_zero_with_one_line(tmp_path):
     """The same refusal through a real process: its exit status and everything it printed."""
     file = hostile(tmp_path / "run" / "checkpoints" / "step_00000002.pt", tmp_path / "ran", **our_state())
-    done = subprocess.run([sys.executable, "-m", "evaluation", "export", "--checkpoint", str(tmp_path / "run"),
+    done = subprocess.run([sys.executable, "-m", "densessl.evaluation", "export", "--checkpoint", str(tmp_path / "run"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode != 0 and not (tmp_path / "ran").exists()

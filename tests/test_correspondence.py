@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.correspondence import count_valid, flow, sample_matches
-from pipeline import PairSpec
-from pipeline.geometry import apply_affine, compose, invert_affine, sample_view_pair
+from densessl.pipeline.correspondence import count_valid, flow, sample_matches
+from densessl.pipeline import PairSpec
+from densessl.pipeline.geometry import apply_affine, compose, invert_affine, sample_view_pair
 
 VIEW, STRIDE = (64, 96), 4
 GH, GW = VIEW[0] // STRIDE, VIEW[1] // STRIDE

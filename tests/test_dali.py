@@ -12,10 +12,10 @@ if os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
 else:
     pytest.importorskip("nvidia.dali")
 
-from pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
-from pipeline.folder import decode_rgb  # noqa: E402
-from pipeline.geometry import Crop, sample_view_pair  # noqa: E402
-from pipeline.loader import render_view  # noqa: E402
+from densessl.pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
+from densessl.pipeline.folder import decode_rgb  # noqa: E402
+from densessl.pipeline.geometry import Crop, sample_view_pair  # noqa: E402
+from densessl.pipeline.loader import render_view  # noqa: E402
 from ramp import assert_ramp_agrees, crop_from_affine, ramp_errors  # noqa: E402
 
 SPEC = PairSpec(size=(96, 96))
@@ -139,7 +139,7 @@ def test_cpu_graph_decodes_the_union_box_with_the_whole_images_pixels(tmp_path):
     """The CPU graph decodes only the union box of each pair's windows (issue 20). On natural photos its views
     equal, bit for bit, the views the reference filter cuts from the whole decoded image."""
     pytest.importorskip("skimage")
-    from benchmarks.photos import write_photo_set
+    from densessl.benchmarks.photos import write_photo_set
     root = write_photo_set(tmp_path / "photos", count=24)
     files = scan_image_folder(root).files
     spec = PairSpec(size=(128, 128))

@@ -13,20 +13,20 @@ import torch
 import torchvision
 from PIL import Image
 
-from evaluation import datasets
-from evaluation.__main__ import main as evaluation_main
-from evaluation.export import detectron2_name, export
-from evaluation.features import GlobalResNet, Hypercolumn, feature_extractor, feature_extractors
-from evaluation.metrics import (boundary_f, boundary_map, boundary_radius, confusion, davis_statistics, depth_errors,
+from densessl.evaluation import datasets
+from densessl.evaluation.__main__ import main as evaluation_main
+from densessl.evaluation.export import detectron2_name, export
+from densessl.evaluation.features import GlobalResNet, Hypercolumn, feature_extractor, feature_extractors
+from densessl.evaluation.metrics import (boundary_f, boundary_map, boundary_radius, confusion, davis_statistics, depth_errors,
                                 eigen_crop, iou_per_class, jaccard, mean_errors, mean_iou)
-from evaluation.probe import fit_probe, trivial_probe
-from evaluation.propagation import propagate
-from model.builder import MoCo, MoCoConfig
-from model import checkpoint
-from model.network import FPNDecoder, load_weights
-from pipeline.synthetic import DAVIS_PALETTE
+from densessl.evaluation.probe import fit_probe, trivial_probe
+from densessl.evaluation.propagation import propagate
+from densessl.model.builder import MoCo, MoCoConfig
+from densessl.model import checkpoint
+from densessl.model.network import FPNDecoder, load_weights
+from densessl.pipeline.synthetic import DAVIS_PALETTE
 from released import released_checkpoints
-from train.config import TrainConfig
+from densessl.train.config import TrainConfig
 
 
 # ---- metrics on hand-computed cases -------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def test_export_to_torchvision_and_detectron2(tmp_path):
 
 
 def test_unreliable_probes_are_warned_about(capsys):
-    from evaluation.probe import warn_if_unreliable
+    from densessl.evaluation.probe import warn_if_unreliable
     good = {"mIoU": 0.5, "trivial": {"mIoU": 0.1}, "probe converged": True, "probe loss": 0.2}
     warn_if_unreliable(good, "mIoU", "m seg")
     assert capsys.readouterr().err == ""

@@ -15,10 +15,10 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-from pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
-from pipeline.ffcv import read_stored_image, write_beton  # noqa: E402
-from pipeline.folder import decode_rgb  # noqa: E402
-from pipeline.loader import render_view  # noqa: E402
+from densessl.pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
+from densessl.pipeline.ffcv import read_stored_image, write_beton  # noqa: E402
+from densessl.pipeline.folder import decode_rgb  # noqa: E402
+from densessl.pipeline.loader import render_view  # noqa: E402
 from ramp import assert_ramp_agrees, crop_from_affine, ramp_errors  # noqa: E402
 
 SPEC = PairSpec(size=(96, 96))
@@ -106,7 +106,7 @@ def test_clear_errors(tmp_path, raw_beton, synthetic_root):
 @pytest.mark.timeout(300)
 def test_damaged_beton_stops_the_epoch_with_an_error_not_a_hang(synthetic_root, tmp_path):
     from ffcv.reader import Reader
-    from pipeline.folder import BadImage
+    from densessl.pipeline.folder import BadImage
     beton = write_beton(synthetic_root / "train", tmp_path / "jpg.beton", workers=2)
     reader = Reader(str(beton))
     start = int(reader.metadata[f"f{reader.field_names.index('image')}"][5]["data_ptr"])

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.correspondence import count_valid, flow
-from pipeline import PairSpec
-from pipeline.geometry import (Crop, apply_affine, compose, crop_affine, crop_overlap_cells,
+from densessl.pipeline.correspondence import count_valid, flow
+from densessl.pipeline import PairSpec
+from densessl.pipeline.geometry import (Crop, apply_affine, compose, crop_affine, crop_overlap_cells,
                                invert_affine, sample_crop_window, sample_view_pair)
 
 sizes = st.integers(1, 2000)

@@ -1,6 +1,6 @@
-"""The house's layers hold: ``pipeline`` and ``model`` import nothing above them, ``evaluation`` nothing from
-``train``, ``slurm`` and ``benchmarks`` sit on top (the contract is declared in pyproject.toml and checked by
-import-linter); the test modules stand alone."""
+"""The house's layers hold: ``pipeline`` and ``model`` import nothing above them, ``train`` and ``evaluation`` sit
+side by side and import nothing of each other, ``experiments``, ``slurm`` and ``benchmarks`` sit on top (the
+contract is declared in pyproject.toml and checked by import-linter); the test modules stand alone."""
 
 import ast
 import shutil

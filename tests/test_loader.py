@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import BATCH, PairSpec, SeededSampler, ViewPairLoader, build_loader, check_batch, scan_image_folder
-from pipeline.resize import resize_crop_aa
+from densessl.pipeline import BATCH, PairSpec, SeededSampler, ViewPairLoader, build_loader, check_batch, scan_image_folder
+from densessl.pipeline.resize import resize_crop_aa
 from ramp import assert_ramp_agrees, ramp_errors
 
 SPEC = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
@@ -122,7 +122,7 @@ def test_readme_table_is_the_contract():
     """pipeline/README.md shows the batch contract as ``contract.batch_table()`` writes it: docs cannot drift."""
     from pathlib import Path
 
-    from pipeline.contract import batch_table
+    from densessl.pipeline.contract import batch_table
     assert batch_table() in (Path(__file__).resolve().parents[1] / "pipeline" / "README.md").read_text()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model.losses import densecl_dense_loss, gather_cells, info_nce, sample_bilinear, vader_loss
+from densessl.model.losses import densecl_dense_loss, gather_cells, info_nce, sample_bilinear, vader_loss
 
 T = 0.07
 

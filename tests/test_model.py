@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchvision
 
-from model.builder import MoCo, MoCoConfig
-from model.checkpoint import load_encoder_weights
-from model.network import BilinearUp2, DenseNetwork
+from densessl.model.builder import MoCo, MoCoConfig
+from densessl.model.checkpoint import load_encoder_weights
+from densessl.model.network import BilinearUp2, DenseNetwork
 from released import released_checkpoints
 
 

@@ -39,7 +39,7 @@ def official_scores(annotations: Path, masks: Path) -> dict[str, float]:
 
 
 def test_propagation_scores_equal_the_official_code(synthetic_root, tmp_path):
-    from evaluation.__main__ import main
+    from densessl.evaluation.__main__ import main
     out = tmp_path / "eval"
     assert main(["propagation", "--dataset", "synthetic", "--root", str(synthetic_root), "--features",
                  "random:resnet18", "--arch", "resnet18", "--save-masks", "--out", str(out)]) == 0

@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageOps
 
 from corpus import BAD, write_corpus
-from model import checkpoint
-from pipeline import PairSpec, build_loader, check_batch, scan_image_folder
-from pipeline.folder import BadImage, decode_rgb, screen_file
-from train.config import parse
+from densessl.model import checkpoint
+from densessl.pipeline import PairSpec, build_loader, check_batch, scan_image_folder
+from densessl.pipeline.folder import BadImage, decode_rgb, screen_file
+from densessl.train.config import parse
 
 SPEC = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_dali_screens_out_bad_files(corpus, tmp_path):
 
 def test_ffcv_writer_replaces_and_reports_bad_files(corpus, tmp_path):
     pytest.importorskip("ffcv") if not os.environ.get("DENSESSL_REQUIRE_BACKENDS") else None
-    from pipeline.ffcv import write_beton
+    from densessl.pipeline.ffcv import write_beton
     beton = write_beton(corpus, tmp_path / "corpus.beton", workers=2)
     assert reported(Path(f"{beton}.skipped.txt")) == set(BAD)
     batches = list(build_loader("ffcv", beton, SPEC, batch_size=4, workers=2, drop_last=False))
@@ -97,7 +97,7 @@ def train_args(data, run_dir, **extra):
 
 
 def test_training_lists_skipped_files_and_enforces_the_cap(corpus, tmp_path):
-    from train.trainer import run
+    from densessl.train.trainer import run
     run(parse(train_args(corpus, tmp_path / "ok", steps=8)))
     assert set() < reported(tmp_path / "ok" / "skipped.txt") <= set(BAD)  # those drawn in 8 steps
     with pytest.raises(RuntimeError, match="max_bad_images=1"):
@@ -106,14 +106,14 @@ def test_training_lists_skipped_files_and_enforces_the_cap(corpus, tmp_path):
 
 def test_feature_pictures_pass_over_unreadable_files(corpus):
     """The training images shown in TensorBoard come from the data set, bad files and all: never a crash."""
-    from train.run_folder import fixed_images
+    from densessl.train.run_folder import fixed_images
     n = len(scan_image_folder(corpus))
     images = fixed_images(corpus, n, 32)  # every file, the bad ones replaced by their readable neighbours
     assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
 
 
 def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
-    from train.trainer import run
+    from densessl.train.trainer import run
     with pytest.raises(FloatingPointError, match="batch indices saved"):
         run(parse(train_args(corpus, tmp_path / "nan", lr=1e30, decoder_lr=1e30, steps=20)))
     report = json.loads(next((tmp_path / "nan").glob("nonfinite_step*_rank0.json")).read_text())
@@ -121,7 +121,7 @@ def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
 
 
 def test_nonfinite_steps_can_be_skipped_without_poisoning_the_queue(corpus, tmp_path):
-    from train.trainer import run
+    from densessl.train.trainer import run
     run_dir = tmp_path / "skip"
     with pytest.raises(FloatingPointError, match="2 earlier step"):
         run(parse(train_args(corpus, run_dir, lr=1e30, decoder_lr=1e30, steps=20, checkpoint_every=1,
@@ -147,7 +147,7 @@ def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path
     import time
     run_dir = tmp_path / "kill"
     args = train_args(corpus, run_dir, steps=12, checkpoint_every=3, workers=0, resume="auto")
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((run_dir / "checkpoints").glob(".step_00000006.pt.tmp-*")):  # the second checkpoint's write
@@ -156,7 +156,7 @@ def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "checkpoints" / "step_00000006.pt").exists()  # killed before the rename
-    done = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "at step 3 " in done.stdout  # the last complete checkpoint
     assert logged_steps(run_dir) == list(range(1, 13))
@@ -164,7 +164,7 @@ def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path
 
 
 def test_truncated_latest_checkpoint_resumes_from_the_previous(corpus, tmp_path):
-    from train.trainer import run
+    from densessl.train.trainer import run
     run_dir = tmp_path / "trunc"
     run(parse(train_args(corpus, run_dir, steps=6, checkpoint_every=2, keep_checkpoints=3, workers=0)))
     latest = run_dir / "checkpoints" / "step_00000006.pt"
@@ -180,7 +180,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     checkpoint.save({"step": 1, "w": torch.zeros(10)}, tmp_path, 1)
     code = f"""
 import resource, signal, torch
-from model import checkpoint
+from densessl.model import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:
@@ -209,7 +209,7 @@ def test_stuck_rank_is_named_when_a_collective_times_out(corpus, tmp_path):
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "densessl.train", *args], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     beat = tmp_path / "ddp" / "heartbeat" / "rank1"
     deadline = time.time() + 300
@@ -231,7 +231,7 @@ def test_stuck_rank_is_named_when_a_collective_times_out(corpus, tmp_path):
     ({"backend": "ffcv", "data": "/data/x.tar"}, "no such folder"),
 ])
 def test_configuration_errors_are_one_line(tmp_path, override, message):
-    from train.trainer import run
+    from densessl.train.trainer import run
     (tmp_path / "empty").mkdir()
     override = {k: (str(tmp_path / "empty") if v == "EMPTY" else v) for k, v in override.items()}
     data = override.pop("data", tmp_path / "empty")

@@ -12,7 +12,7 @@ import pytest
 if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
     pytest.importorskip("submitit")  # a core dependency; missing only where the project is not installed
 
-from slurm.submit import slurm_state, submit, wait  # noqa: E402
+from densessl.slurm.submit import slurm_state, submit, wait  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"

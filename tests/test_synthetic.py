@@ -3,8 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline import scan_image_folder
-from pipeline.synthetic import CLASSES, generate, main
+from densessl.pipeline import scan_image_folder
+from densessl.pipeline.synthetic import CLASSES, generate, main
 
 from conftest import TINY
 
@@ -57,7 +57,7 @@ def test_grain_adds_noise_to_images_only(tmp_path):
     """Grain (for benchmarks: JPEGs nearer photos in size and decode cost) leaves the scene and its labels alone,
     and is drawn from the scene's seed: the same bytes each time."""
     small = {"train_per_class": 2, "val_per_class": 0, "videos": 0, "height": 96, "width": 128}
-    from pipeline.synthetic import SyntheticConfig
+    from densessl.pipeline.synthetic import SyntheticConfig
     clean = generate(tmp_path / "clean", SyntheticConfig(**small), progress=False)
     grainy = generate(tmp_path / "grainy", SyntheticConfig(**small, grain=12.0), progress=False)
     again = generate(tmp_path / "again", SyntheticConfig(**small, grain=12.0), progress=False)
@@ -76,7 +76,7 @@ def test_class_is_the_outline_not_the_appearance():
     names a class."""
     import colorsys
 
-    from pipeline.synthetic import TEXTURES, SyntheticConfig, _random_shape
+    from densessl.pipeline.synthetic import TEXTURES, SyntheticConfig, _random_shape
     rng = np.random.default_rng(0)
     cfg = SyntheticConfig()
     for cls in range(len(CLASSES)):
@@ -89,7 +89,7 @@ def test_class_is_the_outline_not_the_appearance():
 def test_validation_scenes_and_clip_frames_are_lit_differently(tmp_path):
     """The same scenes without the lighting change differ from the written ones in validation only; clips
     zoom in, so the first and last masks differ in object size."""
-    from pipeline.synthetic import SyntheticConfig
+    from densessl.pipeline.synthetic import SyntheticConfig
     small = dict(height=48, width=64, train_per_class=1, val_per_class=2, videos=1, frames=3)
     lit = generate(tmp_path / "lit", SyntheticConfig(**small), progress=False)
     plain = generate(tmp_path / "plain", SyntheticConfig(**small, val_lighting=0, video_lighting=0, video_zoom=1),

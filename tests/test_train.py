@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model import checkpoint
-from train.config import TrainConfig, parse
+from densessl.model import checkpoint
+from densessl.train.config import TrainConfig, parse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_checkpoints_are_pruned_and_corrupt_ones_skipped(tmp_path):
 
 
 def run_train(args, **kw):
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -101,7 +101,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_pa
     ref = run_train(tiny_args(synthetic_root, tmp_path / "ref", steps=steps, backend=backend))
     assert ref.returncode == 0, ref.stderr[-2000:]
     args = tiny_args(synthetic_root, tmp_path / "cut", steps=steps, resume="auto", backend=backend)
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "cut" / "checkpoints" / "step_00000008.pt").exists():
@@ -123,7 +123,7 @@ def _ddp_worker(rank, world, port, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from train.trainer import run
+    from densessl.train.trainer import run
     model = run(parse(args)).model
     torch.save({"queue": model.queue_dense, "ptr": model.queue_dense_ptr,
                 "params": torch.cat([p.detach().flatten() for p in model.encoder_q.parameters()])},
@@ -147,8 +147,8 @@ def test_two_process_gloo_ddp_keeps_queues_identical(synthetic_root, tmp_path):
 def test_a_stop_request_is_honoured_once(synthetic_root, tmp_path):
     """A stop requested before or during a run stops it after one step, checkpointed; the next run in the same
     process (a notebook, submitit's local executor) trains all its steps."""
-    from train.distributed import request_stop
-    from train.trainer import run
+    from densessl.train.distributed import request_stop
+    from densessl.train.trainer import run
     request_stop()
     first = run(parse(tiny_args(synthetic_root, tmp_path / "first", steps=3, workers=0)))
     assert (first.stopped, first.step) == (True, 1)
@@ -160,7 +160,7 @@ def test_a_stop_request_is_honoured_once(synthetic_root, tmp_path):
 def test_deferred_synchronisation_trains_and_logs_the_same_run(synthetic_root, tmp_path):
     """sync_every=3 reads the losses three steps at a time: step for step the losses of a run that reads
     each step's (the device queue is never drained in between, the arithmetic is the same)."""
-    from train.trainer import run
+    from densessl.train.trainer import run
     for name, every in (("each", 1), ("deferred", 3)):
         run(parse(tiny_args(synthetic_root, tmp_path / name, steps=7, checkpoint_every=100, sync_every=every)))
     assert len(losses(tmp_path / "each")) == 7
@@ -170,7 +170,7 @@ def test_deferred_synchronisation_trains_and_logs_the_same_run(synthetic_root, t
 def test_a_nonfinite_loss_between_synchronisations_stops_before_a_checkpoint(synthetic_root, tmp_path):
     """A loss that blows up in an unsynchronised step is named at the next synchronised one, and the
     poisoned weights are never checkpointed."""
-    from train.trainer import run
+    from densessl.train.trainer import run
     run_dir = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"not finite at step (\d+) \(found at step (\d+)") as err:
         run(parse(tiny_args(synthetic_root, run_dir, steps=20, lr=1e30, decoder_lr=1e30, sync_every=10,
@@ -182,7 +182,7 @@ def test_a_nonfinite_loss_between_synchronisations_stops_before_a_checkpoint(syn
 
 def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
     """compile=true (torch.compile of the model) gives the eager run's losses within float tolerance."""
-    from train.trainer import run
+    from densessl.train.trainer import run
     for name, compiled in (("eager", "false"), ("compiled", "true")):
         run(parse(tiny_args(synthetic_root, tmp_path / name, steps=3, checkpoint_every=100, compile=compiled)))
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
@@ -191,7 +191,7 @@ def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
 
 def test_checkpoints_rebuild_the_model_they_hold(synthetic_root, tmp_path):
     """Every checkpoint carries its model's configuration: evaluation rebuilds the same network from the file."""
-    from train.trainer import run
+    from densessl.train.trainer import run
     trained = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=2, workers=0, objective="densecl",
                                   queue_size=256, temperature=0.3))).model
     rebuilt = checkpoint.load_model(tmp_path / "run")
@@ -206,7 +206,7 @@ def test_trains_from_a_moco_v2_checkpoint(synthetic_root, tmp_path):
     import torchvision
 
     from released import released_checkpoints
-    from train.trainer import run
+    from densessl.train.trainer import run
     source = torchvision.models.resnet18(weights=None)
     released_checkpoints(source, torchvision.models.resnet18(weights=None), tmp_path)
     result = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=1, workers=0, lr=0, decoder_lr=0,
@@ -220,7 +220,7 @@ def test_a_run_reads_well_in_a_log_file_and_in_tensorboard(synthetic_root, tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     with open(tmp_path / "stderr.txt", "w") as err:
-        done = subprocess.run([sys.executable, "-m", "train", *tiny_args(
+        done = subprocess.run([sys.executable, "-m", "densessl.train", *tiny_args(
             synthetic_root, run_dir, steps=5, workers=0, progress="true", log_every=2, log_images_every=3,
             log_images=2)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
     text = (tmp_path / "stderr.txt").read_text()
@@ -241,8 +241,9 @@ def test_a_run_reads_well_in_a_log_file_and_in_tensorboard(synthetic_root, tmp_p
 def test_console_commands_are_the_module_commands():
     """Each installed console command prints the same help as its ``python -m`` form."""
     import shutil
-    pairs = {"densessl-train": "train", "densessl-eval": "evaluation", "densessl-bench": "benchmarks",
-             "densessl-submit": "slurm.submit", "densessl-demo": "train.demo"}
+    pairs = {"densessl-train": "densessl.train", "densessl-eval": "densessl.evaluation",
+             "densessl-bench": "densessl.benchmarks", "densessl-submit": "densessl.slurm.submit",
+             "densessl-demo": "densessl.experiments.demo"}
     for command, module in pairs.items():
         path = shutil.which(command, path=str(Path(sys.executable).parent))
         assert path, f"{command} is not installed: pip install -e ."
@@ -255,7 +256,7 @@ def test_console_commands_are_the_module_commands():
 
 
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
-    from train.demo import main
+    from densessl.experiments.demo import main
     out = tmp_path / "demo"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--batch", "8",
                  "--view-size", "64"]) == 0
@@ -270,7 +271,7 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
 def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
     """``make compare`` in seconds: two objectives and random init, a row per model and feature kind, finite
     scores, run costs for trained rows, the trivial baselines, the verdict and the plot."""
-    from train.compare import main, pretrain
+    from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -293,7 +294,7 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
 def test_ablations_run_at_tiny_size(tmp_path):
     """``make ablations`` in seconds: each reviewer question trains VADeR under its own key, the MoCo v2
     initialisation reads the MoCo v2 run of the same seed, and each gets a row."""
-    from train.compare import ABLATIONS, main
+    from densessl.experiments.compare import ABLATIONS, main
     out = tmp_path / "ablations"
     assert main(["--tiny", "--ablations", "--kinds", "dense", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -307,7 +308,7 @@ def test_ablations_run_at_tiny_size(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
-    from train.trainer import run
+    from densessl.train.trainer import run
     model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true"))).model
     assert next(model.parameters()).is_cuda
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()
@@ -317,7 +318,7 @@ def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path
 def test_trains_with_each_backend(synthetic_root, tmp_path, backend, module):
     if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
         pytest.importorskip(module)
-    from train.trainer import run
+    from densessl.train.trainer import run
     model = run(parse(tiny_args(synthetic_root, tmp_path / backend, steps=3, backend=backend))).model
     assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
     assert len(losses(tmp_path / backend)) == 3

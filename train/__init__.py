@@ -1,1 +1,1 @@
-"""Trainer: ``python -m train key=value ...`` (see ``train.config.TrainConfig`` for every option)."""
+"""Trainer: ``python -m densessl.train key=value ...`` (see ``train.config.TrainConfig`` for every option)."""

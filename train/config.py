@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, overridable from YAML files and ``key=value`` arguments (OmegaConf).
 
-    python -m train --config my.yaml objective=densecl arch=resnet50 batch_size=256 data=/data/imagenet/train
+    python -m densessl.train --config my.yaml objective=densecl arch=resnet50 batch_size=256 data=/data/imagenet/train
 
 Every check that can fail is done here, before data is scanned or a model is built.
 """
@@ -15,10 +15,10 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from model.builder import MoCoConfig
-from model.network import ARCHS
-from model.objectives import OBJECTIVES
-from pipeline import BACKENDS, PairSpec
+from densessl.model.builder import MoCoConfig
+from densessl.model.network import ARCHS
+from densessl.model.objectives import OBJECTIVES
+from densessl.pipeline import BACKENDS, PairSpec
 INSTALL_HINTS = {
     "dali": ("nvidia.dali", "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)"),
     "ffcv": ("ffcv", "backend=ffcv needs FFCV 1.0.2: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "

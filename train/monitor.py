@@ -13,10 +13,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from evaluation.visualize import pca_rgb
-from model.builder import MoCo
-from model.objectives import OBJECTIVES
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from densessl.model.builder import MoCo
+from densessl.model.objectives import OBJECTIVES
+from densessl.model.pictures import pca_rgb
+from densessl.pipeline.augment import normalize
 
 from .config import TrainConfig
 from .run_folder import MetricsLog
@@ -33,8 +33,7 @@ def feature_picture(model: MoCo, images: torch.Tensor) -> torch.Tensor:
     images together) of the query network's dense output (C5 for an objective without one) as colours."""
     net = model.encoder_q
     device = next(net.parameters()).device
-    x = images.to(device).float() / 255
-    x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = normalize(images.to(device).float() / 255)
     was_training = net.training
     net.eval()
     try:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import Crop, scan_image_folder
-from pipeline.folder import read_first_readable
-from pipeline.loader import render_view
-from pipeline.synthetic import generate
+from densessl.pipeline import Crop, scan_image_folder
+from densessl.pipeline.folder import read_first_readable
+from densessl.pipeline.loader import render_view
+from densessl.pipeline.synthetic import generate
 
 from .config import TrainConfig
 from .distributed import barrier
@@ -78,7 +78,7 @@ def set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
 
 def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
     """The ImageFolder (or .beton) to train on; the embedded set is generated, and with backend=ffcv an
-    ImageFolder is written once to ``run_dir/train.beton`` (for ImageNet, write it ahead: python -m pipeline.ffcv)."""
+    ImageFolder is written once to ``run_dir/train.beton`` (for ImageNet, write it ahead: python -m densessl.pipeline.ffcv)."""
     root = Path(cfg.data)
     if cfg.data == "synthetic":
         if rank == 0:
@@ -87,7 +87,7 @@ def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
     if cfg.backend == "ffcv" and root.suffix != ".beton":
         beton = Path(cfg.run_dir) / "train.beton"
         if rank == 0 and not beton.is_file():
-            from pipeline.ffcv import write_beton
+            from densessl.pipeline.ffcv import write_beton
             print(f"writing {beton} from {root} (once; pass data=<file>.beton to reuse one)", flush=True)
             partial = beton.with_suffix(".partial")
             write_beton(root, partial, workers=cfg.workers, max_bad_images=cfg.max_bad_images).rename(beton)
@@ -106,7 +106,7 @@ def fixed_images(root: Path, n: int, size: int) -> torch.Tensor:
     if root.suffix == ".beton":
         from ffcv.reader import Reader
 
-        from pipeline.ffcv import read_stored_image
+        from densessl.pipeline.ffcv import read_stored_image
         count = Reader(str(root)).num_samples
         read = lambda i: read_stored_image(root, i)  # noqa: E731
     else:

@@ -1,6 +1,6 @@
 """The training loop: loader -> device augmentation -> MoCo objective -> SGD, with exact resume.
 
-Launch with ``python -m train key=value ...`` on one process, or under torchrun / Slurm (``WORLD_SIZE`` set)
+Launch with ``python -m densessl.train key=value ...`` on one process, or under torchrun / Slurm (``WORLD_SIZE`` set)
 for DDP over env:// (NCCL on GPU, gloo on CPU). ``Trainer`` holds one rank's optimisation state and its step;
 ``run`` is the loop around it; distributed plumbing is in ``distributed.py``, run-folder bookkeeping in
 ``run_folder.py``.
@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model import checkpoint
-from model.builder import MoCo
-from pipeline import PhotometricAugment, ViewPairLoader, build_loader
+from densessl.model import checkpoint
+from densessl.model.builder import MoCo
+from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader
 
 from . import distributed
 from .config import TrainConfig, to_yaml

@@ -1,8 +1,8 @@
 """`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
 
-    python -m train.compare --out runs/compare                  # 3 objectives x 3 seeds, then every evaluation
-    python -m train.compare --ablations --out runs/ablations --runs runs/compare/runs   # VADeR's ablations
-    python -m train.compare --tiny                              # seconds: 2 objectives, 1 seed (the test)
+    python -m densessl.experiments.compare --out runs/compare                  # 3 objectives x 3 seeds, then every evaluation
+    python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs   # VADeR's ablations
+    python -m densessl.experiments.compare --tiny                              # seconds: 2 objectives, 1 seed (the test)
 
 Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
 the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output where it
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.embedded import PROBE_SIZE, EmbeddedTasks, score_embedded
-from evaluation.features import model_extractors, random_model
-from pipeline.synthetic import SyntheticConfig, generate
+from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, score_embedded
+from densessl.evaluation.features import model_extractors, random_model
+from densessl.pipeline.synthetic import SyntheticConfig, generate
 
-from .config import TrainConfig
-from .trainer import run
+from densessl.train.config import TrainConfig
+from densessl.train.trainer import run
 
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2"}

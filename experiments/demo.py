@@ -2,7 +2,7 @@
 
 Generates the synthetic set, trains resnet18 + FPN (a few minutes on 2 cores; resumes if interrupted), and
 scores the trained and a randomly initialised network, each read two ways (its encoder's hypercolumn and its
-FPN output), by the comparison's protocols (``train/compare.py``): segmentation and depth probes, and label
+FPN output), by the comparison's protocols (``experiments/compare.py``): segmentation and depth probes, and label
 propagation. Writes ``report.md`` with the table, the verdict against the strongest random baseline, a loss
 curve and PCA-of-features images. Exits with status 1 if the trained model does not beat the strongest random
 baseline on any of the scores.
@@ -17,11 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from evaluation.datasets import synthetic
-from evaluation.embedded import PROBE_SIZE
-from evaluation.features import model_extractors, random_model
-from evaluation.visualize import plot_pca
-from pipeline.synthetic import SyntheticConfig, generate
+from densessl.evaluation.datasets import synthetic
+from densessl.evaluation.embedded import PROBE_SIZE
+from densessl.evaluation.features import model_extractors, random_model
+from densessl.evaluation.visualize import plot_pca
+from densessl.pipeline.synthetic import SyntheticConfig, generate
 
 from .compare import TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
 
