@@ -16,11 +16,11 @@ $py -m densessl.benchmarks.train_step --batch 128 --warmup 20 --steps 60 --compi
     --profile "$out/profile" 2>&1 | tee "$out/train_step_compiled.log"
 # the trainer end to end, compiled, on 4,096 files (the embedded set is 2 batches per epoch, and every epoch's
 # first batch waits for the workers): compare its median pairs/s with the compiled model-only step above
-root=$($py -c "from benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
+root=$($py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
 for backend in dali torch; do
-  $py -m densessl.train data="$root" arch=resnet50 batch_size=128 workers=$((cores - 2)) steps=300 compile=true \
-      sync_every=20 backend=$backend run_dir="$out/e2e-$backend" progress=false checkpoint_every=1000 \
-      tensorboard=false 2>&1 | tail -n 3 | tee "$out/e2e-$backend.log"
+  $py -m densessl.train data.path="$root" model.arch=resnet50 optim.batch_size=128 data.workers=$((cores - 2)) \
+      optim.steps=300 run.compile=true run.sync_every=20 data.backend=$backend run.dir="$out/e2e-$backend" \
+      run.progress=false run.checkpoint_every=1000 run.tensorboard=false 2>&1 | tail -n 3 | tee "$out/e2e-$backend.log"
   $py -c "import csv, statistics, sys; r = list(csv.DictReader(open(sys.argv[1])))[50:]
 print(sys.argv[2], 'steps 51+: median', statistics.median(float(x['images_per_s']) for x in r), 'pairs/s,',
       'median data wait', statistics.median(float(x['data_wait']) for x in r))" \

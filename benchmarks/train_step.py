@@ -25,8 +25,10 @@ import torchvision
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from densessl.model.builder import ModelConfig
+from densessl.model.methods import DEFAULT, METHODS, method_class, method_config
 from densessl.pipeline import PairSpec, build_loader
-from densessl.train.config import TrainConfig
+from densessl.train.config import OptimConfig, RunConfig, TrainConfig
 from densessl.train.trainer import Trainer, build_model
 
 from .common import machine
@@ -67,7 +69,7 @@ def _synchronize(device: torch.device) -> None:
 def timed_steps(trainer: Trainer, batches, steps: int, warmup: int = 2):
     """(pairs/s, data-wait fraction) of ``Trainer.step`` over ``steps`` steps after ``warmup`` untimed ones,
     synchronising as the trainer would (every ``sync_every`` steps) and the device once at the end."""
-    sync_every = trainer.cfg.sync_every
+    sync_every = trainer.cfg.run.sync_every
     for i in range(warmup):
         trainer.step(next(batches), i)
     _synchronize(trainer.device)
@@ -95,16 +97,19 @@ def step_flops(trainer: Trainer, batch: dict, step: int = 0) -> int:
 def make_trainer(objective: str, args, device: torch.device, batch: dict) -> tuple[Trainer, int]:
     """The trainer, and the FLOPs of one of its steps on ``batch``, counted on the eager step before the
     model is compiled (under the FLOP counter's dispatch mode torch.compile would run the model eagerly)."""
-    keys = 32 if objective == "vader" else 1
-    cfg = TrainConfig(objective=objective, arch=args.arch, view_size=args.size, batch_size=args.batch,
-                      queue_size=args.batch * keys * 16, run_dir=tempfile.mkdtemp(prefix="train_step-"),
-                      progress=False, compile=False, sync_every=args.sync_every, tensorboard=False)
+    views = PairSpec(size=args.size)
+    keys = method_class(objective)(method_config(objective)).keys_per_pair(views.num_matches)
+    cfg = TrainConfig(views=views, model=ModelConfig(arch=args.arch),
+                      method=method_config(objective, queue_size=args.batch * keys * 16),
+                      optim=OptimConfig(batch_size=args.batch),
+                      run=RunConfig(dir=tempfile.mkdtemp(prefix="train_step-"), progress=False, compile=False,
+                                    sync_every=args.sync_every, tensorboard=False))
     cfg.validate()
     trainer = Trainer(cfg, build_model(cfg, device, world=1), 0, 1, device, total=10 ** 6)
     trainer.wrap()
     flops = step_flops(trainer, batch)
     if args.compile:
-        trainer.cfg = replace(cfg, compile=True)
+        trainer.cfg = replace(cfg, run=replace(cfg.run, compile=True))
         trainer.wrap()
     return trainer, flops
 
@@ -153,10 +158,10 @@ def profile(trainer: Trainer, batches, out: str, steps: int = 5) -> None:
             trainer.step(next(batches), i)
         _synchronize(trainer.device)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"trace_{trainer.cfg.objective}.json")
+    path = os.path.join(out, f"trace_{trainer.cfg.method.name}.json")
     prof.export_chrome_trace(path)
     key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of {steps} {trainer.cfg.objective} steps ({path}), top kernels by {key}:")
+    print(f"\nprofile of {steps} {trainer.cfg.method.name} steps ({path}), top kernels by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
@@ -167,7 +172,7 @@ def forever(loader):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objectives", default="vader", help="comma-separated: vader, densecl, mocov2")
+    p.add_argument("--objectives", default=DEFAULT, help=f"comma-separated methods: {', '.join(METHODS)}")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
@@ -216,7 +221,7 @@ def main(argv=None) -> None:
                                   PairSpec(size=(args.size, args.size)), batch_size=args.batch,
                                   workers=args.workers, device=device)
             rate, wait = timed_steps(first, forever(loader), args.steps, args.warmup)
-            print(f"{first.cfg.objective + ' fed by ' + backend + f', {args.workers} workers':44s} {rate:10.1f} "
+            print(f"{first.cfg.method.name + ' fed by ' + backend + f', {args.workers} workers':44s} {rate:10.1f} "
                   f"pairs/s   data wait {100 * wait:5.1f}% of step time")
 
 

@@ -29,6 +29,7 @@ from .features import KINDS, feature_extractors
 from .metrics import DEPTH_METRICS
 from .probe import linear_probe, warn_if_unreliable
 from .propagation import evaluate_videos
+from .report import markdown_table
 from .visualize import plot_pca, plot_retrieval
 
 SEGMENTATION = {"voc": (datasets.voc, "train", "val"), "cityscapes": (datasets.cityscapes, "train", "val"),
@@ -39,10 +40,7 @@ VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datase
 
 
 def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
-    lines = ["| features | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.3f}" for m in metrics) + " |")
-    return "\n".join(lines)
+    return markdown_table(metrics, {name: [f"{r[m]:.3f}" for m in metrics] for name, r in rows.items()})
 
 
 def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
@@ -91,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2 weights")
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"], choices=KINDS,
                    help="how each model is read (evaluation/features.py): hypercolumn = C2..C5 at stride 4, the "
-                        "same for every model; dense = the objective's dense output; c5 = the last stage")
+                        "same for every model; dense = the method's dense output; c5 = the last stage")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--root", default="data/synthetic", help="data set root (default: the embedded set)")
     p.add_argument("--images", nargs="+", default=[], help="images for visualize")

@@ -4,7 +4,8 @@
 
 writes ``encoder_torchvision.pth`` (a plain torchvision ResNet state dict, no ``fc``), ``encoder_detectron2.pkl``
 (detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any leftover names) with
-``encoder_detectron2.yaml`` beside it, and, for VADeR, ``decoder.pth`` (the FPN decoder on its own).
+``encoder_detectron2.yaml`` beside it, and each head of the model's method on its own, by its name (VADeR's FPN
+decoder as ``decoder.pth``).
 
 The weights are torchvision's ResNet trained on RGB images in [0, 1] normalised by ImageNet's mean and std.
 detectron2's defaults are its own MSRA ResNet: stride in the 1x1 convolution, BGR input, mean-only
@@ -67,7 +68,8 @@ def detectron2_config() -> str:
 
 
 def export(path: str | Path, out: str | Path) -> list[Path]:
-    """Write the encoder (torchvision, detectron2) and, when there is one, the decoder of a checkpoint or run."""
+    """Write the encoder (torchvision, detectron2) and the heads (VADeR's decoder, projection MLPs) of a
+    checkpoint or run."""
     model = checkpoint.load_model(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def export(path: str | Path, out: str | Path) -> list[Path]:
     with open(written[1], "wb") as f:
         pickle.dump(to_detectron2(encoder), f)
     written[2].write_text(detectron2_config())
-    if model.encoder_q.decoder is not None:
-        written.append(out / "decoder.pth")
-        torch.save(model.encoder_q.decoder.state_dict(), written[-1])
+    for name in model.encoder_q.heads:  # the method's heads, each by its name (VADeR: decoder.pth)
+        written.append(out / f"{name}.pth")
+        torch.save(getattr(model.encoder_q, name).state_dict(), written[-1])
     return written

@@ -10,8 +10,8 @@ A model is named by a spec:
 and each model is read as one or more kinds of features (``KINDS``), so models are compared on equal footing:
 
     hypercolumn  the encoder's C2..C5, each upsampled to stride 4 and L2-normalised, concatenated: the same
-                 read-out for every model, whatever its objective trained
-    dense        the objective's own dense output (VADeR's FPN embedding at stride 4, DenseCL's dense head
+                 read-out for every model, whatever its method trained
+    dense        the method's own dense output (VADeR's FPN embedding at stride 4, DenseCL's dense head
                  upsampled from stride 32); models without one (MoCo v2, supervised weights) have no such row
     c5           the last stage at stride 4: dilated for ResNet-50 and deeper, as in the VADeR paper
                  (``replace_stride_with_dilation``); upsampled from stride 32 for ResNet-18/34, which torchvision
@@ -26,13 +26,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
 from densessl.model import checkpoint
-from densessl.model.builder import MoCo, MoCoConfig
-from densessl.model.network import ARCHS, load_weights
+from densessl.model.builder import MoCo, ModelConfig
+from densessl.model.methods import method_config
+from densessl.model.network import ResNetEncoder, load_weights
 
 KINDS = ("hypercolumn", "dense", "c5")
 
@@ -52,24 +52,11 @@ class Extractor(nn.Module):
         raise NotImplementedError
 
 
-def _resnet(arch: str, state: dict, what: str, dilate: bool = False) -> nn.Module:
-    """A torchvision ResNet without its classifier, holding all of ``state`` (checked)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    net = getattr(torchvision.models, arch)(weights=None,
-                                            replace_stride_with_dilation=[True, True, True] if dilate else None)
-    load_weights(net, state, what, optional=("fc.",))
-    del net.fc
-    return net
-
-
-def _stages(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    out = []
-    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-        x = layer(x)
-        out.append(x)
-    return out
+def _encoder(arch: str, state: dict, what: str, dilate: bool = False) -> ResNetEncoder:
+    """The model's encoder (``ResNetEncoder``) holding all of ``state`` (checked; a classifier is ignored)."""
+    encoder = ResNetEncoder(arch, dilate)
+    load_weights(encoder.net, state, what, optional=("fc.",))
+    return encoder
 
 
 def _at_stride4(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +70,10 @@ class GlobalResNet(Extractor):
     def __init__(self, arch: str, state: dict, what: str = "weights"):
         super().__init__()
         self.dilated = arch not in ("resnet18", "resnet34")
-        self.net = _resnet(arch, state, what, self.dilated)
+        self.net = _encoder(arch, state, what, self.dilated)
 
     def features(self, x):
-        return _at_stride4(_stages(self.net, x)[-1], x)
+        return _at_stride4(self.net(x)[-1], x)
 
 
 class Hypercolumn(Extractor):
@@ -95,14 +82,14 @@ class Hypercolumn(Extractor):
 
     def __init__(self, arch: str, state: dict, what: str = "weights"):
         super().__init__()
-        self.net = _resnet(arch, state, what)
+        self.net = _encoder(arch, state, what)
 
     def features(self, x):
-        return torch.cat([F.normalize(_at_stride4(c, x), dim=1) for c in _stages(self.net, x)], 1)
+        return torch.cat([F.normalize(_at_stride4(c, x), dim=1) for c in self.net(x)], 1)
 
 
 class DenseOutput(Extractor):
-    """One output of a ``DenseNetwork`` (the objective's ``dense_output``) as the features."""
+    """One output of a ``DenseNetwork`` (its method's ``dense_output``) as the features."""
 
     def __init__(self, net: nn.Module, output: str = "dense"):
         super().__init__()
@@ -127,17 +114,18 @@ def encoder_extractors(arch: str, state: dict, what: str, kinds=KINDS) -> dict[s
 
 def model_extractors(model: MoCo, kinds=KINDS) -> dict[str, Extractor]:
     """Each asked-for kind a trained (or random) model has, by kind: the encoder's kinds, and ``dense`` where
-    its objective has a dense output. The query encoder is read, as the projects we compare with do."""
+    its method has a dense output. The query encoder is read, as the projects we compare with do."""
     out = encoder_extractors(model.cfg.arch, model.encoder_q.encoder.net.state_dict(), "the model's encoder", kinds)
-    if "dense" in kinds and model.objective.dense_output is not None:
-        out["dense"] = DenseOutput(model.encoder_q, model.objective.dense_output).eval()
+    if "dense" in kinds and model.method.dense_output is not None:
+        out["dense"] = DenseOutput(model.encoder_q, model.method.dense_output).eval()
     return {k: out[k] for k in kinds if k in out}
 
 
 def random_model(arch: str, seed: int = 0) -> MoCo:
-    """A randomly initialised VADeR network: the random baseline (encoder kinds, and an FPN as its ``dense``)."""
+    """A randomly initialised network of the default method (VADeR): the random baseline (encoder kinds, and an
+    FPN as its ``dense``)."""
     torch.manual_seed(seed)
-    return MoCo(MoCoConfig(arch=arch, queue_size=128)).eval()
+    return MoCo(ModelConfig(arch=arch), method_config(queue_size=128)).eval()
 
 
 def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KINDS) -> dict[str, Extractor]:
@@ -152,7 +140,8 @@ def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KIN
         name = "random init" + (f" seed {seed}" if seed else "")
         found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
     elif source in ("torchvision", "mocov2"):
-        name, found = f"{source} {Path(arg).name}", encoder_extractors(arch, checkpoint.read_encoder_state(arg), arg, kinds)
+        name = f"{source} {Path(arg).name}"
+        found = encoder_extractors(arch, checkpoint.read_encoder_state(arg), arg, kinds)
     else:
         raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH or "
                          "mocov2:PATH")

@@ -1,8 +1,8 @@
 """`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
 
-    python -m densessl.experiments.compare --out runs/compare                  # 3 objectives x 3 seeds, then every evaluation
-    python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs   # VADeR's ablations
-    python -m densessl.experiments.compare --tiny                              # seconds: 2 objectives, 1 seed (the test)
+    python -m densessl.experiments.compare --out runs/compare     # 3 objectives x 3 seeds, then every evaluation
+    python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # ablations
+    python -m densessl.experiments.compare --tiny                 # seconds: 2 objectives, 1 seed (the test)
 
 Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
 the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output where it
@@ -21,17 +21,18 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, score_embedded
 from densessl.evaluation.features import model_extractors, random_model
+from densessl.evaluation.report import markdown_table
+from densessl.model.builder import ModelConfig
+from densessl.model.methods import method_config
+from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.synthetic import SyntheticConfig, generate
-
-from densessl.train.config import TrainConfig
+from densessl.train.config import OptimConfig, RunConfig, TrainConfig, with_overrides
 from densessl.train.trainer import run
 
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
@@ -43,32 +44,34 @@ SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "d
 # encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
 ABLATIONS = {
     "VADeR": {},
-    "negatives: same image (r=2)": {"negatives": "image", "exclusion_radius": 2.0},
-    "queue 1,024": {"queue_size": 1024},
-    "no momentum encoder": {"moco_momentum": 0.0},
-    "8 matches per pair": {"num_matches": 8},
-    "init MoCo v2": {"init_encoder": "mocov2"},
+    "negatives: same image (r=2)": {"method.negatives": "image", "method.exclusion_radius": 2.0},
+    "queue 1,024": {"method.queue_size": 1024},
+    "no momentum encoder": {"method.momentum": 0.0},
+    "8 matches per pair": {"views.num_matches": 8},
+    "init MoCo v2": {"model.init_encoder": "mocov2"},
 }
 
 
-def base_config(data: Path, args) -> TrainConfig:
+def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     """The CPU budget (the demo's too): resnet18, ``args``' steps, batch, views and device, a queue of 8
     batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps."""
-    return TrainConfig(data=str(data / "train"), arch="resnet18", view_size=args.view_size,
-                       batch_size=args.batch, workers=args.workers, steps=args.steps,
-                       queue_size=args.batch * 32 * 8, lr=0.3, decoder_lr=0.3,
-                       warmup_steps=min(20, args.steps // 10), checkpoint_every=max(1, args.steps // 2),
-                       resume="auto", device=args.device, progress=False, log_images=0,
-                       densecl_warmup_steps=args.steps // 10)
+    extra = {"warmup_steps": args.steps // 10} if method == "densecl" else {}
+    return TrainConfig(
+        data=DataConfig(path=str(data / "train"), workers=args.workers), views=PairSpec(size=args.view_size),
+        model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=args.batch * 32 * 8, **extra),
+        optim=OptimConfig(batch_size=args.batch, steps=args.steps, lr=0.3, decoder_lr=0.3,
+                          warmup_steps=min(20, args.steps // 10)),
+        run=RunConfig(checkpoint_every=max(1, args.steps // 2), resume="auto", device=args.device, progress=False,
+                      log_images=0))
 
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Train (or finish, or reuse) one run: the model, and the run's training time and pairs/s read back from
     its metrics.csv (each step's own time), so a resumed or reused run reports what its steps took."""
-    model = run(cfg).model.eval()
-    with open(Path(cfg.run_dir) / "metrics.csv", newline="") as f:
-        seconds = [cfg.batch_size / max(float(r["images_per_s"]), 1e-3) for r in csv.DictReader(f)]
-    return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * cfg.batch_size / sum(seconds)}
+    model, batch = run(cfg).model.eval(), cfg.optim.batch_size
+    with open(Path(cfg.run.dir) / "metrics.csv", newline="") as f:
+        seconds = [batch / max(float(r["images_per_s"]), 1e-3) for r in csv.DictReader(f)]
+    return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * batch / sum(seconds)}
 
 
 def evaluate(model, data: Path, device, kinds) -> dict[str, dict[str, float]]:
@@ -128,14 +131,14 @@ def table(rows: dict[str, dict], header: str) -> str:
 
     cols = ["seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "probes converged",
             "train steps (s)", "pairs/s"]
-    lines = [header, "", "| model [features] | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cells = {}
     for name, r in rows.items():
         cost = (["-", "-"] if r["random"] else
                 [f"{np.mean(r['wall_s']):.0f}", f"{np.mean(r['pairs_per_s']):.1f}"])
-        lines.append(f"| {name} | " + " | ".join([
-            fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"), f"{r['mean']['trivial RMSE']:.3f}",
-            fmt(r, "delta1"), fmt(r, "J&F"), fmt(r, "J"), fmt(r, "F"), f"{r['mean']['probes converged']:.0%}",
-            *cost]) + " |")
+        cells[name] = [fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"),
+                       f"{r['mean']['trivial RMSE']:.3f}", fmt(r, "delta1"), fmt(r, "J&F"), fmt(r, "J"), fmt(r, "F"),
+                       f"{r['mean']['probes converged']:.0%}", *cost]
+    lines = [header, "", markdown_table(cols, cells, "model [features]")]
     beaten = [f"{n} ({m})" for n, r in rows.items() for m, t, higher in
               (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False))
               if (r["mean"][m] <= r["mean"][t]) == higher]
@@ -196,11 +199,11 @@ def main(argv=None) -> int:
     plans = []
     if args.ablations:
         for seed in args.seeds:
-            plans.append(("MoCo v2", "mocov2", seed, replace(base, objective="mocov2")))  # read by init
+            plans.append(("MoCo v2", "mocov2", seed, base_config(data, args, "mocov2")))  # read by init
             for label, overrides in ABLATIONS.items():
-                plans.append((label, "vader", seed, replace(base, objective="vader", **overrides)))
+                plans.append((label, "vader", seed, with_overrides(base, overrides)))
     else:
-        plans = [(NAMES[o], o, seed, replace(base, objective=o)) for seed in args.seeds for o in args.objectives]
+        plans = [(NAMES[o], o, seed, base_config(data, args, o)) for seed in args.seeds for o in args.objectives]
 
     # --- pretrain and evaluate each, then the random baselines of the same seeds (random init seed s is the
     # initial network of the VADeR run of seed s)
@@ -210,11 +213,11 @@ def main(argv=None) -> int:
     device = None
     results = []
     for label, key, seed, cfg in plans:
-        cfg = replace(cfg, seed=seed, run_dir=str(run_dir(label, seed)))
-        if cfg.init_encoder == "mocov2":
-            cfg = replace(cfg, init_encoder=str(run_dir("MoCo v2", seed) / "checkpoints" /
-                                                f"step_{args.steps:08d}.pt"))
-        print(f"== {label}, seed {seed}: pretraining {cfg.steps} steps -> {cfg.run_dir}", flush=True)
+        cfg = with_overrides(cfg, {"run.seed": seed, "run.dir": str(run_dir(label, seed))})
+        if cfg.model.init_encoder == "mocov2":
+            cfg = with_overrides(cfg, {"model.init_encoder": str(run_dir("MoCo v2", seed) / "checkpoints" /
+                                                                 f"step_{args.steps:08d}.pt")})
+        print(f"== {label}, seed {seed}: pretraining {cfg.optim.steps} steps -> {cfg.run.dir}", flush=True)
         trained = pretrain(cfg)
         model = trained.pop("model")
         device = next(model.parameters()).device
@@ -227,12 +230,14 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         print(f"== random init, seed {seed}: evaluating", flush=True)
         results.append({"model": "random init", "objective": None, "seed": seed, "random": True,
-                        "scores": evaluate(random_model(base.arch, seed).to(device), data, device, args.kinds)})
+                        "scores": evaluate(random_model(base.model.arch, seed).to(device), data, device,
+                                           args.kinds)})
 
     # --- report
     rows = summarise(results)
     what = "ablations of VADeR" if args.ablations else "objectives"
-    header = (f"# Comparison of {what} on the embedded set\n\n{base.arch}, {args.steps} steps, batch {args.batch}, "
+    header = (f"# Comparison of {what} on the embedded set\n\n{base.model.arch}, {args.steps} steps, "
+              f"batch {args.batch}, "
               f"{args.view_size} px views, seeds {args.seeds}, device {device}; probes at {PROBE_SIZE[0]}x"
               f"{PROBE_SIZE[1]}, mean ± std over seeds.")
     text = table(rows, header)

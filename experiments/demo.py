@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
 from densessl.evaluation.datasets import synthetic
 from densessl.evaluation.embedded import PROBE_SIZE
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.evaluation.visualize import plot_pca
 from densessl.pipeline.synthetic import SyntheticConfig, generate
+from densessl.train.config import with_overrides
 
 from .compare import TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
 
@@ -57,14 +58,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
 
     root = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig())
-    cfg = replace(base_config(root, args), run_dir=str(out), progress=True, log_images=4, checkpoint_every=50)
+    cfg = with_overrides(base_config(root, args), {"run.dir": str(out), "run.progress": True, "run.log_images": 4,
+                                                   "run.checkpoint_every": 50})
     trained = pretrain(cfg)
     model = trained.pop("model")
     device = next(model.parameters()).device  # where training ran: the features are computed there too
-    baseline = random_model(cfg.arch, cfg.seed).to(device)  # the network this run started from
-    results = [{"model": "VADeR", "seed": cfg.seed, "random": False, **trained,
+    seed = cfg.run.seed
+    baseline = random_model(cfg.model.arch, seed).to(device)  # the network this run started from
+    results = [{"model": "VADeR", "seed": seed, "random": False, **trained,
                 "scores": evaluate(model, root, device, KINDS)},
-               {"model": "random init", "seed": cfg.seed, "random": True,
+               {"model": "random init", "seed": seed, "random": True,
                 "scores": evaluate(baseline, root, device, KINDS)}]
     rows = summarise(results)
     plot_loss(out / "metrics.csv", out / "loss.png")

@@ -1,3 +1,4 @@
-"""The model: ResNet encoder + VADeR FPN decoder and projection heads (``network``), the objectives
-(``objectives``), the MoCo machinery of queues and momentum encoder (``builder``), the losses (``losses``) and
-checkpoint files that carry the model's configuration (``checkpoint``). Imports nothing of the project above it."""
+"""The model: ResNet encoder and the heads methods use (``network``), one module per method and their registry
+(``methods``), the MoCo machinery of queues and momentum encoder (``builder``), shared loss pieces (``losses``),
+the feature picture (``pictures``) and checkpoint files that carry the model's configuration, read weights only
+(``checkpoint``). Imports nothing of the project above it."""

@@ -1,5 +1,5 @@
-"""The MoCo machinery shared by the three objectives: query and momentum key encoders, key queues, shuffle-BN.
-What differs between objectives (heads, queues, loss) is defined in ``objectives.py``.
+"""The MoCo machinery every method shares: query and momentum key encoders, key queues, shuffle-BN. What differs
+between methods (settings, heads, queues, loss) is each method's own (``methods``).
 
 Under DDP every rank enqueues the same all-gathered keys, so queues and pointers stay identical by construction
 (the module is wrapped with ``broadcast_buffers=False``: nothing to broadcast).
@@ -8,35 +8,55 @@ Under DDP every rank enqueues the same all-gathered keys, so queues and pointers
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from .network import DenseNetwork
-from .objectives import objective
+from .methods import DEFAULT, MethodConfig, method_class, method_config
+from .network import DenseNetwork, ResNetEncoder, check_arch
 
 
 @dataclass(frozen=True)
-class MoCoConfig:
-    """Everything that defines the model; saved in every checkpoint (``model_config``) and rebuilt from it."""
+class ModelConfig:
+    """The networks: the ``model`` section of the training configuration. With the method's settings it is
+    everything that defines a model, saved in every checkpoint (``model_config``) and rebuilt from it."""
 
-    objective: str = "vader"
     arch: str = "resnet50"
-    dim: int = 128
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float | None = None  # None: the objective's default
-    loss_scale: float = 10.0  # VADeR multiplies its loss by 10
-    symmetric: bool = False  # VADeR: also query from view 2
-    negatives: str = "queue"  # VADeR: 'queue' of pixel keys, or 'image': the same image's other cells
-    exclusion_radius: float = 2.0  # negatives='image': cells this near the positive are not negatives
-    densecl_lambda: float = 0.5
-    densecl_warmup_steps: int = 1000  # DenseCL: lambda is 0 before this step
-    shuffle_bn: bool = True  # off when the encoder uses SyncBatchNorm
+    dim: int = 128  # embedding size of every head
+    init_encoder: str | None = None  # MoCo v1/v2/v3, DenseCL or torchvision weights for the encoder
+    sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN in the key encoder
     shuffle_groups: int = 2  # single process: key BN statistics over this many shuffled sub-batches
+
+    def __post_init__(self):
+        check_arch(self.arch)
+        for name in ("dim", "shuffle_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def model_config(model: ModelConfig, method: MethodConfig) -> dict:
+    """What a checkpoint stores as ``model_config``: the model section, and the method's settings under
+    ``method`` (plain types, so weights-only loading reads it back)."""
+    return {**asdict(model), "method": asdict(method)}
+
+
+def configs_from_checkpoint(saved: dict) -> tuple[ModelConfig, MethodConfig]:
+    """The configs of a checkpoint's ``model_config``; the flat form of densessl 0.1 (``objective``, ``arch``,
+    ``queue_size``, ... side by side) is read too, through each method's ``legacy`` names."""
+    saved = dict(saved)
+    if "method" in saved:
+        method = saved.pop("method")
+    else:  # densessl 0.1
+        saved["sync_bn"] = not saved.pop("shuffle_bn", True)
+        cls = method_class(saved.pop("objective", DEFAULT)).Config
+        names = {f for f in cls.__dataclass_fields__} - {"name"}
+        method = {cls.legacy.get(k, k): v for k, v in saved.items() if cls.legacy.get(k, k) in names and v is not None}
+        method["name"] = cls.name
+        saved = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**saved), method_config(**method)
 
 
 def _world() -> int:
@@ -53,29 +73,31 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 class MoCo(nn.Module):
-    def __init__(self, cfg: MoCoConfig):
+    """A method's query network, its momentum key network and its queues. ``forward`` encodes the views the
+    method asks for and hands the outputs to the method's loss, then enqueues the keys the method returns."""
+
+    def __init__(self, cfg: ModelConfig = ModelConfig(), method: MethodConfig | None = None):
         super().__init__()
-        if cfg.negatives not in ("queue", "image") or (cfg.negatives == "image" and cfg.objective != "vader"):
-            raise ValueError(f"negatives={cfg.negatives!r}: 'queue', or 'image' (objective=vader only)")
-        if not 0 <= cfg.momentum < 1:
-            raise ValueError(f"momentum={cfg.momentum}: must be in [0, 1) (0: keys from the query encoder's "
-                             "weights under stop-gradient)")
-        self.cfg = cfg
-        self.objective = objective(cfg.objective)
-        self.temperature = cfg.temperature or self.objective.temperature
-        self.encoder_q = DenseNetwork(cfg.arch, cfg.objective, cfg.dim)
+        self.cfg, self.method_cfg = cfg, method or method_config()
+        self.method = method_class(self.method_cfg.name)(self.method_cfg)
+        encoder = ResNetEncoder(cfg.arch)
+        self.encoder_q = DenseNetwork(encoder, self.method.heads(encoder.channels, cfg.dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
-        for name in self.objective.queues:
-            self.register_buffer(name, F.normalize(torch.randn(cfg.dim, cfg.queue_size), dim=0))
+        for name in self.method.queues:
+            self.register_buffer(name, F.normalize(torch.randn(cfg.dim, self.method_cfg.queue_size), dim=0))
             self.register_buffer(name + "_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def shuffle_bn(self) -> bool:
+        return not self.cfg.sync_bn
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         """k = m k + (1 - m) q over all parameters, as two multi-tensor kernels rather than two per tensor (the
         same arithmetic, in the same order, as the per-tensor loop)."""
-        m = self.cfg.momentum
+        m = self.method_cfg.momentum
         keys, queries = list(self.encoder_k.parameters()), [q.detach() for q in self.encoder_q.parameters()]
         torch._foreach_mul_(keys, m)
         torch._foreach_add_(keys, queries, alpha=1 - m)
@@ -97,7 +119,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Key encoder with shuffled BatchNorm statistics, so a query cannot find its key through BN."""
-        if not self.cfg.shuffle_bn:
+        if not self.shuffle_bn:
             return self.encoder_k(x)
         if _world() > 1:  # MoCo's batch shuffle across ranks
             full = concat_all_gather(x)
@@ -116,10 +138,15 @@ class MoCo(nn.Module):
 
     def forward(self, view1, view2, matches=None, match_xy2=None, step: int | None = None):
         """Returns (loss, stats dict) and enqueues this step's keys. Views are augmented, normalised float
-        tensors; ``step`` (0-based) drives per-step schedules inside an objective (DenseCL's warm-up)."""
+        tensors; ``step`` (0-based) drives per-step schedules inside a method (DenseCL's warm-up)."""
         with torch.no_grad():
             self.momentum_update()
-        loss, stats, keys = self.objective.loss(self, view1, view2, matches, match_xy2, step)
-        for name, k in keys.items():
+        views, queries, keys = {1: view1, 2: view2}, {}, {}
+        for q, k in self.method.directions():
+            queries[q] = self.encoder_q(views[q])
+            keys[k] = self.encode_keys(views[k])
+        queues = {name: getattr(self, name) for name in self.method.queues}
+        loss, stats, new = self.method.loss(queries, keys, queues, matches, match_xy2, step)
+        for name, k in new.items():
             self.enqueue(name, k)
         return loss, stats

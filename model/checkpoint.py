@@ -2,8 +2,9 @@
 and the encoders of other projects' checkpoints.
 
 Written to a temporary file in the same folder, fsynced, then renamed over (rename is atomic on POSIX), and the
-folder fsynced so the rename itself survives a power cut. Every checkpoint holds ``model_config`` (the
-``MoCoConfig`` fields), so training, evaluation and export rebuild the same model from the file alone.
+folder fsynced so the rename itself survives a power cut. Every checkpoint holds ``model_config`` (the model
+section and the method's settings, ``builder.model_config``), so training, evaluation and export rebuild the same
+model from the file alone.
 
 Every file is read by ``load_file`` and nothing else: torch's weights-only unpickler, which builds tensors, plain
 Python containers and numbers, and the numpy array types in ``NUMPY_ARRAY_GLOBALS``, and refuses any other type
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builder import MoCo, MoCoConfig
+from .builder import MoCo, configs_from_checkpoint
 from .network import ResNetEncoder, load_weights
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -105,7 +106,7 @@ def _detail(err: Exception) -> str:
     """The informative line of a loading error: torch wraps the unpickler's own in paragraphs of advice."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     ours = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
-    return (ours or lines or ["no message"])[0]
+    return (ours or lines or ["no message"])[0].split(". ")[0]  # its first sentence: the rest is advice
 
 
 def load_latest(folder: str | Path, map_location="cpu") -> tuple[dict, Path] | None:
@@ -156,7 +157,7 @@ def read(path: str | Path) -> dict:
 def load_model(path: str | Path) -> MoCo:
     """The model a checkpoint holds, rebuilt from its ``model_config``, in eval mode on the CPU."""
     state = read(path)
-    model = MoCo(MoCoConfig(**state["model_config"]))
+    model = MoCo(*configs_from_checkpoint(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval()
 

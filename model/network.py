@@ -1,7 +1,10 @@
-"""Networks: a torchvision ResNet encoder, the VADeR FPN decoder, and MoCo v2 / DenseCL projection heads.
+"""Networks: a torchvision ResNet encoder, and the heads methods put on it (an FPN decoder to stride 4, a global
+projection MLP, a dense 1x1 projection).
 
 The encoder is torchvision's own ResNet module (minus ``fc``), so torchvision and MoCo v2 checkpoints load into
-it unchanged and trained encoders export as plain torchvision state dicts.
+it unchanged and trained encoders export as plain torchvision state dicts. Every head reads the encoder's
+C2..C5 and names the output it adds (``output``); which heads a network has is its method's choice
+(``methods``), not the network's.
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from .objectives import objective as lookup_objective
-
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
-class ResNetEncoder(nn.Module):
-    """A torchvision ResNet returning C2..C5 (strides 4, 8, 16, 32)."""
+def check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHS)}")
 
-    def __init__(self, arch: str = "resnet50"):
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet returning C2..C5 (strides 4, 8, 16, 32; with ``dilate``, every stage after C2 is
+    dilated instead of strided, so C2..C5 all come at stride 4: evaluation's ``c5`` read-out)."""
+
+    def __init__(self, arch: str = "resnet50", dilate: bool = False):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        net = getattr(torchvision.models, arch)(weights=None)
+        check_arch(arch)
+        net = getattr(torchvision.models, arch)(weights=None,
+                                                replace_stride_with_dilation=[True, True, True] if dilate else None)
         del net.fc
         self.net = net
         block = net.layer1[0]
@@ -63,6 +70,8 @@ class FPNDecoder(nn.Module):
     """Top-down FPN over C2..C5, then per level (3x3 conv, GroupNorm, ReLU, 2x bilinear) blocks up to 1/4
     scale, summed, and a final 1x1 conv: the decoder of VADeR (the Panoptic FPN semantic branch)."""
 
+    output = "dense"
+
     def __init__(self, in_channels, fpn_dim: int = 256, dim: int = 128, groups: int = 32):
         super().__init__()
         groups = math.gcd(groups, dim)
@@ -84,36 +93,47 @@ class FPNDecoder(nn.Module):
         return self.out(sum(block(x) for block, x in zip(self.levels, p)))
 
 
-def mlp(cin: int, hidden: int, cout: int, dense: bool = False) -> nn.Sequential:
-    """MoCo v2's two-layer projection head; 1x1 convolutions for DenseCL's dense head."""
-    if dense:
-        return nn.Sequential(nn.Conv2d(cin, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, cout, 1))
-    return nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
+class GlobalHead(nn.Sequential):
+    """MoCo v2's two-layer projection MLP on globally pooled C5."""
+
+    output = "global"
+
+    def __init__(self, cin: int, hidden: int, cout: int):
+        super().__init__(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(feats[-1].mean((2, 3)))
+
+
+class DenseHead(nn.Sequential):
+    """DenseCL's dense projection: the same MLP as 1x1 convolutions over C5's cells."""
+
+    output = "dense"
+
+    def __init__(self, cin: int, hidden: int, cout: int):
+        super().__init__(nn.Conv2d(cin, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, cout, 1))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(feats[-1])
 
 
 class DenseNetwork(nn.Module):
-    """Encoder plus the heads its objective lists (``objectives.OBJECTIVES``): ``vader`` the FPN decoder,
-    ``mocov2`` a global head, ``densecl`` global and dense heads. ``forward`` returns a dict of the outputs that
-    exist."""
+    """An encoder and the heads its method gave it, each an attribute of its own name (checkpoints name their
+    weights so). ``forward`` returns ``c5`` and each head's output, under the name the head gives it."""
 
-    def __init__(self, arch: str = "resnet50", objective: str = "vader", dim: int = 128):
+    def __init__(self, encoder: ResNetEncoder, heads: dict[str, nn.Module]):
         super().__init__()
-        heads = lookup_objective(objective).heads
-        self.encoder = ResNetEncoder(arch)
-        c5 = self.encoder.channels[-1]
-        self.decoder = FPNDecoder(self.encoder.channels, dim=dim) if "decoder" in heads else None
-        self.global_head = mlp(c5, c5, dim) if "global_head" in heads else None
-        self.dense_head = mlp(c5, c5, dim, dense=True) if "dense_head" in heads else None
+        self.encoder = encoder
+        self.heads = tuple(heads)
+        for name, head in heads.items():
+            setattr(self, name, head)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.encoder(x)
         out = {"c5": feats[-1]}
-        if self.decoder is not None:
-            out["dense"] = self.decoder(feats)
-        if self.global_head is not None:
-            out["global"] = self.global_head(feats[-1].mean((2, 3)))
-        if self.dense_head is not None:
-            out["dense"] = self.dense_head(feats[-1])
+        for name in self.heads:
+            head = getattr(self, name)
+            out[head.output] = head(feats)
         return out
 
 

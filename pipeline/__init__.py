@@ -7,13 +7,14 @@ separate modules that ``build_loader`` imports on demand. The loader contract li
 from .augment import PhotometricAugment
 from .contract import BATCH, PairSpec, ViewPairLoader, assemble_batch, check_batch
 from .correspondence import flow, sample_matches
-from .factory import BACKENDS, build_loader
+from .factory import BACKENDS, DataConfig, build_loader, preview_images
 from .folder import decode_rgb, scan_image_folder
 from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair
 from .loader import SeededSampler
 
 __all__ = [
-    "BACKENDS", "BATCH", "Crop", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair", "ViewPairLoader",
+    "BACKENDS", "BATCH", "Crop", "DataConfig", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair",
+    "ViewPairLoader",
     "assemble_batch", "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine",
-    "sample_matches", "sample_view_pair", "scan_image_folder",
+    "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder",
 ]

@@ -14,7 +14,7 @@ here, from the same 12 sampler parameters (``PARAMS``), so the backends cannot d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import ClassVar, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,13 +32,13 @@ PARAMS = ("top1", "left1", "height1", "width1", "flip1", "top2", "left2", "heigh
 class PairSpec:
     """How one view pair is drawn and matched; every loader backend takes one, and it is checked here, once.
 
-    ``size`` is the (H, W) of both views; each view is a RandomResizedCrop (``scale``, ``ratio``, torchvision's
-    semantics) flipped with probability ``flip_p``. The feature grid has ``size / stride`` cells; a pair is
-    redrawn (up to ``max_tries`` times, then view 2 reuses view 1's window) until its views share at least
-    ``min_matches`` cells, and ``num_matches`` of those are sampled as matches.
+    ``size`` is the (H, W) of both views (one number: square views); each view is a RandomResizedCrop
+    (``scale``, ``ratio``, torchvision's semantics) flipped with probability ``flip_p``. The feature grid has
+    ``size / stride`` cells; a pair is redrawn (up to ``max_tries`` times, then view 2 reuses view 1's window)
+    until its views share at least ``min_matches`` cells, and ``num_matches`` of those are sampled as matches.
     """
 
-    size: tuple[int, int] = (224, 224)
+    size: int | tuple[int, int] = (224, 224)
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -47,32 +47,42 @@ class PairSpec:
     min_matches: int = 32
     max_tries: int = 50
 
+    # the flat keys of densessl 0.1's training configuration that are this spec's fields under other names
+    legacy: ClassVar[dict[str, str]] = {"view_size": "size", "crop_scale": "scale", "crop_ratio": "ratio",
+                                        "feature_stride": "stride"}
+
     def __post_init__(self):
-        for name in ("size", "scale", "ratio"):  # YAML and OmegaConf hand over lists
+        if isinstance(self.size, int):
+            object.__setattr__(self, "size", (self.size, self.size))
+        for name in ("size", "scale", "ratio"):  # YAML hands over lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        problems = []
+        problem = self._first_problem()
+        if problem:  # one line that starts with the setting at fault
+            raise ValueError(problem)
+
+    def _first_problem(self) -> str | None:
         if len(self.size) != 2 or min(self.size) <= 0:
-            problems.append(f"view size must be two positive numbers (H, W), got {self.size}")
-        elif self.stride <= 0 or self.size[0] % self.stride or self.size[1] % self.stride:
-            problems.append(f"view size {self.size} is not a multiple of the feature stride {self.stride}")
+            return f"size={self.size} must be two positive numbers (H, W), or one"
+        if self.stride < 1:
+            return f"stride={self.stride} must be >= 1"
+        if self.size[0] % self.stride or self.size[1] % self.stride:
+            return f"size={self.size} is not a multiple of the feature stride {self.stride}"
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            problems.append(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            return f"scale={self.scale} must satisfy 0 < min <= max <= 1"
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
-            problems.append(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+            return f"ratio={self.ratio} must satisfy 0 < min <= max"
         if not 0 <= self.flip_p <= 1:
-            problems.append(f"flip_p must be a probability, got {self.flip_p}")
-        if self.num_matches < 1:
-            problems.append(f"num_matches={self.num_matches} must be at least 1")
+            return f"flip_p={self.flip_p} must be a probability"
+        for name in ("num_matches", "min_matches", "max_tries"):
+            if getattr(self, name) < 1:
+                return f"{name}={getattr(self, name)} must be at least 1"
         if self.num_matches > self.min_matches:
-            problems.append(f"num_matches={self.num_matches} > min_matches={self.min_matches}: views could share "
-                            "fewer cells than the matches asked for; raise min_matches")
-        if not problems and self.min_matches > self.cells:
-            problems.append(f"min_matches={self.min_matches} exceeds the {self.cells} cells of the "
-                            f"{self.grid[0]}x{self.grid[1]} feature grid")
-        if self.max_tries < 1:
-            problems.append(f"max_tries={self.max_tries} must be at least 1")
-        if problems:
-            raise ValueError("; ".join(problems))
+            return (f"num_matches={self.num_matches} > min_matches={self.min_matches}: views could share fewer "
+                    "cells than the matches asked for, so raise min_matches")
+        if self.min_matches > self.cells:
+            return (f"min_matches={self.min_matches} exceeds the {self.cells} cells of the {self.grid[0]}x"
+                    f"{self.grid[1]} feature grid")
+        return None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -155,6 +165,8 @@ class ViewPairLoader(Protocol):
     """
 
     spec: PairSpec
+    epoch: int  # the epoch being read (``Position``)
+    batch: int  # batches of it yielded so far
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
 

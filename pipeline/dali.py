@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("the DALI backend needs NVIDIA DALI: pip install 'densessl[dali]' "
                       "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12 drivers)") from err
 
-from .contract import PairSpec, assemble_batch
+from .contract import PairSpec, Position, assemble_batch
 from .folder import screen_files
 from .geometry import view_pair_params, window_union
 from .resize import resize_crop_aa
@@ -127,7 +127,7 @@ def view_pair_pipeline(files, indices, spec: PairSpec, shard_id: int, num_shards
     return view1, view2, params, index
 
 
-class DaliViewPairLoader:
+class DaliViewPairLoader(Position):
     """The DALI backend (``backend="dali"``) behind ``contract.ViewPairLoader``; build it with
     ``pipeline.build_loader``. Views come on the GPU with ``device_id``; ``device_id=None`` runs everything on
     the CPU (tests, CPU-only machines). Sharded by ``rank`` / ``world_size``; with ``drop_last`` every rank
@@ -153,7 +153,8 @@ class DaliViewPairLoader:
             raise ValueError(f"the loader state was saved over {state.get('size')} images, this data set has "
                              f"{self.size}: resume on the same data, or start a new run")
         # the epoch and how many of its batches DALI has delivered; skip: batches to drop (set_epoch)
-        self.epoch, self.batch, self.skip = (state["epoch"], state["batch"], 0) if state else (0, 0, 0)
+        Position.__init__(self, state)
+        self.skip = 0
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
         self.pipe = view_pair_pipeline(
             [files[i] for i in order], order.tolist(), spec, rank, world_size,
@@ -173,20 +174,19 @@ class DaliViewPairLoader:
         the position of the ``state`` it was built from). Elsewhere DALI's reader and RNG carry on from their own
         state and ``start_batch`` batches are dropped: the right count, not the batches an unbroken run saw."""
         if (epoch, start_batch) != (self.epoch, self.batch):
-            self.epoch, self.batch, self.skip = epoch, 0, start_batch
+            super().set_epoch(epoch, 0)
+            self.skip = start_batch
 
     def state_dict(self) -> dict:
-        """The position and DALI's reader and RNG state, after the batches yielded so far."""
-        done = self.batch == len(self)  # DALI's checkpoint after an epoch's last batch starts the next one
-        return {"dali": self.iterator.checkpoints()[0], "epoch": self.epoch + done,
-                "batch": 0 if done else self.batch, "size": self.size}
+        """The position and DALI's reader and RNG state, after the batches yielded so far (DALI's checkpoint
+        after an epoch's last batch starts the next epoch, as the position does)."""
+        return {**super().state_dict(), "dali": self.iterator.checkpoints()[0], "size": self.size}
 
     def __iter__(self):
-        for out in self.iterator:
-            self.batch += 1
+        for out in self._counted(self.iterator):
             if self.batch > self.skip:
                 yield self._to_batch(out[0])
-        self.epoch, self.batch, self.skip = self.epoch + 1, 0, 0
+        self.skip = 0
 
     def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
         return assemble_batch(out["view1"], out["view2"], out["params"].cpu().numpy(), out["index"].cpu().numpy(),

@@ -1,16 +1,130 @@
-"""``build_loader``: the one way to make a view-pair loader, for every backend (trainer, benchmarks, users)."""
+"""The one place that names loader backends: ``build_loader`` (for the trainer, benchmarks and users), the
+``data`` section of the training configuration (``DataConfig``) with every rule about backends (what each needs
+installed, the orders each supports), and data preparation: the embedded set's generation, FFCV's ``.beton``,
+and the fixed preview images the trainer shows in TensorBoard."""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .contract import PairSpec, ViewPairLoader
-from .folder import scan_image_folder
+from .folder import read_first_readable, scan_image_folder
+from .geometry import Crop
+from .loader import render_view
 
 BACKENDS = ("torch", "dali", "ffcv")
 ORDERS = {"torch": ("random", "sequential"), "dali": ("random",), "ffcv": ("random", "quasi_random", "sequential")}
+INSTALL_HINTS = {
+    "dali": ("nvidia.dali", "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)"),
+    "ffcv": ("ffcv", "backend=ffcv needs FFCV 1.0.2: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
+                     "then pip install -e '.[ffcv]' (or run make setup)"),
+}
+
+
+def check_backend(backend: str, order: str = "random", world_size: int = 1) -> None:
+    """The rules about backends and their orders, for ``DataConfig`` and ``build_loader`` alike."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if order not in ORDERS[backend]:
+        raise ValueError(f"order={order!r} is not available with backend={backend}: choose "
+                         f"{' or '.join(ORDERS[backend])}")
+    if order == "quasi_random" and world_size > 1:
+        raise ValueError("order=quasi_random is not available with several processes in FFCV 1.0.2: use "
+                         "order=random")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are read: the ``data`` section of the training configuration.
+
+    ``path`` is an ImageFolder root, ``synthetic`` for the embedded set (generated into ``synthetic_dir``), or a
+    ``.beton`` (``backend=ffcv``); an ImageFolder given to FFCV is written to a ``.beton`` once (``prepare``)."""
+
+    path: str = "synthetic"
+    synthetic_dir: str = "data/synthetic"
+    backend: str = "torch"  # torch (reference CPU loader), dali (GPU decode with a GPU, else CPU) or ffcv
+    workers: int = 8  # loader processes or threads per rank
+    order: str = "random"  # random; sequential (torch, ffcv); quasi_random (ffcv: data larger than RAM, 1 process)
+    max_bad_images: int = 100  # unreadable files are skipped and listed in RUN/skipped.txt; more aborts the run
+
+    legacy: ClassVar[dict[str, str]] = {"data": "path", "ffcv_order": "order"}
+
+    def __post_init__(self):
+        check_backend(self.backend, self.order)
+        for name in ("workers", "max_bad_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+    def check(self, world_size: int = 1) -> None:
+        """What can only be checked on this machine: the backend is installed, the data is there, and the order
+        works with ``world_size`` processes. One-line ``ValueError``s naming the key."""
+        check_backend(self.backend, self.order, world_size)
+        if self.backend in INSTALL_HINTS:
+            module, hint = INSTALL_HINTS[self.backend]
+            if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+                raise ValueError(hint)
+        if self.path.endswith(".beton"):
+            if self.backend != "ffcv":
+                raise ValueError(f"path={self.path!r} is an FFCV .beton: set backend=ffcv")
+            if not Path(self.path).is_file():
+                raise ValueError(f"path={self.path!r}: no such file")
+        elif self.path != "synthetic" and not Path(self.path).is_dir():
+            raise ValueError(f"path={self.path!r}: no such folder")
+
+    def prepare(self, work_dir: str | Path, write: bool = True, progress: bool = True) -> Path:
+        """What ``build_loader`` reads for this data: the ImageFolder, or ``work_dir/train.beton`` written from it
+        once for FFCV (for ImageNet, write it ahead: python -m densessl.pipeline.ffcv); the embedded set is
+        generated first. ``write=False`` (ranks other than 0) only names the path; wait for the writer, then
+        build the loader. Files the ``.beton`` writer skipped join ``work_dir/skipped.txt``."""
+        root = Path(self.path)
+        if self.path == "synthetic":
+            if write:
+                from .synthetic import generate
+                generate(self.synthetic_dir, progress=progress)
+            root = Path(self.synthetic_dir) / "train"
+        if self.backend == "ffcv" and root.suffix != ".beton":
+            beton = Path(work_dir) / "train.beton"
+            if write and not beton.is_file():
+                from .ffcv import write_beton
+                print(f"writing {beton} from {root} (once; pass data.path=<file>.beton to reuse one)", flush=True)
+                partial = beton.with_suffix(".partial")
+                write_beton(root, partial, workers=self.workers, max_bad_images=self.max_bad_images).rename(beton)
+                bad = partial.with_name(partial.name + ".skipped.txt")
+                if bad.exists():  # the writer's list joins the run's
+                    with open(Path(work_dir) / "skipped.txt", "a") as f:
+                        f.write(bad.read_text())
+            root = beton
+        return root
+
+
+def preview_images(root: str | Path, n: int, size: int) -> torch.Tensor:
+    """``n`` images spread over the data ``prepare`` returned, centre-cropped square and resized to ``size``:
+    uint8 ``[n, 3, size, size]``, the same for every run and resume on this data (unreadable files are replaced
+    by their readable neighbours)."""
+    root = Path(root)
+    if root.suffix == ".beton":
+        from ffcv.reader import Reader
+
+        from .ffcv import read_stored_image
+        count = Reader(str(root)).num_samples
+        read = lambda i: read_stored_image(root, i)  # noqa: E731
+    else:
+        files = scan_image_folder(root).files
+        count = len(files)
+        read = lambda i: read_first_readable(files, i, warn=False)[1]  # noqa: E731
+    out = []
+    for i in np.linspace(0, count - 1, min(n, count)).astype(int):
+        pixels = read(int(i))
+        side = min(pixels.shape[:2])
+        crop = Crop((pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2, side, side, False)
+        out.append(torch.from_numpy(render_view(pixels, crop, (size, size))).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size: int, workers: int = 2,
@@ -29,11 +143,7 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
     skip_log   file that lists unreadable images replaced or left out (``torch``, ``dali``)
     order      ``random``; ``sequential`` (``torch``, ``ffcv``: evaluation); ``quasi_random`` (``ffcv``)
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-    if order not in ORDERS[backend]:
-        raise ValueError(f"order={order!r} is not available with backend={backend}: choose "
-                         f"{' or '.join(ORDERS[backend])}")
+    check_backend(backend, order, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     if batch_size < 1 or workers < 0:

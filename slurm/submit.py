@@ -1,10 +1,11 @@
 """Launch training on Slurm (or on this machine) with submitit: one task per GPU, requeued on preemption/time-out.
 
     python -m densessl.slurm.submit --nodes 2 --gpus-per-node 8 --partition gpu --time 4320 -- \\
-        data=/data/imagenet/train batch_size=256 objective=vader
-    python -m densessl.slurm.submit --local --tasks-per-node 2 -- data=synthetic arch=resnet18 steps=20
+        data.path=/data/imagenet/train optim.batch_size=256
+    python -m densessl.slurm.submit --local --tasks-per-node 2 -- model.arch=resnet18 optim.steps=20
 
-Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax); ``resume=auto`` is always added,
+Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax); ``run.resume=auto`` is always
+added,
 so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2 ``--signal-delay``
 seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a preemption notice
 would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is written, and rank
@@ -67,14 +68,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, distributed.request_stop)
         print(f"rank {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id}); "
               f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-        cfg = parse(self.train_args + ["resume=auto"])
+        cfg = parse(self.train_args + ["run.resume=auto"])
         try:
             result = trainer.run(cfg)
             digest = weights_digest(result.model)
             print(f"final weights digest {digest}", flush=True)
             if result.stopped:
                 self._requeue(env)
-            return {"rank": env.global_rank, "digest": digest, "run_dir": cfg.run_dir}
+            return {"rank": env.global_rank, "digest": digest, "run_dir": cfg.run.dir}
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -158,7 +159,7 @@ def parse_args(argv: list[str]):
     else:
         own, train_args = argv, []
     p = argparse.ArgumentParser(prog="python -m densessl.slurm.submit", description=__doc__.split("\n\n")[0],
-                                epilog="Trainer arguments (key=value) follow `--`.")
+                                epilog="Trainer arguments (section.key=value) follow `--`.")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU tasks")
     p.add_argument("--tasks-per-node", type=int, default=1, help="CPU tasks per node (ignored with GPUs)")
@@ -183,10 +184,10 @@ def parse_args(argv: list[str]):
     if args.local and args.nodes != 1:
         p.error("--local runs on this machine: use --nodes 1")
     if any("=" not in a for a in train_args):
-        p.error(f"trainer arguments must be key=value, got {[a for a in train_args if '=' not in a]}")
-    if not any(a.startswith("run_dir=") for a in train_args):
+        p.error(f"trainer arguments must be section.key=value, got {[a for a in train_args if '=' not in a]}")
+    if not any(a.startswith("run.dir=") for a in train_args):
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        train_args.append(f"run_dir={Path(args.job_dir).resolve() / f'{args.name}-{stamp}'}")
+        train_args.append(f"run.dir={Path(args.job_dir).resolve() / f'{args.name}-{stamp}'}")
     return args, train_args
 
 
@@ -198,7 +199,7 @@ def submit(argv: list[str]):
     tasks = (args.gpus_per_node or args.tasks_per_node) * args.nodes
     parse(train_args).validate(world_size=tasks)
     job = build_executor(args).submit(TrainJob(train_args))
-    run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run_dir="))
+    run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
     per_node = args.gpus_per_node or args.tasks_per_node
     folder = job.paths.folder
     lines = [f"submitted job {job.job_id}: {args.nodes} node(s) x {per_node} task(s)"
@@ -206,7 +207,7 @@ def submit(argv: list[str]):
              f"  job folder  {folder}",
              f"  rank logs   {folder}/{job.job_id}_<rank>_log.out|err",
              f"  run folder  {run_dir}  (checkpoints, metrics.csv, config.yaml)",
-             f"  follow      tail -f {folder}/{job.job_id}_0_log.err   (a line every log_every steps)",
+             f"  follow      tail -f {folder}/{job.job_id}_0_log.err   (a line every run.log_every steps)",
              f"  TensorBoard tensorboard --logdir {run_dir}/tensorboard"]
     if not args.local:
         lines += [f"  preempt     scancel --signal=USR2 {job.job_id}   (checkpoint + requeue)",

@@ -19,18 +19,20 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember the outcom
   if "$@" >"$out/$name.log" 2>&1; then status+=("ok      $name"); else status+=("FAILED  $name (see $out/$name.log)"); fi
   tail -n 3 "$out/$name.log"
 }
-train=(data=synthetic arch=resnet50 batch_size=64 workers=8 steps=50 checkpoint_every=50 progress=false)
-[ -n "${QUICK:-}" ] && train=(data=synthetic arch=resnet18 view_size=64 batch_size=8 workers=2 steps=4
-  queue_size=2048 checkpoint_every=4 progress=false)
+train=(model.arch=resnet50 optim.batch_size=64 data.workers=8 optim.steps=50 run.checkpoint_every=50
+  run.progress=false)
+[ -n "${QUICK:-}" ] && train=(model.arch=resnet18 views.size=64 optim.batch_size=8 data.workers=2 optim.steps=4
+  method.queue_size=2048 run.checkpoint_every=4 run.progress=false)
 step setup make setup
 step demo make demo
 step eval make eval
 step visualize $py -m densessl.evaluation visualize --features checkpoint:runs/demo random:resnet18 \
   --images data/synthetic/val/*/*_00000.jpg --out "$out/visualize"
-step train-dali $py -m densessl.train "${train[@]}" backend=dali run_dir="$out/train-dali"
-step train-ffcv $py -m densessl.train "${train[@]}" backend=ffcv run_dir="$out/train-ffcv"
+step train-dali $py -m densessl.train "${train[@]}" data.backend=dali run.dir="$out/train-dali"
+step train-ffcv $py -m densessl.train "${train[@]}" data.backend=ffcv run.dir="$out/train-ffcv"
 # issue 19: the compiled, rarely synchronised step end to end (compare its pairs/s with benchmarks.train_step)
-step train-compiled $py -m densessl.train "${train[@]}" backend=dali compile=true sync_every=25 run_dir="$out/train-compiled"
+step train-compiled $py -m densessl.train "${train[@]}" data.backend=dali run.compile=true run.sync_every=25 \
+  run.dir="$out/train-compiled"
 step export $py -m densessl.evaluation export --checkpoint "$out/train-dali" --out "$out/export"
 [ -z "${SKIP_PYTEST:-}" ] && step pytest env DENSESSL_REQUIRE_BACKENDS=1 $py -m pytest -q -rs
 for f in "$out"/train-*/metrics.csv; do [ -f "$f" ] && echo "$f: $(head -n 1 "$f") / $(tail -n 1 "$f")"; done

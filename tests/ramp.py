@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from densessl.pipeline import Crop, invert_affine
-from densessl.pipeline.geometry import apply_affine
+from geometry_reference import apply_affine
 
 
 def crop_from_affine(a: np.ndarray, size) -> Crop:

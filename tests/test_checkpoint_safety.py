@@ -5,7 +5,6 @@ code still load everywhere."""
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ import torchvision
 
 from densessl.evaluation.__main__ import main as evaluation_main
 from densessl.model import checkpoint
-from densessl.model.builder import MoCo
-from densessl.train.config import TrainConfig
+from densessl.model.builder import MoCo, ModelConfig, model_config
+from densessl.model.methods import method_config
+from densessl.train.config import TrainConfig, to_dict
 from densessl.train.trainer import main as train_main
 
 
@@ -36,17 +36,19 @@ def hostile(path: Path, marker: Path, **state) -> Path:
     return path
 
 
-def our_state(objective: str = "vader") -> dict:
-    cfg = TrainConfig(arch="resnet18", objective=objective, queue_size=256)
-    model = MoCo(cfg.model_config())
-    return {"model": model.state_dict(), "model_config": asdict(model.cfg), "config": asdict(cfg)}
+def our_state(method: str = "vader") -> dict:
+    cfg = TrainConfig(model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=256))
+    model = MoCo(cfg.model, cfg.method)
+    return {"model": model.state_dict(), "model_config": model_config(model.cfg, model.method_cfg),
+            "config": to_dict(cfg)}
 
 
 def train_args(synthetic_root, run_dir, **extra) -> list[str]:
-    args = dict(data=str(synthetic_root / "train"), arch="resnet18", view_size=64, batch_size=4, workers=0,
-                queue_size=256, num_matches=8, min_matches=8, run_dir=str(run_dir), progress="false", steps=2,
-                lr=0.1, decoder_lr=0.1)
-    return [f"{k}={v}" for k, v in {**args, **extra}.items()]
+    args = {"data.path": synthetic_root / "train", "model.arch": "resnet18", "views.size": 64,
+            "optim.batch_size": 4, "data.workers": 0, "method.queue_size": 256, "views.num_matches": 8,
+            "views.min_matches": 8, "run.dir": run_dir, "run.progress": "false", "optim.steps": 2, "optim.lr": 0.1,
+            "optim.decoder_lr": 0.1, **extra}
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 def refused_in_one_line(capsys, code, marker: Path, file: Path) -> None:
@@ -90,10 +92,10 @@ def test_training_entry_points_refuse_code(entry, tmp_path, capsys, synthetic_ro
     marker, run = tmp_path / "ran", tmp_path / "run"
     if entry == "init_encoder":
         file = hostile(tmp_path / "moco.pth.tar", marker, state_dict=torchvision.models.resnet18().state_dict())
-        extra = {"init_encoder": file}
+        extra = {"model.init_encoder": file}
     else:
         file = hostile(run / "checkpoints" / "step_00000001.pt", marker, **our_state(), global_step=1)
-        extra = {"resume": "auto" if entry == "resume_auto" else file}
+        extra = {"run.resume": "auto" if entry == "resume_auto" else file}
     code = exit_code(train_main, train_args(synthetic_root, run, **extra))
     refused_in_one_line(capsys, code, marker, file)
 
@@ -122,14 +124,14 @@ def test_checkpoints_written_by_the_trainer_load_at_every_entry_point(tmp_path, 
     """A real checkpoint (numpy's RNG state, optimizer state, loader states) loads for resume (explicit and
     auto), evaluation's checkpoint: and mocov2: features, export and init_encoder=, all weights only."""
     run = tmp_path / "run"
-    assert exit_code(train_main, train_args(synthetic_root, run, checkpoint_every=1)) == 0
+    assert exit_code(train_main, train_args(synthetic_root, run, **{"run.checkpoint_every": 1})) == 0
     first = tmp_path / "step_00000001.pt"  # kept aside: later runs keep only their newest two
     first.write_bytes(checkpoint.checkpoints(run / "checkpoints")[0].read_bytes())
-    assert exit_code(train_main, train_args(synthetic_root, run, steps=3, resume=first)) == 0
+    assert exit_code(train_main, train_args(synthetic_root, run, **{"optim.steps": 3, "run.resume": first})) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert exit_code(train_main, train_args(synthetic_root, run, steps=4, resume="auto")) == 0
+    assert exit_code(train_main, train_args(synthetic_root, run, **{"optim.steps": 4, "run.resume": "auto"})) == 0
     assert "at step 3" in capsys.readouterr().out
-    assert exit_code(train_main, train_args(synthetic_root, tmp_path / "init", init_encoder=first)) == 0
+    assert exit_code(train_main, train_args(synthetic_root, tmp_path / "init", **{"model.init_encoder": first})) == 0
     assert evaluation_main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
     names = {f"checkpoint:{run}": "run/step_00000004 [dense]", f"mocov2:{first}": "mocov2 step_00000001.pt [c5]"}
     from densessl.evaluation.features import feature_extractors
@@ -151,7 +153,9 @@ def test_the_command_line_exits_non_zero_with_one_line(tmp_path):
 def test_one_place_in_the_project_unpickles_files():
     """Every torch.load of the shipped code is checkpoint.load_file's, and nothing turns weights-only off."""
     repo = Path(__file__).resolve().parents[1]
-    shipped = [p for p in repo.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    folders = ("pipeline", "model", "train", "evaluation", "slurm", "benchmarks", "experiments", "examples")
+    shipped = [p for folder in folders for p in (repo / folder).rglob("*.py")]
     loads = [f"{p.relative_to(repo)}" for p in shipped if "torch.load(" in p.read_text()]
     assert loads == ["model/checkpoint.py"], loads
-    assert not [p for p in repo.rglob("*.py") if ".venv" not in p.parts and "weights_only=" + "False" in p.read_text()]
+    ours = shipped + list((repo / "tests").rglob("*.py"))
+    assert not [p for p in ours if "weights_only=" + "False" in p.read_text()]

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from densessl.pipeline.correspondence import count_valid, flow, sample_matches
 from densessl.pipeline import PairSpec
-from densessl.pipeline.geometry import apply_affine, compose, invert_affine, sample_view_pair
+from densessl.pipeline.geometry import invert_affine, sample_view_pair
+from geometry_reference import apply_affine, compose
 
 VIEW, STRIDE = (64, 96), 4
 GH, GW = VIEW[0] // STRIDE, VIEW[1] // STRIDE

@@ -4,7 +4,6 @@ folders in each real layout (VOC, Cityscapes, NYU, DAVIS) built from the embedde
 import json
 import pickle
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,13 @@ from densessl.evaluation.metrics import (boundary_f, boundary_map, boundary_radi
                                 eigen_crop, iou_per_class, jaccard, mean_errors, mean_iou)
 from densessl.evaluation.probe import fit_probe, trivial_probe
 from densessl.evaluation.propagation import propagate
-from densessl.model.builder import MoCo, MoCoConfig
+from densessl.model.builder import MoCo, ModelConfig, model_config
+from densessl.model.methods import method_config
 from densessl.model import checkpoint
 from densessl.model.network import FPNDecoder, load_weights
 from densessl.pipeline.synthetic import DAVIS_PALETTE
 from released import released_checkpoints
-from densessl.train.config import TrainConfig
+from densessl.train.config import TrainConfig, to_dict
 
 
 # ---- metrics on hand-computed cases -------------------------------------------------------------------------
@@ -273,10 +273,38 @@ def test_protocols_run_end_to_end(layouts, tmp_path, protocol, dataset, metric):
 
 def tiny_checkpoint(run_dir: Path, objective="vader", step=2) -> Path:
     """A checkpoint as the trainer writes one (model, model_config, config) in ``run_dir/checkpoints``."""
-    cfg = TrainConfig(arch="resnet18", objective=objective, queue_size=256)
-    model = MoCo(cfg.model_config())
-    return checkpoint.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "config": asdict(cfg)},
-                           run_dir / "checkpoints", step)
+    cfg = TrainConfig(model=ModelConfig(arch="resnet18"), method=method_config(objective, queue_size=256))
+    model = MoCo(cfg.model, cfg.method)
+    return checkpoint.save({"model": model.state_dict(), "model_config": model_config(model.cfg, model.method_cfg),
+                            "config": to_dict(cfg)}, run_dir / "checkpoints", step)
+
+
+# ``model_config`` as densessl 0.1 wrote it: the MoCoConfig fields side by side
+FLAT_MODEL_CONFIG = {"objective": "densecl", "arch": "resnet18", "dim": 128, "queue_size": 256, "momentum": 0.99,
+                     "temperature": None, "loss_scale": 10.0, "symmetric": False, "negatives": "queue",
+                     "exclusion_radius": 2.0, "densecl_lambda": 0.3, "densecl_warmup_steps": 7, "shuffle_bn": True,
+                     "shuffle_groups": 2}
+
+
+def test_checkpoints_of_densessl_0_1_still_load(tmp_path):
+    """Evaluation, export and init_encoder= read a checkpoint whose model_config has 0.1's flat form; the method's
+    renamed settings (densecl_lambda -> dense_weight) and defaults (temperature None) come through."""
+    model = MoCo(ModelConfig(arch="resnet18"), method_config("densecl", queue_size=256))
+    path = checkpoint.save({"model": model.state_dict(), "model_config": FLAT_MODEL_CONFIG,
+                            "config": {"objective": "densecl", "arch": "resnet18"}},
+                           tmp_path / "old" / "checkpoints", 5)
+    loaded = checkpoint.load_model(path)
+    assert loaded.method_cfg == method_config("densecl", queue_size=256, momentum=0.99, dense_weight=0.3,
+                                              warmup_steps=7)
+    assert not loaded.cfg.sync_bn and loaded.cfg.arch == "resnet18"
+    for (name, got), want in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert [p.name for p in export(path, tmp_path / "out")][3:] == ["global_head.pth", "dense_head.pth"]
+    assert "old/step_00000005 [dense]" in feature_extractors([f"checkpoint:{path}"], kinds=("dense",))
+    net = MoCo(ModelConfig(arch="resnet18"), method_config(queue_size=256))
+    checkpoint.load_encoder_weights(net.encoder_q.encoder, path)  # init_encoder=
+    for got, want in zip(net.encoder_q.encoder.state_dict().values(), model.encoder_q.encoder.state_dict().values()):
+        assert torch.equal(got, want)
 
 
 def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
@@ -348,7 +376,7 @@ def test_checkpoints_of_two_runs_keep_two_rows(tmp_path):
 
 
 def test_a_checkpoint_without_its_model_config_is_refused_clearly(tmp_path):
-    model = MoCo(MoCoConfig(arch="resnet18", queue_size=256))
+    model = MoCo(ModelConfig(arch="resnet18"), method_config(queue_size=256))
     torch.save({"model": model.state_dict(), "config": {"arch": "resnet18"}}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="no 'model_config'"):
         checkpoint.load_model(tmp_path / "old.pt")

@@ -23,14 +23,15 @@ USER_SCRIPT = textwrap.dedent("""
 
     import torch
     from densessl.evaluation.features import feature_extractor
-    from densessl.model.builder import MoCo, MoCoConfig
+    from densessl.model.builder import MoCo, ModelConfig
+    from densessl.model.methods import method_config
     from densessl.pipeline import PairSpec, PhotometricAugment, build_loader
 
     loader = build_loader("torch", sys.argv[1], PairSpec(size=(64, 64), num_matches=8, min_matches=8),
                           batch_size=4, workers=0, seed=0)
     batch = next(iter(loader))
     augment = PhotometricAugment()
-    moco = MoCo(MoCoConfig(arch="resnet18", queue_size=256))
+    moco = MoCo(ModelConfig(arch="resnet18"), method_config("vader", queue_size=256))
     loss, stats = moco(augment(batch["view1"]), augment(batch["view2"]), batch["matches"], batch["match_xy2"], 0)
     assert torch.isfinite(loss), loss
     (extract,) = feature_extractor("random:resnet18", kinds=("hypercolumn",)).values()

@@ -107,13 +107,20 @@ def test_loader_rejects_bad_configuration(tmp_path, synthetic_root):
 @pytest.mark.parametrize("change,message", [
     ({"num_matches": 64, "min_matches": 32}, "raise min_matches"),
     ({"size": (102, 64)}, "not a multiple of the feature stride 4"),
-    ({"scale": (0.5, 0.2)}, "scale must satisfy"),
-    ({"ratio": (2.0, 1.0)}, "ratio must satisfy"),
-    ({"flip_p": 1.5}, "flip_p must be a probability"),
+    ({"scale": (0.5, 0.2)}, r"^scale=\(0.5, 0.2\) must satisfy"),
+    ({"ratio": (2.0, 1.0)}, r"^ratio=\(2.0, 1.0\) must satisfy"),
+    ({"flip_p": 1.5}, "^flip_p=1.5 must be a probability"),
     ({"min_matches": 300, "num_matches": 8}, "exceeds the 256 cells of the 16x16 feature grid"),
-    ({"max_tries": 0}, "max_tries=0"),
+    ({"max_tries": 0}, "^max_tries=0"),
+    ({"min_matches": -1}, "^min_matches=-1 must be at least 1"),
+    ({"stride": -1}, "^stride=-1 must be >= 1"),
+    ({"size": 64}, None),  # one number: square views
 ])
 def test_pair_spec_says_what_is_wrong(change, message):
+    """One line that starts with the setting at fault (the trainer prefixes its section: views.)."""
+    if message is None:
+        assert PairSpec(**{"num_matches": 8, "min_matches": 8, **change}).size == (64, 64)
+        return
     with pytest.raises(ValueError, match=message):
         PairSpec(**{"size": (64, 64), "num_matches": 8, "min_matches": 8, **change})
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from densessl.model.losses import densecl_dense_loss, gather_cells, info_nce, sample_bilinear, vader_loss
+from densessl.model.losses import gather_cells, info_nce, sample_bilinear
+from densessl.model.methods.densecl import densecl_dense_loss
+from densessl.model.methods.vader import vader_loss
 
 T = 0.07
 

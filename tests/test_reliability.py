@@ -89,33 +89,34 @@ def test_ffcv_writer_replaces_and_reports_bad_files(corpus, tmp_path):
 
 
 def train_args(data, run_dir, **extra):
-    args = dict(data=str(data), arch="resnet18", view_size=64, batch_size=4, workers=2, queue_size=256,
-                num_matches=8, min_matches=8, run_dir=str(run_dir), progress="false", checkpoint_every=2,
-                steps=4)
-    args.update(extra)
+    """``section.key=value`` arguments of a tiny CPU run; ``extra`` takes dotted keys: ``**{"optim.steps": 3}``."""
+    args = {"data.path": data, "model.arch": "resnet18", "views.size": 64, "optim.batch_size": 4,
+            "data.workers": 2, "method.queue_size": 256, "views.num_matches": 8, "views.min_matches": 8,
+            "run.dir": run_dir, "run.progress": "false", "run.checkpoint_every": 2, "optim.steps": 4, **extra}
     return [f"{k}={v}" for k, v in args.items()]
 
 
 def test_training_lists_skipped_files_and_enforces_the_cap(corpus, tmp_path):
     from densessl.train.trainer import run
-    run(parse(train_args(corpus, tmp_path / "ok", steps=8)))
+    run(parse(train_args(corpus, tmp_path / "ok", **{"optim.steps": 8})))
     assert set() < reported(tmp_path / "ok" / "skipped.txt") <= set(BAD)  # those drawn in 8 steps
     with pytest.raises(RuntimeError, match="max_bad_images=1"):
-        run(parse(train_args(corpus, tmp_path / "strict", max_bad_images=1, steps=8)))
+        run(parse(train_args(corpus, tmp_path / "strict", **{"data.max_bad_images": 1, "optim.steps": 8})))
 
 
 def test_feature_pictures_pass_over_unreadable_files(corpus):
     """The training images shown in TensorBoard come from the data set, bad files and all: never a crash."""
-    from densessl.train.run_folder import fixed_images
+    from densessl.pipeline import preview_images
     n = len(scan_image_folder(corpus))
-    images = fixed_images(corpus, n, 32)  # every file, the bad ones replaced by their readable neighbours
+    images = preview_images(corpus, n, 32)  # every file, the bad ones replaced by their readable neighbours
     assert images.shape == (n, 3, 32, 32) and images.dtype == torch.uint8
 
 
 def test_nonfinite_loss_stops_with_the_batch_saved(corpus, tmp_path):
     from densessl.train.trainer import run
     with pytest.raises(FloatingPointError, match="batch indices saved"):
-        run(parse(train_args(corpus, tmp_path / "nan", lr=1e30, decoder_lr=1e30, steps=20)))
+        run(parse(train_args(corpus, tmp_path / "nan", **{"optim.lr": 1e30, "optim.decoder_lr": 1e30,
+                                                          "optim.steps": 20})))
     report = json.loads(next((tmp_path / "nan").glob("nonfinite_step*_rank0.json")).read_text())
     assert len(report["indices"]) == 4 and report["step"] > 1
 
@@ -124,8 +125,9 @@ def test_nonfinite_steps_can_be_skipped_without_poisoning_the_queue(corpus, tmp_
     from densessl.train.trainer import run
     run_dir = tmp_path / "skip"
     with pytest.raises(FloatingPointError, match="2 earlier step"):
-        run(parse(train_args(corpus, run_dir, lr=1e30, decoder_lr=1e30, steps=20, checkpoint_every=1,
-                             keep_checkpoints=20, on_nonfinite="skip", max_nonfinite_skips=2)))
+        run(parse(train_args(corpus, run_dir, **{"optim.lr": 1e30, "optim.decoder_lr": 1e30, "optim.steps": 20,
+                                                 "run.checkpoint_every": 1, "run.keep_checkpoints": 20,
+                                                 "run.on_nonfinite": "skip", "run.max_nonfinite_skips": 2})))
     saved = {int(p.stem.split("_")[1]): checkpoint.load_file(p)["model"]
              for p in (run_dir / "checkpoints").glob("step_*.pt")}
     first_bad = min(json.loads(p.read_text())["step"] for p in run_dir.glob("nonfinite_step*_rank0.json"))
@@ -146,7 +148,8 @@ def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path
     import signal
     import time
     run_dir = tmp_path / "kill"
-    args = train_args(corpus, run_dir, steps=12, checkpoint_every=3, workers=0, resume="auto")
+    args = train_args(corpus, run_dir, **{"optim.steps": 12, "run.checkpoint_every": 3, "data.workers": 0,
+                                          "run.resume": "auto"})
     proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -166,12 +169,13 @@ def test_killed_mid_checkpoint_write_resumes_without_lost_steps(corpus, tmp_path
 def test_truncated_latest_checkpoint_resumes_from_the_previous(corpus, tmp_path):
     from densessl.train.trainer import run
     run_dir = tmp_path / "trunc"
-    run(parse(train_args(corpus, run_dir, steps=6, checkpoint_every=2, keep_checkpoints=3, workers=0)))
+    run(parse(train_args(corpus, run_dir, **{"optim.steps": 6, "run.checkpoint_every": 2, "run.keep_checkpoints": 3,
+                                             "data.workers": 0})))
     latest = run_dir / "checkpoints" / "step_00000006.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])
-    with pytest.warns(UserWarning, match="unreadable"):
-        run(parse(train_args(corpus, run_dir, steps=8, checkpoint_every=2, keep_checkpoints=3, workers=0,
-                             resume="auto")))
+    with pytest.warns(UserWarning, match="not a readable checkpoint"):
+        run(parse(train_args(corpus, run_dir, **{"optim.steps": 8, "run.checkpoint_every": 2,
+                                                 "run.keep_checkpoints": 3, "data.workers": 0, "run.resume": "auto"})))
     assert logged_steps(run_dir) == list(range(1, 9))
 
 
@@ -203,8 +207,8 @@ def test_stuck_rank_is_named_when_a_collective_times_out(corpus, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = train_args(corpus, tmp_path / "ddp", batch_size=8, workers=0, steps=200, checkpoint_every=1000,
-                      collective_timeout_s=10)
+    args = train_args(corpus, tmp_path / "ddp", **{"optim.batch_size": 8, "data.workers": 0, "optim.steps": 200,
+                                                   "run.checkpoint_every": 1000, "run.collective_timeout_s": 10})
     procs = []
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
@@ -227,8 +231,8 @@ def test_stuck_rank_is_named_when_a_collective_times_out(corpus, tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ({"data": "EMPTY"}, "no class sub-folders"),
-    ({"max_bad_images": -1}, "max_bad_images=-1"),
-    ({"backend": "ffcv", "data": "/data/x.tar"}, "no such folder"),
+    ({"data.max_bad_images": -1}, "data.max_bad_images=-1"),
+    ({"data.backend": "ffcv", "data": "/data/x.tar"}, "data.path='/data/x.tar': no such folder"),
 ])
 def test_configuration_errors_are_one_line(tmp_path, override, message):
     from densessl.train.trainer import run

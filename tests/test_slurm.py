@@ -38,9 +38,10 @@ def cluster(tmp_path_factory):
 
 
 def train_args(synthetic_root, steps, every):
-    return [f"data={synthetic_root / 'train'}", "arch=resnet18", "view_size=64", "batch_size=8", "workers=1",
-            "queue_size=256", "num_matches=8", "min_matches=8", f"steps={steps}", "progress=false",
-            f"checkpoint_every={every}", "lr=0.1", "decoder_lr=0.1"]
+    return [f"data.path={synthetic_root / 'train'}", "model.arch=resnet18", "views.size=64", "optim.batch_size=8",
+            "data.workers=1", "method.queue_size=256", "views.num_matches=8", "views.min_matches=8",
+            f"optim.steps={steps}", "run.progress=false", f"run.checkpoint_every={every}", "optim.lr=0.1",
+            "optim.decoder_lr=0.1"]
 
 
 def logged_steps(run_dir):
@@ -92,8 +93,8 @@ def test_local_executor_runs_two_tasks(synthetic_root, tmp_path):
 
 
 def test_failed_job_is_reported_not_waited_on(cluster, tmp_path):
-    job, _ = submit(["--nodes", "1", "--time", "10", "--job-dir", str(tmp_path), "--", "data=synthetic", "steps=1",
-                     "arch=resnet18"])
+    job, _ = submit(["--nodes", "1", "--time", "10", "--job-dir", str(tmp_path), "--", "data.path=synthetic",
+                     "optim.steps=1", "model.arch=resnet18"])
     subprocess.run(["scancel", job.job_id], check=True)  # killed: no result file will ever appear
     with pytest.raises(RuntimeError, match="ended CANCELLED"):
         wait(job, timeout_s=120)
@@ -103,5 +104,5 @@ def test_bad_arguments_fail_before_submitting(tmp_path):
     with pytest.raises(SystemExit):
         submit(["--local", "--nodes", "2", "--job-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
-        submit(["--local", "--tasks-per-node", "3", "--job-dir", str(tmp_path), "--", "batch_size=8"])
+        submit(["--local", "--tasks-per-node", "3", "--job-dir", str(tmp_path), "--", "optim.batch_size=8"])
     assert not any(tmp_path.iterdir())

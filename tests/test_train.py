@@ -15,16 +15,18 @@ import torch
 import torch.multiprocessing as mp
 
 from densessl.model import checkpoint
-from densessl.train.config import TrainConfig, parse
+from densessl.pipeline import PairSpec
+from densessl.train.config import ConfigError, TrainConfig, parse, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(synthetic_root, run_dir, **extra):
-    args = dict(data=str(synthetic_root / "train"), arch="resnet18", view_size=64, batch_size=4, workers=2,
-                queue_size=256, num_matches=8, min_matches=8, run_dir=str(run_dir), progress="false",
-                checkpoint_every=1, lr=0.1, decoder_lr=0.1)
-    args.update(extra)
+    """``section.key=value`` arguments of a tiny CPU run; ``extra`` takes dotted keys: ``**{"optim.steps": 3}``."""
+    args = {"data.path": synthetic_root / "train", "model.arch": "resnet18", "views.size": 64,
+            "optim.batch_size": 4, "data.workers": 2, "method.queue_size": 256, "views.num_matches": 8,
+            "views.min_matches": 8, "run.dir": run_dir, "run.progress": "false", "run.checkpoint_every": 1,
+            "optim.lr": 0.1, "optim.decoder_lr": 0.1, **extra}
     return [f"{k}={v}" for k, v in args.items()]
 
 
@@ -33,40 +35,88 @@ def losses(run_dir):
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"objective": "simclr"}, "objective='simclr'"),
-    ({"batch_size": 6}, "not divisible by the world size 4"),
-    ({"queue_size": 1000}, "not a multiple of the 8192 keys"),
-    ({"num_matches": 64}, "raise min_matches"),
-    ({"view_size": 100}, "multiple of 32"),
-    ({"data": "/nonexistent"}, "no such folder"),
-    ({"resume": "/nonexistent.pt"}, "no such checkpoint"),
-    ({"data": "/data/train.beton"}, "set backend=ffcv"),
-    ({"backend": "ffcv", "ffcv_order": "quasi_random"}, "use ffcv_order=random"),
-    ({"checkpoint_every": 0}, "checkpoint_every=0 must be >= 1"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints=0 must be >= 1"),
-    ({"crop_scale": [0.5, 0.2]}, "scale must satisfy"),
-    ({"feature_stride": 8}, "objective=vader embeds pixels at stride 4"),
-    ({"device": "tpu"}, "device='tpu'"),
+@pytest.mark.parametrize("args,message", [
+    (["method.name=simclr"], "method.name='simclr': choose one of vader, densecl, mocov2"),
+    (["optim.batch_size=6"], "optim.batch_size=6 is not divisible by the world size 4"),
+    (["method.queue_size=1000"], "method.queue_size=1000 is not a multiple of the 8192 keys"),
+    (["views.num_matches=64"], "views.num_matches=64 > min_matches=32: .* raise min_matches"),
+    (["views.size=100"], "views.size=.100, 100.: both must be multiples of 32"),
+    (["data.path=/nonexistent"], "data.path='/nonexistent': no such folder"),
+    (["run.resume=/nonexistent.pt"], "run.resume='/nonexistent.pt': no such checkpoint"),
+    (["data.path=/data/train.beton"], "data.path='/data/train.beton' is an FFCV .beton: set backend=ffcv"),
+    (["data.backend=ffcv", "data.order=quasi_random"], "use order=random"),
+    (["data.backend=torch", "data.order=quasi_random"], "data.order='quasi_random' is not available with "
+                                                          "backend=torch"),
+    (["run.checkpoint_every=0"], "run.checkpoint_every=0 must be >= 1"),
+    (["run.keep_checkpoints=0"], "run.keep_checkpoints=0 must be >= 1"),
+    (["views.scale=[0.5, 0.2]"], "views.scale=.0.5, 0.2. must satisfy"),
+    (["views.stride=8"], "views.stride=8: method.name=vader embeds pixels at stride 4"),
+    (["run.device=tpu"], "run.device='tpu'"),
+    # what a new user tried (issue 27): each is one line naming the key, not a traceback or a silent run
+    (["optim.batch_size=0"], "optim.batch_size=0 must be >= 1"),
+    (["optim.steps=-5"], "optim.steps=-5 must be >= 0"),
+    (["optim.lr=abc"], "optim.lr='abc': expected a number"),
+    (["data.workers=-1"], r"^data.workers=-1 must be >= 0$"),
+    (["optim.lrr=0.1"], "optim.lrr: no such key .did you mean optim.lr.."),
+    (["run.workers=2"], "run.workers: no such key .it is data.workers."),
+    (["nonsense=1"], "nonsense: no such section"),
+    (["method.name=mocov2", "method.symmetric=true"], "method.symmetric: no such key"),
+    (["method.name=densecl", "method.dense_weight=1.5"], "method.dense_weight=1.5 must be in .0, 1."),
+    (["run.progress=maybe"], "run.progress='maybe': expected true or false"),
+    # the flat keys of densessl 0.1 name their new keys
+    (["view_size=224"], "view_size: this flat key is now views.size"),
+    (["objective=densecl"], "objective: this flat key is now method.name"),
+    (["moco_momentum=0"], "moco_momentum: this flat key is now method.momentum"),
+    (["densecl_lambda=0.3"], "densecl_lambda: this flat key is now method.dense_weight"),
+    (["run_dir=x"], "run_dir: this flat key is now run.dir"),
+    (["ffcv_order=random"], "ffcv_order: this flat key is now data.order"),
 ])
-def test_config_errors_say_what_to_change(override, message):
-    cfg = TrainConfig(**{"batch_size": 256, **override})
-    with pytest.raises(ValueError, match=message):
-        cfg.validate(world_size=4)
+def test_config_errors_are_one_line_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse(["optim.batch_size=256", *args]).validate(world_size=4)
+    assert "\n" not in str(err.value)
+
+
+def test_every_value_has_its_range_checked():
+    """No numeric setting takes a value outside its range silently: each section refuses a negative one."""
+    from dataclasses import fields as dataclass_fields
+    cfg = TrainConfig()
+    for section in ("data", "views", "model", "method", "optim", "run"):
+        for f in dataclass_fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            with pytest.raises(ConfigError, match=f"{section}.*{f.name}"):
+                parse([f"{section}.{f.name}=-1"]).validate()
+
+
+def test_a_configuration_mistake_exits_with_one_line_and_no_traceback(tmp_path):
+    done = run_train(["optim.batch_size=0"])
+    assert done.returncode != 0 and done.stderr.strip() == "error: optim.batch_size=0 must be >= 1", done.stderr
 
 
 def test_parse_yaml_then_overrides(tmp_path):
-    (tmp_path / "c.yaml").write_text("objective: densecl\nbatch_size: 64\n")
-    cfg = parse(["--config", str(tmp_path / "c.yaml"), "batch_size=32", "symmetric=true"])
-    assert (cfg.objective, cfg.batch_size, cfg.symmetric) == ("densecl", 32, True)
-    with pytest.raises(Exception, match="no_such_key"):
-        parse(["no_such_key=1"])
+    (tmp_path / "c.yaml").write_text("method:\n  name: densecl\noptim:\n  batch_size: 64\n")
+    cfg = parse(["--config", str(tmp_path / "c.yaml"), "optim.batch_size=32", "method.warmup_steps=3"])
+    assert (cfg.method.name, cfg.optim.batch_size, cfg.method.warmup_steps) == ("densecl", 32, 3)
+    assert cfg.method.temperature == 0.2  # the method's own default
+    assert parse(["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as a string
+    (tmp_path / "flat.yaml").write_text("objective: densecl\n")
+    with pytest.raises(ConfigError, match="objective: this flat key is now method.name"):
+        parse(["--config", str(tmp_path / "flat.yaml")])
 
 
-def test_crop_and_stride_settings_reach_the_loader():
-    cfg = parse(["crop_scale=[0.5,0.9]", "crop_ratio=[1.0,1.0]", "flip_p=0", "objective=mocov2",
-                 "feature_stride=8", "view_size=64", "num_matches=4", "min_matches=4"])
-    spec = cfg.pair_spec()
+def test_the_written_config_reads_back(tmp_path):
+    cfg = parse(["method.name=densecl", "views.size=[64, 96]", "optim.steps=3", "model.arch=resnet18"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert parse(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_view_settings_reach_the_loader_as_the_spec_itself():
+    cfg = parse(["views.scale=[0.5,0.9]", "views.ratio=[1.0,1.0]", "views.flip_p=0", "method.name=mocov2",
+                 "views.stride=8", "views.size=64", "views.num_matches=4", "views.min_matches=4"])
+    spec = cfg.views
+    assert isinstance(spec, PairSpec)
     assert (spec.scale, spec.ratio, spec.flip_p, spec.stride, spec.grid) == ((0.5, 0.9), (1.0, 1.0), 0.0, 8, (8, 8))
 
 
@@ -81,14 +131,15 @@ def test_checkpoints_are_pruned_and_corrupt_ones_skipped(tmp_path):
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
     latest = checkpoint.checkpoints(tmp_path)[-1]
     latest.write_bytes(latest.read_bytes()[:20])  # truncated, as by a crash mid-copy
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="not a readable checkpoint"):
         state, path = checkpoint.load_latest(tmp_path)
     assert state == {"step": 2} and path.name == "step_00000002.pt"
     assert not list(tmp_path.glob(".*tmp*"))
 
 
 def run_train(args, **kw):
-    return subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, capture_output=True, text=True,
+                          **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -98,9 +149,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_root, tmp_pa
     if backend == "dali" and not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
         pytest.importorskip("nvidia.dali")
     steps = 14  # 6 batches an epoch: killed in the second epoch, where DALI's reader has reshuffled
-    ref = run_train(tiny_args(synthetic_root, tmp_path / "ref", steps=steps, backend=backend))
+    ref = run_train(tiny_args(synthetic_root, tmp_path / "ref", **{"optim.steps": steps, "data.backend": backend}))
     assert ref.returncode == 0, ref.stderr[-2000:]
-    args = tiny_args(synthetic_root, tmp_path / "cut", steps=steps, resume="auto", backend=backend)
+    args = tiny_args(synthetic_root, tmp_path / "cut", **{"optim.steps": steps, "run.resume": "auto",
+                                                          "data.backend": backend})
     proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -135,7 +187,8 @@ def test_two_process_gloo_ddp_keeps_queues_identical(synthetic_root, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = tiny_args(synthetic_root, tmp_path / "ddp", steps=3, workers=0, batch_size=8, checkpoint_every=100)
+    args = tiny_args(synthetic_root, tmp_path / "ddp", **{"optim.steps": 3, "data.workers": 0, "optim.batch_size": 8,
+                                                          "run.checkpoint_every": 100})
     mp.start_processes(_ddp_worker, args=(2, port, args, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert int(r0["ptr"]) == int(r1["ptr"]) == 3 * 8 * 8 % 256
@@ -150,10 +203,10 @@ def test_a_stop_request_is_honoured_once(synthetic_root, tmp_path):
     from densessl.train.distributed import request_stop
     from densessl.train.trainer import run
     request_stop()
-    first = run(parse(tiny_args(synthetic_root, tmp_path / "first", steps=3, workers=0)))
+    first = run(parse(tiny_args(synthetic_root, tmp_path / "first", **{"optim.steps": 3, "data.workers": 0})))
     assert (first.stopped, first.step) == (True, 1)
     assert (tmp_path / "first" / "checkpoints" / "step_00000001.pt").exists()
-    second = run(parse(tiny_args(synthetic_root, tmp_path / "second", steps=3, workers=0)))
+    second = run(parse(tiny_args(synthetic_root, tmp_path / "second", **{"optim.steps": 3, "data.workers": 0})))
     assert (second.stopped, second.step) == (False, 3)
 
 
@@ -162,7 +215,8 @@ def test_deferred_synchronisation_trains_and_logs_the_same_run(synthetic_root, t
     each step's (the device queue is never drained in between, the arithmetic is the same)."""
     from densessl.train.trainer import run
     for name, every in (("each", 1), ("deferred", 3)):
-        run(parse(tiny_args(synthetic_root, tmp_path / name, steps=7, checkpoint_every=100, sync_every=every)))
+        run(parse(tiny_args(synthetic_root, tmp_path / name, **{"optim.steps": 7, "run.checkpoint_every": 100,
+                                                                "run.sync_every": every})))
     assert len(losses(tmp_path / "each")) == 7
     assert losses(tmp_path / "deferred") == losses(tmp_path / "each")
 
@@ -173,8 +227,9 @@ def test_a_nonfinite_loss_between_synchronisations_stops_before_a_checkpoint(syn
     from densessl.train.trainer import run
     run_dir = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"not finite at step (\d+) \(found at step (\d+)") as err:
-        run(parse(tiny_args(synthetic_root, run_dir, steps=20, lr=1e30, decoder_lr=1e30, sync_every=10,
-                            checkpoint_every=10)))
+        run(parse(tiny_args(synthetic_root, run_dir, **{"optim.steps": 20, "optim.lr": 1e30,
+                                                        "optim.decoder_lr": 1e30, "run.sync_every": 10,
+                                                        "run.checkpoint_every": 10})))
     bad, found = map(int, re.search(r"step (\d+) \(found at step (\d+)", str(err.value)).groups())
     assert bad <= found and found % 10 == 0
     assert all(int(p.stem.split("_")[1]) < bad for p in (run_dir / "checkpoints").glob("step_*.pt"))
@@ -184,7 +239,8 @@ def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
     """compile=true (torch.compile of the model) gives the eager run's losses within float tolerance."""
     from densessl.train.trainer import run
     for name, compiled in (("eager", "false"), ("compiled", "true")):
-        run(parse(tiny_args(synthetic_root, tmp_path / name, steps=3, checkpoint_every=100, compile=compiled)))
+        run(parse(tiny_args(synthetic_root, tmp_path / name, **{"optim.steps": 3, "run.checkpoint_every": 100,
+                                                                "run.compile": compiled})))
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert compiled.keys() == eager.keys() and compiled == pytest.approx(eager, rel=1e-3)
 
@@ -192,10 +248,13 @@ def test_compiled_model_trains_like_eager(synthetic_root, tmp_path):
 def test_checkpoints_rebuild_the_model_they_hold(synthetic_root, tmp_path):
     """Every checkpoint carries its model's configuration: evaluation rebuilds the same network from the file."""
     from densessl.train.trainer import run
-    trained = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=2, workers=0, objective="densecl",
-                                  queue_size=256, temperature=0.3))).model
+    trained = run(parse(tiny_args(synthetic_root, tmp_path / "run", **{"optim.steps": 2, "data.workers": 0,
+                                                                       "method.name": "densecl",
+                                                                       "method.queue_size": 256,
+                                                                       "method.temperature": 0.3}))).model
     rebuilt = checkpoint.load_model(tmp_path / "run")
-    assert rebuilt.cfg == trained.cfg and rebuilt.temperature == 0.3
+    assert rebuilt.cfg == trained.cfg and rebuilt.method_cfg == trained.method_cfg
+    assert rebuilt.method_cfg.temperature == 0.3 and rebuilt.method_cfg.name == "densecl"
     for key, value in trained.state_dict().items():
         assert torch.equal(value.cpu(), rebuilt.state_dict()[key]), key
     assert checkpoint.run_and_step(checkpoint.find(tmp_path / "run")) == "run/step_00000002"
@@ -209,8 +268,10 @@ def test_trains_from_a_moco_v2_checkpoint(synthetic_root, tmp_path):
     from densessl.train.trainer import run
     source = torchvision.models.resnet18(weights=None)
     released_checkpoints(source, torchvision.models.resnet18(weights=None), tmp_path)
-    result = run(parse(tiny_args(synthetic_root, tmp_path / "run", steps=1, workers=0, lr=0, decoder_lr=0,
-                                 init_encoder=str(tmp_path / "moco_v2.pth.tar"))))
+    args = tiny_args(synthetic_root, tmp_path / "run", **{"optim.steps": 1, "data.workers": 0, "optim.lr": 0,
+                                                          "optim.decoder_lr": 0,
+                                                          "model.init_encoder": tmp_path / "moco_v2.pth.tar"})
+    result = run(parse(args))
     torch.testing.assert_close(result.model.encoder_k.encoder.net.conv1.weight, source.conv1.weight)
 
 
@@ -220,9 +281,11 @@ def test_a_run_reads_well_in_a_log_file_and_in_tensorboard(synthetic_root, tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     with open(tmp_path / "stderr.txt", "w") as err:
-        done = subprocess.run([sys.executable, "-m", "densessl.train", *tiny_args(
-            synthetic_root, run_dir, steps=5, workers=0, progress="true", log_every=2, log_images_every=3,
-            log_images=2)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
+        args = tiny_args(synthetic_root, run_dir, **{"optim.steps": 5, "data.workers": 0, "run.progress": "true",
+                                                      "run.log_every": 2, "run.log_images_every": 3,
+                                                      "run.log_images": 2})
+        done = subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=err, timeout=600)
     text = (tmp_path / "stderr.txt").read_text()
     assert done.returncode == 0, text[-2000:]
     assert "\r" not in text
@@ -300,16 +363,19 @@ def test_ablations_run_at_tiny_size(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert set(rows) == {f"{label} [dense]" for label in ABLATIONS} | {"random init [dense]"}
     runs = {p.name: parse(["--config", str(p / "config.yaml")]) for p in (out / "runs").iterdir()}
-    assert runs["negatives__same_image__r_2__seed0"].negatives == "image"
-    assert runs["no_momentum_encoder_seed0"].moco_momentum == 0
-    assert runs["8_matches_per_pair_seed0"].num_matches == 8 and runs["queue_1_024_seed0"].queue_size == 1024
-    assert Path(runs["init_moco_v2_seed0"].init_encoder).parent.parent.name == "moco_v2_seed0"
+    assert runs["negatives__same_image__r_2__seed0"].method.negatives == "image"
+    assert runs["no_momentum_encoder_seed0"].method.momentum == 0
+    assert runs["8_matches_per_pair_seed0"].views.num_matches == 8
+    assert runs["queue_1_024_seed0"].method.queue_size == 1024
+    assert Path(runs["init_moco_v2_seed0"].model.init_encoder).parent.parent.name == "moco_v2_seed0"
+    assert runs["moco_v2_seed0"].method.name == "mocov2" and runs["moco_v2_seed0"].method.temperature == 0.2
 
 
 @pytest.mark.gpu
 def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
     from densessl.train.trainer import run
-    model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", steps=3, amp="true", channels_last="true"))).model
+    model = run(parse(tiny_args(synthetic_root, tmp_path / "gpu", **{"optim.steps": 3, "run.amp": "true",
+                                                                     "run.channels_last": "true"}))).model
     assert next(model.parameters()).is_cuda
     assert (tmp_path / "gpu" / "checkpoints" / "step_00000003.pt").exists()
 
@@ -319,6 +385,7 @@ def test_trains_with_each_backend(synthetic_root, tmp_path, backend, module):
     if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
         pytest.importorskip(module)
     from densessl.train.trainer import run
-    model = run(parse(tiny_args(synthetic_root, tmp_path / backend, steps=3, backend=backend))).model
+    args = tiny_args(synthetic_root, tmp_path / backend, **{"optim.steps": 3, "data.backend": backend})
+    model = run(parse(args)).model
     assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
     assert len(losses(tmp_path / backend)) == 3

@@ -1,174 +1,342 @@
-"""Training configuration: one dataclass, overridable from YAML files and ``key=value`` arguments (OmegaConf).
+"""Training configuration: sections, each the dataclass of the code that consumes it, composed here.
 
-    python -m densessl.train --config my.yaml objective=densecl arch=resnet50 batch_size=256 data=/data/imagenet/train
+    python -m densessl.train --config my.yaml method.name=densecl model.arch=resnet50 optim.batch_size=256 \\
+        data.path=/data/imagenet/train views.size=224
 
-Every check that can fail is done here, before data is scanned or a model is built.
+| section | dataclass | owner |
+| --- | --- | --- |
+| ``data`` | ``DataConfig`` | ``densessl.pipeline.factory`` (path, backend, workers, order) |
+| ``views`` | ``PairSpec`` | ``densessl.pipeline.contract`` (the view pair and its matches) |
+| ``model`` | ``ModelConfig`` | ``densessl.model.builder`` (architecture, initial weights, BatchNorm) |
+| ``method`` | the method's own ``MethodConfig`` | ``densessl.model.methods.<name>`` (chosen by ``method.name``) |
+| ``optim`` | ``OptimConfig`` | here: the optimiser and the schedule |
+| ``run`` | ``RunConfig`` | here: the run folder, checkpoints, device, logging, failure handling |
+
+Each section checks its own values when it is built; ``TrainConfig.validate`` checks the rules that tie sections
+together and the machine (files, installed backends, world size), before data is scanned or a model is built. A
+mistake is a ``ConfigError``: one line that names the key (``optim.lr='abc': expected a number``), printed without
+a traceback. A flat key of densessl 0.1 (``view_size=224``) is refused with the name it has now.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import difflib
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import ClassVar
 
-from omegaconf import OmegaConf
+import yaml
 
-from densessl.model.builder import MoCoConfig
-from densessl.model.network import ARCHS
-from densessl.model.objectives import OBJECTIVES
-from densessl.pipeline import BACKENDS, PairSpec
-INSTALL_HINTS = {
-    "dali": ("nvidia.dali", "backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130)"),
-    "ffcv": ("ffcv", "backend=ffcv needs FFCV 1.0.2: apt-get install libturbojpeg0-dev libopencv-dev pkg-config, "
-                     "then pip install -e '.[ffcv]' (or run make setup)"),
-}
+from densessl.model.builder import ModelConfig
+from densessl.model.methods import DEFAULT, METHODS, MethodConfig, method_class
+from densessl.pipeline import DataConfig, PairSpec
 
 
-@dataclass
-class TrainConfig:
-    data: str = "synthetic"  # ImageFolder root, 'synthetic' for the embedded set, or a .beton (backend=ffcv)
-    synthetic_dir: str = "data/synthetic"
-    backend: str = "torch"  # 'torch' (reference CPU loader), 'dali' (GPU decode with a GPU, else CPU) or 'ffcv'
-    ffcv_order: str = "random"  # FFCV order: random, quasi_random (data larger than RAM; one process) or sequential
-    objective: str = "vader"
-    arch: str = "resnet50"
-    init_encoder: Optional[str] = None  # MoCo v2 or torchvision checkpoint for the encoder
-    device: str = "auto"  # auto (the GPU of LOCAL_RANK when there is one), cuda or cpu
-    view_size: int = 224
-    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
-    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect ratio
-    flip_p: float = 0.5
-    feature_stride: int = 4  # view pixels per feature-grid cell (vader's decoder embeds at stride 4)
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line that names the key and what to change."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum, linear warm-up then cosine decay per step; learning rates are for a global batch of
+    256 and scale linearly with ``batch_size``."""
+
     batch_size: int = 256  # global, over all ranks
-    workers: int = 8
     epochs: int = 200
-    steps: int = 0  # > 0: stop after this many steps instead of `epochs`
-    lr: float = 0.03  # encoder, for a global batch of 256 (scaled linearly)
-    decoder_lr: float = 0.03  # decoder and projection heads, same scaling
+    steps: int = 0  # > 0: stop after this many steps instead of ``epochs``
+    lr: float = 0.03  # encoder
+    decoder_lr: float = 0.03  # heads (decoder, projections)
     warmup_steps: int = 0
     sgd_momentum: float = 0.9
     weight_decay: float = 1e-4
-    queue_size: int = 65536
-    moco_momentum: float = 0.999
-    temperature: Optional[float] = None  # default: 0.07 for vader, 0.2 otherwise
-    num_matches: int = 32
-    min_matches: int = 32
-    max_tries: int = 50  # pair redraws before view 2 reuses view 1's window
-    loss_scale: float = 10.0
-    symmetric: bool = False
-    negatives: str = "queue"  # vader: 'queue' of pixel keys, or 'image' (the same image's other cells)
-    exclusion_radius: float = 2.0  # negatives=image: cells this near the positive are not negatives
-    densecl_lambda: float = 0.5
-    densecl_warmup_steps: int = 1000  # lambda is 0 before this step, as in DenseCL
-    sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        for name in ("epochs", "steps", "warmup_steps", "lr", "decoder_lr", "weight_decay"):
+            if getattr(self, name) < 0:  # a learning rate of 0 freezes (tests, linear-probe-like runs)
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.steps == 0 and self.epochs == 0:
+            raise ValueError("steps=0 and epochs=0: set epochs or steps to a positive number")
+        if not 0 <= self.sgd_momentum < 1:
+            raise ValueError(f"sgd_momentum={self.sgd_momentum} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run folder and everything about how the run is carried out rather than what it learns."""
+
+    dir: str = "runs/default"
+    seed: int = 0
+    resume: str = ""  # '', 'auto' (the newest checkpoint in dir, if any) or a checkpoint path
+    checkpoint_every: int = 500  # steps
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    device: str = "auto"  # auto (the GPU of LOCAL_RANK when there is one), cuda or cpu
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True  # GPU: cuDNN times its convolution algorithms once for our fixed shapes and
     # keeps the fastest (false: the default algorithms, for runs that must repeat bit for bit)
     sync_every: int = 1  # steps between host synchronisations (loss read, non-finite check, stop agreement)
-    seed: int = 0
-    run_dir: str = "runs/default"
-    resume: str = ""  # '', 'auto' (latest in run_dir, if any) or a checkpoint path
-    checkpoint_every: int = 500  # steps
-    keep_checkpoints: int = 2  # newest checkpoints kept (>= 1)
     progress: bool = True  # a bar in a terminal; plain lines (every log_every steps / log_every_s) in a log file
     log_every: int = 20  # steps between plain log lines
     log_every_s: float = 60.0  # ... or seconds, whichever comes first
-    tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard (rank 0)
+    tensorboard: bool = True  # TensorBoard event files in dir/tensorboard (rank 0)
     log_images_every: int = 500  # steps between pictures of the dense features in TensorBoard (and at the end)
     log_images: int = 4  # training images in those pictures (0: none)
     collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
     on_nonfinite: str = "stop"  # NaN/inf loss: 'stop' (batch indices saved) or 'skip' the step (state restored)
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip, one more stops the run
-    max_bad_images: int = 100  # unreadable files are skipped and listed in run_dir/skipped.txt; more aborts
 
-    def pair_spec(self) -> PairSpec:
-        """The loader's view-pair spec (validated when built)."""
-        return PairSpec(size=(self.view_size, self.view_size), scale=tuple(self.crop_scale),
-                        ratio=tuple(self.crop_ratio), flip_p=self.flip_p, stride=self.feature_stride,
-                        num_matches=self.num_matches, min_matches=self.min_matches, max_tries=self.max_tries)
+    legacy: ClassVar[dict[str, str]] = {"run_dir": "dir"}
 
-    def model_config(self) -> MoCoConfig:
-        """The model this configuration trains (saved in every checkpoint, so evaluation rebuilds it)."""
-        return MoCoConfig(objective=self.objective, arch=self.arch, queue_size=self.queue_size,
-                          momentum=self.moco_momentum, temperature=self.temperature, loss_scale=self.loss_scale,
-                          symmetric=self.symmetric, negatives=self.negatives,
-                          exclusion_radius=self.exclusion_radius, densecl_lambda=self.densecl_lambda,
-                          densecl_warmup_steps=self.densecl_warmup_steps, shuffle_bn=not self.sync_bn)
+    def __post_init__(self):
+        for name in ("checkpoint_every", "keep_checkpoints", "sync_every", "log_every", "log_images_every",
+                     "collective_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("seed", "log_images", "max_nonfinite_skips"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not self.log_every_s > 0:
+            raise ValueError(f"log_every_s={self.log_every_s} must be > 0")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: choose auto, cuda or cpu")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
+
+
+def _default_method() -> MethodConfig:
+    return METHODS[DEFAULT].Config()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: PairSpec = field(default_factory=PairSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=_default_method)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
+        """The rules between sections and with this machine, each as a one-line ``ConfigError``."""
+        try:
+            self.data.check(world_size)
+        except ValueError as err:
+            raise ConfigError(f"data.{err}") from None
+        if self.model.init_encoder is not None and not Path(self.model.init_encoder).is_file():
+            raise ConfigError(f"model.init_encoder={self.model.init_encoder!r}: no such file")
+        if self.run.resume not in ("", "auto") and not Path(self.run.resume).is_file():
+            raise ConfigError(f"run.resume={self.run.resume!r}: no such checkpoint file (use auto or a path)")
+        if self.views.size[0] % 32 or self.views.size[1] % 32:
+            raise ConfigError(f"views.size={self.views.size}: both must be multiples of 32 (the encoder's stride)")
+        if self.optim.batch_size % world_size:
+            raise ConfigError(f"optim.batch_size={self.optim.batch_size} is not divisible by the world size "
+                              f"{world_size}")
+        try:
+            method_class(self.method.name)(self.method).check(self.views.stride, self.views.num_matches,
+                                                             self.optim.batch_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
-        need(self.objective in OBJECTIVES, f"objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        need(self.arch in ARCHS, f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
-        need(self.backend in BACKENDS, f"backend={self.backend!r}: available backends are {', '.join(BACKENDS)}")
-        need(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: choose auto, cuda or cpu")
-        if self.backend in INSTALL_HINTS:
-            module, hint = INSTALL_HINTS[self.backend]
-            need(importlib.util.find_spec(module.split(".")[0]) is not None
-                 and importlib.util.find_spec(module) is not None, hint)
-        need(self.ffcv_order in ("random", "quasi_random", "sequential"),
-             f"ffcv_order={self.ffcv_order!r}: choose random, quasi_random or sequential")
-        need(not (self.backend == "ffcv" and self.ffcv_order == "quasi_random" and world_size > 1),
-             "ffcv_order=quasi_random is not available with several processes in FFCV 1.0.2: use ffcv_order=random")
-        need(self.view_size % 32 == 0, f"view_size={self.view_size} must be a multiple of 32 (the encoder stride)")
-        need(self.batch_size % world_size == 0,
-             f"batch_size={self.batch_size} is not divisible by the world size {world_size}")
-        self.pair_spec()  # raises ValueError naming what is wrong with the views and matches
-        objective = OBJECTIVES[self.objective]
-        need(objective.dense_stride in (None, self.feature_stride),
-             f"feature_stride={self.feature_stride}: objective={self.objective} embeds pixels at stride "
-             f"{objective.dense_stride}, so its matches must index that grid; set feature_stride="
-             f"{objective.dense_stride}")
-        keys = self.batch_size * objective.keys_per_pair(self.num_matches, self.symmetric)
-        need(self.queue_size % keys == 0, f"queue_size={self.queue_size} is not a multiple of the {keys} keys "
-             f"enqueued per step (global batch x matches); pick e.g. {keys * max(1, self.queue_size // keys)}")
-        need(self.sync_every >= 1, f"sync_every={self.sync_every} must be >= 1 (steps)")
-        need(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every} must be >= 1 (steps)")
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        need(self.log_every >= 1 and self.log_images_every >= 1 and self.log_images >= 0 and self.log_every_s > 0,
-             "log_every, log_images_every and log_every_s must be positive, log_images >= 0")
-        need(self.negatives in ("queue", "image") and (self.negatives == "queue" or self.objective == "vader"),
-             f"negatives={self.negatives!r}: 'queue', or 'image' with objective=vader")
-        need(0 <= self.moco_momentum < 1, f"moco_momentum={self.moco_momentum} must be in [0, 1)")
-        need(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite={self.on_nonfinite!r}: choose stop or skip")
-        need(self.max_bad_images >= 0, f"max_bad_images={self.max_bad_images} must be >= 0")
-        need(self.steps > 0 or self.epochs > 0, "set epochs or steps to a positive number")
-        need(self.resume in ("", "auto") or Path(self.resume).is_file(),
-             f"resume={self.resume!r}: no such checkpoint file (use 'auto' or a path)")
-        need(self.init_encoder is None or Path(self.init_encoder).is_file(),
-             f"init_encoder={self.init_encoder!r}: no such file")
-        if self.data.endswith(".beton"):
-            need(self.backend == "ffcv", f"data={self.data!r} is an FFCV .beton: set backend=ffcv")
-            need(Path(self.data).is_file(), f"data={self.data!r}: no such file")
+
+SECTIONS = {f.name: f for f in fields(TrainConfig)}
+
+
+def section_class(name: str, values: dict) -> type:
+    """The dataclass of section ``name``; the ``method`` section's is chosen by its ``name``."""
+    if name == "method":
+        try:
+            return method_class(values.get("name", DEFAULT)).Config
+        except ValueError as err:
+            raise ConfigError(f"method.{err}") from None
+    return SECTIONS[name].default_factory().__class__
+
+
+def _renamed(flat: str) -> str | None:
+    """The key a flat key of densessl 0.1 has now, if any."""
+    owners = {"data": [DataConfig], "views": [PairSpec], "model": [ModelConfig], "optim": [OptimConfig],
+              "run": [RunConfig], "method": list(m.Config for m in METHODS.values())}
+    if flat == "objective":
+        return "method.name"
+    for section, classes in owners.items():
+        for cls in classes:
+            name = getattr(cls, "legacy", {}).get(flat, flat)
+            if name in {f.name for f in fields(cls)}:
+                return f"{section}.{name}"
+    return None
+
+
+def _expected(hint) -> str:
+    """What a value of type ``hint`` looks like, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None))
+    if origin is tuple:
+        kinds = {_expected(a) for a in args}
+        return (f"a list of {len(args)} ({', '.join(_expected(a) for a in args)})" if len(kinds) > 1 else
+                f"a list of {len(args)} {kinds.pop().removeprefix('a ')}s")
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[hint]
+
+
+def _convert(value, hint, key: str):
+    """``value`` (from YAML) as type ``hint``, or a ``ConfigError`` naming ``key`` and what it expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            return int(value)
+    elif hint is float:
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r}: expected {_expected(hint)}")
+
+
+def build_section(name: str, values: dict):
+    """Section ``name`` from plain values: unknown keys, wrong types and out-of-range values are one-line
+    ``ConfigError``s that name ``name.key``."""
+    if not isinstance(values, dict):
+        renamed = _renamed(name)  # data=/path: 0.1's flat key of the same name as a section
+        raise ConfigError(f"{name}: this flat key is now {renamed}" if renamed and renamed != name else
+                          f"{name}={values!r}: {name} is a section; set its keys, e.g. {name}.KEY=VALUE")
+    cls = section_class(name, values)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: no such key ({_unknown_key_hint(name, cls, key, known)})")
+        kwargs[key] = _convert(value, hints[key], f"{name}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{name}.{err}") from None
+
+
+def _unknown_key_hint(name: str, cls: type, key: str, known: list[str]) -> str:
+    renamed = getattr(cls, "legacy", {}).get(key)
+    if renamed:
+        return f"it is now {name}.{renamed}"
+    if name == "method":  # another method's setting
+        owners = [m for m, method in METHODS.items() if key in {f.name for f in fields(method.Config)}]
+        if owners:
+            return f"a setting of method.name={' or '.join(owners)}, not of method.name={cls.name}"
+    elsewhere = _renamed(key)
+    if elsewhere and elsewhere.split(".")[0] != name:
+        return f"it is {elsewhere}"
+    close = difflib.get_close_matches(key, known, 1)
+    return f"did you mean {name}.{close[0]}?" if close else f"{name} has {', '.join(known)}"
+
+
+def from_dict(raw: dict) -> TrainConfig:
+    """A ``TrainConfig`` from nested plain values (YAML), every section checked."""
+    for key in raw:
+        if key not in SECTIONS:
+            renamed = _renamed(key)
+            raise ConfigError(f"{key}: this flat key is now {renamed}" if renamed else
+                              f"{key}: no such section (sections: {', '.join(SECTIONS)})")
+    return TrainConfig(**{name: build_section(name, raw.get(name) or {}) for name in SECTIONS})
+
+
+def with_overrides(cfg: TrainConfig, overrides: dict[str, object]) -> TrainConfig:
+    """``cfg`` with ``{"section.key": value, ...}`` set, read and checked as ``parse`` reads its arguments
+    (presets, sweeps). A new ``method.name`` starts that method's section from its defaults."""
+    raw = to_dict(cfg)
+    name = overrides.get("method.name", cfg.method.name)
+    if name != cfg.method.name:
+        raw["method"] = {}
+    for key, value in overrides.items():
+        section, _, field_name = key.partition(".")
+        if section not in SECTIONS or not field_name:
+            raise ConfigError(f"{key}: expected section.key with a section of {', '.join(SECTIONS)}")
+        raw[section][field_name] = value
+    return from_dict(raw)
+
+
+def _merge(into: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
         else:
-            need(self.data == "synthetic" or Path(self.data).is_dir(), f"data={self.data!r}: no such folder")
+            into[key] = value
+    return into
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """``[--config FILE.yaml ...] [key=value ...]``: later sources override earlier ones."""
+    """``[--config FILE.yaml ...] [section.key=value ...]``: later sources override earlier ones; values are
+    read as YAML (``[0.2, 1.0]``, ``true``, ``0.03``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
-        for f in fields(TrainConfig):
-            print(f"  {f.name}={f.default_factory() if f.default is MISSING else f.default}")
+        print(to_yaml(TrainConfig()))
+        for name, method in METHODS.items():  # each method's own settings, as method.name=NAME takes them
+            print(f"# method.name={name}\n" + yaml.safe_dump({"method": asdict(method.Config())}, sort_keys=False))
         raise SystemExit(0)
-    merged = OmegaConf.structured(TrainConfig)
+    raw: dict = {}
     while "--config" in argv:
         i = argv.index("--config")
-        merged = OmegaConf.merge(merged, OmegaConf.load(argv[i + 1]))
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"--config {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections")
+        _merge(raw, loaded)
         del argv[i:i + 2]
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"error: expected key=value overrides, got {bad}")
-    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(argv))
-    return OmegaConf.to_object(merged)
+    for arg in argv:
+        key, eq, text = arg.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"{arg!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {section} is a value, not a section")
+        node[leaf] = value
+    return from_dict(raw)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """Plain nested values (YAML, checkpoints): what ``from_dict`` reads back."""
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return {name: {k: plain(v) for k, v in asdict(getattr(cfg, name)).items()} for name in SECTIONS}
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -14,7 +14,6 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from densessl.model.builder import MoCo
-from densessl.model.objectives import OBJECTIVES
 from densessl.model.pictures import pca_rgb
 from densessl.pipeline.augment import normalize
 
@@ -30,7 +29,7 @@ def _duration(seconds: float) -> str:
 @torch.no_grad()
 def feature_picture(model: MoCo, images: torch.Tensor) -> torch.Tensor:
     """``[3, 2H, N*W]`` uint8: the images on top and, below, the first three principal components (over all N
-    images together) of the query network's dense output (C5 for an objective without one) as colours."""
+    images together) of the query network's dense output (C5 for a method without one) as colours."""
     net = model.encoder_q
     device = next(net.parameters()).device
     x = normalize(images.to(device).float() / 255)
@@ -40,7 +39,7 @@ def feature_picture(model: MoCo, images: torch.Tensor) -> torch.Tensor:
         out = net(x)
     finally:
         net.train(was_training)
-    feats = out[model.objective.dense_output or "c5"].float().cpu()
+    feats = out[model.method.dense_output or "c5"].float().cpu()
     pca = torch.from_numpy(pca_rgb(feats)).permute(0, 3, 1, 2)  # [N, 3, h, w]
     pca = F.interpolate(pca.float(), size=images.shape[-2:], mode="nearest").to(torch.uint8)
     return torch.cat([torch.cat(list(images.cpu()), 2), torch.cat(list(pca), 2)], 1)
@@ -49,21 +48,23 @@ def feature_picture(model: MoCo, images: torch.Tensor) -> torch.Tensor:
 class Monitor:
     """Rank 0's view of the run. ``step`` takes each finished step's numbers; ``close`` prints the summary."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, total: int, start_step: int, images: torch.Tensor | None):
-        self.cfg, self.run_dir, self.total, self.start_step = cfg, run_dir, total, start_step
+    def __init__(self, cfg: TrainConfig, keys_per_step: int, total: int, start_step: int,
+                 images: torch.Tensor | None):
+        run_dir = Path(cfg.run.dir)
+        self.cfg, self.run_dir, self.total, self.start_step = cfg.run, run_dir, total, start_step
+        self.batch_size, self.queue_size = cfg.optim.batch_size, cfg.method.queue_size
         self.metrics = MetricsLog(run_dir / "metrics.csv", start_step)
         self.tensorboard_dir = run_dir / "tensorboard"
         self.writer = None
-        if cfg.tensorboard:
+        if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1 if start_step else None)
         terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (cfg.progress and terminal))
-        self.lines = cfg.progress and not terminal
+                        disable=not (self.cfg.progress and terminal))
+        self.lines = self.cfg.progress and not terminal
         self.images = images
-        objective = OBJECTIVES[cfg.objective]
-        self.keys_per_step = cfg.batch_size * objective.keys_per_pair(cfg.num_matches, cfg.symmetric)
+        self.keys_per_step = keys_per_step
         self.started = self.last_line = time.perf_counter()
         self.pairs = 0
         self.image_seconds = 0.0
@@ -93,7 +94,7 @@ class Monitor:
         """Record one step: CSV row, TensorBoard scalars (and, every ``log_images_every`` steps and at the
         last, a feature picture of the model as it is at the flush), the bar or a plain line."""
         cfg = self.cfg
-        self.pairs += cfg.batch_size
+        self.pairs += self.batch_size
         parts = {k: float(v) for k, v in stats.items()}
         self.metrics.write({"step": step, "epoch": epoch, "loss": f"{loss:.6f}", "lr": f"{lrs[0]:.6g}",
                             "images_per_s": f"{pairs_per_s:.1f}", "data_wait": f"{data_wait:.4f}",
@@ -103,7 +104,7 @@ class Monitor:
             scalars = {"loss/total": loss, **{f"loss/{k.removeprefix('loss_')}": v for k, v in parts.items()},
                        "lr/encoder": lrs[0], "lr/heads": lrs[1], "speed/pairs_per_s": pairs_per_s,
                        "speed/data_wait": data_wait, "epoch": epoch,
-                       "queue/fill": min(1.0, step * self.keys_per_step / cfg.queue_size),
+                       "queue/fill": min(1.0, step * self.keys_per_step / self.queue_size),
                        "pairs/redrawn": float((tries != 1).double().mean()),
                        "pairs/fell_back": float((tries == 0).double().mean())}
             for tag, value in scalars.items():

@@ -1,6 +1,6 @@
-"""What a run keeps in its folder besides checkpoints: the metrics log, the list of skipped images, the RNG
-states that make a resumed run draw what the unbroken run drew, and the training data itself when it has to
-be generated or converted first."""
+"""What a run keeps in its folder besides checkpoints: the metrics log, the list of skipped images, and the RNG
+states that make a resumed run draw what the unbroken run drew. (Data the run has to generate or convert first is
+``DataConfig.prepare``'s.)"""
 
 from __future__ import annotations
 
@@ -11,13 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densessl.pipeline import Crop, scan_image_folder
-from densessl.pipeline.folder import read_first_readable
-from densessl.pipeline.loader import render_view
-from densessl.pipeline.synthetic import generate
-
-from .config import TrainConfig
-from .distributed import barrier
 
 
 class MetricsLog:
@@ -74,49 +67,3 @@ def set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
     augment_gen.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def data_root(cfg: TrainConfig, rank: int, world: int) -> Path:
-    """The ImageFolder (or .beton) to train on; the embedded set is generated, and with backend=ffcv an
-    ImageFolder is written once to ``run_dir/train.beton`` (for ImageNet, write it ahead: python -m densessl.pipeline.ffcv)."""
-    root = Path(cfg.data)
-    if cfg.data == "synthetic":
-        if rank == 0:
-            generate(cfg.synthetic_dir, progress=cfg.progress)
-        root = Path(cfg.synthetic_dir) / "train"
-    if cfg.backend == "ffcv" and root.suffix != ".beton":
-        beton = Path(cfg.run_dir) / "train.beton"
-        if rank == 0 and not beton.is_file():
-            from densessl.pipeline.ffcv import write_beton
-            print(f"writing {beton} from {root} (once; pass data=<file>.beton to reuse one)", flush=True)
-            partial = beton.with_suffix(".partial")
-            write_beton(root, partial, workers=cfg.workers, max_bad_images=cfg.max_bad_images).rename(beton)
-            bad = partial.with_name(partial.name + ".skipped.txt")
-            if bad.exists():  # the writer's list joins the run's
-                with open(Path(cfg.run_dir) / "skipped.txt", "a") as f:
-                    f.write(bad.read_text())
-        root = beton
-    barrier(world)
-    return root
-
-
-def fixed_images(root: Path, n: int, size: int) -> torch.Tensor:
-    """``n`` training images spread over the data set, centre-cropped square and resized to ``size``: uint8
-    ``[n, 3, size, size]``, the same for every run and resume on this data (the pictures of the features)."""
-    if root.suffix == ".beton":
-        from ffcv.reader import Reader
-
-        from densessl.pipeline.ffcv import read_stored_image
-        count = Reader(str(root)).num_samples
-        read = lambda i: read_stored_image(root, i)  # noqa: E731
-    else:
-        files = scan_image_folder(root).files
-        count = len(files)
-        read = lambda i: read_first_readable(files, i, warn=False)[1]  # noqa: E731  (skips unreadable files)
-    out = []
-    for i in np.linspace(0, count - 1, min(n, count)).astype(int):
-        pixels = read(int(i))
-        side = min(pixels.shape[:2])
-        crop = Crop((pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2, side, side, False)
-        out.append(torch.from_numpy(render_view(pixels, crop, (size, size))).permute(2, 0, 1))
-    return torch.stack(out)

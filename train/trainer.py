@@ -1,6 +1,7 @@
-"""The training loop: loader -> device augmentation -> MoCo objective -> SGD, with exact resume.
+"""The training loop: loader -> device augmentation -> the method's loss -> SGD, with exact resume.
 
-Launch with ``python -m densessl.train key=value ...`` on one process, or under torchrun / Slurm (``WORLD_SIZE`` set)
+Launch with ``python -m densessl.train section.key=value ...`` on one process, or under torchrun / Slurm
+(``WORLD_SIZE`` set)
 for DDP over env:// (NCCL on GPU, gloo on CPU). ``Trainer`` holds one rank's optimisation state and its step;
 ``run`` is the loop around it; distributed plumbing is in ``distributed.py``, run-folder bookkeeping in
 ``run_folder.py``.
@@ -13,7 +14,7 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,13 +22,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from densessl.model import checkpoint
-from densessl.model.builder import MoCo
-from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader
+from densessl.model.builder import MoCo, model_config
+from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader, preview_images
 
 from . import distributed
-from .config import TrainConfig, to_yaml
+from .config import ConfigError, TrainConfig, to_dict, to_yaml
 from .monitor import Monitor
-from .run_folder import SkippedImages, data_root, fixed_images, rng_state, set_rng_state
+from .run_folder import SkippedImages, rng_state, set_rng_state
 
 
 def learning_rate(base: float, step: int, total: int, warmup: int) -> float:
@@ -38,18 +39,19 @@ def learning_rate(base: float, step: int, total: int, warmup: int) -> float:
 
 
 def build_model(cfg: TrainConfig, device: torch.device, world: int) -> MoCo:
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MoCo(cfg.model_config())
-    if cfg.init_encoder:
-        checkpoint.load_encoder_weights(model.encoder_q.encoder, cfg.init_encoder)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = MoCo(cfg.model, cfg.method)
+    if cfg.model.init_encoder:
+        checkpoint.load_encoder_weights(model.encoder_q.encoder, cfg.model.init_encoder)
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
-    if cfg.sync_bn:
+    if cfg.model.sync_bn:
         if device.type != "cuda" or world == 1:
-            raise ValueError("sync_bn=true needs DDP on GPUs; on one process or CPU use shuffle-BN (the default)")
+            raise ConfigError("model.sync_bn=true needs DDP on GPUs; on one process or CPU use shuffle-BN (the "
+                              "default)")
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
         model.encoder_k = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_k)
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    return model.to(memory_format=torch.channels_last) if cfg.run.channels_last else model
 
 
 def _forward_mutated_state(model: MoCo) -> dict[str, torch.Tensor]:
@@ -64,22 +66,23 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: MoCo, rank: int, world: int, device: torch.device, total: int):
         self.cfg, self.model, self.rank, self.world, self.device, self.total = cfg, model, rank, world, device, total
+        optim, run = cfg.optim, cfg.run
         encoder_params = list(model.encoder_q.encoder.parameters())
         ids = {id(p) for p in encoder_params}
         head_params = [p for p in model.encoder_q.parameters() if id(p) not in ids]
-        scale = cfg.batch_size / 256
-        self.base_lrs = [cfg.lr * scale, cfg.decoder_lr * scale]
+        scale = optim.batch_size / 256
+        self.base_lrs = [optim.lr * scale, optim.decoder_lr * scale]
         self.optimizer = torch.optim.SGD([{"params": encoder_params}, {"params": head_params}], lr=self.base_lrs[0],
-                                         momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+                                         momentum=optim.sgd_momentum, weight_decay=optim.weight_decay)
         self.augment = PhotometricAugment().to(device)
-        self.augment_gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-        torch.manual_seed(cfg.seed * 1000 + rank)  # shuffle-BN permutations
-        self.run_dir = Path(cfg.run_dir)
-        self.skipped = SkippedImages(self.run_dir / "skipped.txt", cfg.max_bad_images)
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.use_amp = cfg.amp and device.type == "cuda"
+        self.augment_gen = torch.Generator(device).manual_seed(run.seed * 1000 + rank)
+        torch.manual_seed(run.seed * 1000 + rank)  # shuffle-BN permutations
+        self.run_dir = Path(run.dir)
+        self.skipped = SkippedImages(self.run_dir / "skipped.txt", cfg.data.max_bad_images)
+        self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+        self.use_amp = run.amp and device.type == "cuda"
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cudnn.benchmark = run.cudnn_benchmark
         self.nonfinite_skips = 0
         self.first_nonfinite = torch.tensor(-1, device=device)  # first unsynchronised step with a non-finite loss
         self.forward = None  # set by wrap(), after a resume has loaded the weights
@@ -89,10 +92,10 @@ class Trainer:
                                       broadcast_buffers=False) if self.world > 1 else self.model
         # fallback_random: random draws inside the compiled graph (shuffle-BN's permutation) come from torch's
         # generator as in eager mode, not from inductor's own, so a compiled run follows the eager run
-        self.forward = torch.compile(net, options={"fallback_random": True}) if self.cfg.compile else net
+        self.forward = torch.compile(net, options={"fallback_random": True}) if self.cfg.run.compile else net
 
     def set_learning_rates(self, step: int) -> list[float]:
-        lrs = [learning_rate(b, step, self.total, self.cfg.warmup_steps) for b in self.base_lrs]
+        lrs = [learning_rate(b, step, self.total, self.cfg.optim.warmup_steps) for b in self.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         return lrs
@@ -106,37 +109,36 @@ class Trainer:
         on anything. The next synchronised step raises for a recorded non-finite loss, naming its step, before
         anything is checkpointed; the run then resumes from the last checkpoint, as with ``on_nonfinite=stop``
         at every step. ``on_nonfinite=skip`` must undo a step before the next, so it synchronises every step."""
-        cfg = self.cfg
+        run = self.cfg.run
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         v1 = self.augment(batch["view1"], self.augment_gen).contiguous(memory_format=self.memory_format)
         v2 = self.augment(batch["view2"], self.augment_gen).contiguous(memory_format=self.memory_format)
-        skip = cfg.on_nonfinite == "skip"
+        skip = run.on_nonfinite == "skip"
         undo = _forward_mutated_state(self.model) if skip else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             loss, stats = self.forward(v1, v2, batch["matches"], batch["match_xy2"], step)
-        if not (sync or skip):
-            bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite < 0)
+        value, nonfinite, stopping = loss.detach(), False, False
+        if sync or skip:
+            # one transfer: this loss, and the first non-finite loss of an unsynchronised step since the last sync
+            value, earlier = torch.stack([value.double(), self.first_nonfinite.double()]).tolist()
+            earlier = int(earlier)
+            nonfinite, stopping, too_many_bad = distributed.agree(
+                [not math.isfinite(value) or earlier >= 0, distributed.stop_requested(),
+                 self.rank == 0 and self.skipped.over_limit()], self.world, self.device)
+            if earlier >= 0:
+                raise FloatingPointError(
+                    f"loss is not finite at step {earlier + 1} (found at step {step + 1}, the next synchronised "
+                    f"step; run.sync_every={run.sync_every}); run.resume=auto restarts from the last checkpoint")
+            if nonfinite:
+                self._skip_or_raise(value, step, batch["index"], undo)
+            if too_many_bad:
+                raise RuntimeError(f"more than data.max_bad_images={self.cfg.data.max_bad_images} unreadable "
+                                   f"images were skipped (listed in {self.skipped.path}); fix the data or raise "
+                                   "the limit")
+        else:  # recorded on the device, raised at the next synchronised step
+            bad = ~torch.isfinite(value) & (self.first_nonfinite < 0)
             self.first_nonfinite = torch.where(bad, torch.full_like(self.first_nonfinite, step),
                                                self.first_nonfinite)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            return loss.detach(), stats, False
-        # one transfer: this loss, and the first non-finite loss of an unsynchronised step since the last sync
-        value, earlier = torch.stack([loss.detach().double(), self.first_nonfinite.double()]).tolist()
-        earlier = int(earlier)
-        nonfinite, stopping, too_many_bad = distributed.agree(
-            [not math.isfinite(value) or earlier >= 0, distributed.stop_requested(),
-             self.rank == 0 and self.skipped.over_limit()], self.world, self.device)
-        if earlier >= 0:
-            raise FloatingPointError(
-                f"loss is not finite at step {earlier + 1} (found at step {step + 1}, the next synchronised step; "
-                f"sync_every={cfg.sync_every}); resume=auto restarts from the last checkpoint")
-        if nonfinite:
-            self._skip_or_raise(value, step, batch["index"], undo)
-        if too_many_bad:
-            raise RuntimeError(f"more than max_bad_images={cfg.max_bad_images} unreadable images were "
-                               f"skipped (listed in {self.skipped.path}); fix the data or raise the limit")
         self.optimizer.zero_grad(set_to_none=True)
         if not nonfinite:
             loss.backward()
@@ -149,10 +151,11 @@ class Trainer:
         report = self.run_dir / f"nonfinite_step{step + 1}_rank{self.rank}.json"
         report.write_text(json.dumps({"step": step + 1, "loss": str(value), "rank": self.rank,
                                       "indices": indices.tolist()}))
-        if undo is None or self.nonfinite_skips >= self.cfg.max_nonfinite_skips:
+        if undo is None or self.nonfinite_skips >= self.cfg.run.max_nonfinite_skips:
             raise FloatingPointError(
                 f"loss is not finite at step {step + 1} (this rank's loss {value}; {self.nonfinite_skips} earlier "
-                f"step(s) skipped); batch indices saved to {report}; resume=auto restarts from the last checkpoint")
+                f"step(s) skipped); batch indices saved to {report}; run.resume=auto restarts from the last "
+                "checkpoint")
         self.model.load_state_dict(undo, strict=False)  # un-enqueue keys, undo the momentum update
         self.nonfinite_skips += 1
         if self.rank == 0:
@@ -163,16 +166,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][self.rank], self.augment_gen)
 
-    def save(self, ckpt_dir: Path, loader: ViewPairLoader, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    def save(self, ckpt_dir: Path, loader: ViewPairLoader, step: int) -> None:
         """Every rank's RNG and loader state goes into rank 0's checkpoint, so a resumed run draws the same
         batches and augmentations; ``model_config`` lets evaluation rebuild the model from the file alone."""
         rngs = distributed.gather_objects(rng_state(self.augment_gen), self.world)
         loader_states = distributed.gather_objects(loader.state_dict(), self.world)
         if self.rank == 0:
-            checkpoint.save({"model": self.model.state_dict(), "model_config": asdict(self.model.cfg),
-                             "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                             "global_step": global_step, "rng": rngs, "loader_states": loader_states,
-                             "config": asdict(self.cfg)}, ckpt_dir, global_step, self.cfg.keep_checkpoints)
+            model = self.model
+            checkpoint.save({"model": model.state_dict(), "model_config": model_config(model.cfg, model.method_cfg),
+                             "optimizer": self.optimizer.state_dict(), "epoch": loader_states[0]["epoch"],
+                             "step_in_epoch": loader_states[0]["batch"], "global_step": step, "rng": rngs,
+                             "loader_states": loader_states, "config": to_dict(self.cfg)},
+                            ckpt_dir, step, self.cfg.run.keep_checkpoints)
         distributed.barrier(self.world)
 
 
@@ -182,8 +187,8 @@ def saved_loader_state(state: dict | None, rank: int, world: int) -> dict | None
     if states and len(states) != world:
         if rank == 0:
             warnings.warn(f"the checkpoint holds loader states of {len(states)} ranks, this run has {world}: the "
-                          "loader continues from the checkpoint's epoch and batch, and DALI, whose reader keeps its "
-                          "own state, sees other batches there than the first run")
+                          "loader continues from the checkpoint's epoch and batch, and a backend whose reader keeps "
+                          "its own state sees other batches there than the first run")
         return None
     return states[rank] if states else None
 
@@ -197,100 +202,101 @@ class TrainResult:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
-    """Train per ``cfg``. Safe to call again after a crash with resume='auto'."""
+    """Train per ``cfg``. Safe to call again after a crash with run.resume=auto."""
     # --- set-up: processes, run folder, the checkpoint to resume from
-    rank, world, device = distributed.setup(cfg.device, cfg.collective_timeout_s)
+    rank, world, device = distributed.setup(cfg.run.device, cfg.run.collective_timeout_s)
     cfg.validate(world)
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     resumed = None
-    if cfg.resume == "auto":
+    if cfg.run.resume == "auto":
         resumed = checkpoint.load_latest(ckpt_dir)
-    elif cfg.resume:
-        resumed = checkpoint.read(cfg.resume), Path(cfg.resume)
+    elif cfg.run.resume:
+        resumed = checkpoint.read(cfg.run.resume), Path(cfg.run.resume)
 
     # --- data, model, optimiser
-    root = data_root(cfg, rank, world)
-    loader = build_loader(cfg.backend, root, cfg.pair_spec(), batch_size=cfg.batch_size // world,
-                          workers=cfg.workers, seed=cfg.seed, rank=rank, world_size=world, device=device,
-                          state=saved_loader_state(resumed and resumed[0], rank, world),
-                          skip_log=str(run_dir / "skipped.txt"),
-                          order=cfg.ffcv_order if cfg.backend == "ffcv" else "random")
-    steps_per_epoch = len(loader)
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-    trainer = Trainer(cfg, build_model(cfg, device, world), rank, world, device, total)
-    epoch = step_in_epoch = global_step = 0
+    root = cfg.data.prepare(run_dir, write=rank == 0, progress=cfg.run.progress)
+    distributed.barrier(world)
+    loader_state = saved_loader_state(resumed and resumed[0], rank, world)
+    try:
+        loader = build_loader(cfg.data.backend, root, cfg.views, batch_size=cfg.optim.batch_size // world,
+                              workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world,
+                              device=device, state=loader_state, skip_log=str(run_dir / "skipped.txt"),
+                              order=cfg.data.order)
+    except (FileNotFoundError, ValueError) as err:  # the data itself: no images, fewer than one batch, ...
+        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
+    total = cfg.optim.steps or cfg.optim.epochs * len(loader)
+    model = build_model(cfg, device, world)
+    trainer = Trainer(cfg, model, rank, world, device, total)
+    iteration = 0  # steps done; the loader's position is the truth for epoch and batch
     if resumed is not None:
         state, path = resumed
         trainer.resume(state)
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        iteration = state["global_step"]
+        if loader_state is None:  # another world size: the loader starts at the checkpoint's epoch and batch
+            loader.set_epoch(state["epoch"], state["step_in_epoch"])
         if rank == 0:
-            print(f"resumed from {path} at step {global_step} (epoch {epoch}, batch {step_in_epoch})")
+            print(f"resumed from {path} at step {iteration} (epoch {loader.epoch}, batch {loader.batch})")
     trainer.wrap()
 
     # --- monitoring (rank 0): metrics.csv, TensorBoard, console
     monitor = None
     if rank == 0:
-        images = fixed_images(root, cfg.log_images, cfg.view_size) if cfg.tensorboard and cfg.log_images else None
-        monitor = Monitor(cfg, run_dir, total, global_step, images)
+        pictures = cfg.run.tensorboard and cfg.run.log_images
+        images = preview_images(root, cfg.run.log_images, cfg.views.size[0]) if pictures else None
+        keys = cfg.optim.batch_size * model.method.keys_per_pair(cfg.views.num_matches)
+        monitor = Monitor(cfg, keys, total, iteration, images)
     heartbeat = distributed.Heartbeat(run_dir, rank, world)
 
-    # --- the loop: an epoch at a time, from the resumed position
+    # --- the loop: one counter; each pass over the loader is the rest of an epoch
     stopping = False
+    every = cfg.run
     with heartbeat.names_stuck_ranks():
-        while global_step < total and not stopping:
-            loader.set_epoch(epoch, step_in_epoch)
-            batches = iter(loader)
-            while global_step < total and not stopping:
-                # step
-                start = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break
+        while iteration < total and not stopping:
+            start = time.perf_counter()
+            for batch in loader:
                 loaded = time.perf_counter()
-                lrs = trainer.set_learning_rates(global_step)
-                due = global_step + 1  # the step about to be done (1-based)
-                sync = due % cfg.sync_every == 0 or due % cfg.checkpoint_every == 0 or due == total
-                value, stats, stopping = trainer.step(batch, global_step, sync)
-                global_step += 1
-                step_in_epoch += 1
-                if step_in_epoch == steps_per_epoch:
-                    epoch, step_in_epoch = epoch + 1, 0
+                lrs = trainer.set_learning_rates(iteration)
+                due = iteration + 1  # the step about to be done (1-based)
+                sync = due % every.sync_every == 0 or due % every.checkpoint_every == 0 or due == total
+                value, stats, stopping = trainer.step(batch, iteration, sync)
+                iteration += 1
                 # monitoring
                 now = time.perf_counter()
                 if monitor is not None:
-                    monitor.step(global_step, epoch, value, lrs, cfg.batch_size / (now - start),
+                    epoch = loader.epoch + (loader.batch >= len(loader))
+                    monitor.step(iteration, epoch, value, lrs, cfg.optim.batch_size / (now - start),
                                  (loaded - start) / (now - start), stats, batch["tries"], trainer.model)
                     if sync:
                         monitor.flush()
-                heartbeat.beat(global_step)
+                heartbeat.beat(iteration)
                 # checkpoint
-                if global_step % cfg.checkpoint_every == 0 or global_step == total or stopping:
-                    trainer.save(ckpt_dir, loader, epoch, step_in_epoch, global_step)
+                if iteration % every.checkpoint_every == 0 or iteration == total or stopping:
+                    trainer.save(ckpt_dir, loader, iteration)
                 if stopping and rank == 0:
-                    print(f"stop requested: checkpointed step {global_step} of {total}", flush=True)
-                if step_in_epoch == 0:
-                    break  # epoch finished: the next one reshuffles
+                    print(f"stop requested: checkpointed step {iteration} of {total}", flush=True)
+                if iteration == total or stopping:
+                    break
+                start = time.perf_counter()
 
     # --- wrap-up
     if monitor is not None:
-        monitor.close(global_step, stopping)
+        monitor.close(iteration, stopping)
     if stopping:
         distributed.clear_stop()  # honoured: a later run in this process starts without it
-    return TrainResult(trainer.model, global_step, total, stopping)
+    return TrainResult(trainer.model, iteration, total, stopping)
 
 
 def main(argv=None) -> None:
     from .config import parse
 
-    cfg = parse(argv)
     signal.signal(signal.SIGUSR2, distributed.request_stop)  # e.g. sbatch --signal=USR2@120: checkpoint first
     try:
-        run(cfg)
-    except checkpoint.CheckpointError as err:  # a file given as resume= or init_encoder=: one line, no traceback
+        run(parse(argv))
+    except (ConfigError, checkpoint.CheckpointError) as err:  # one line, no traceback: the user's to fix
         raise SystemExit(f"error: {err}") from None
     finally:
         if dist.is_initialized():

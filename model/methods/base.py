@@ -1,0 +1,86 @@
+"""What a method is, and the settings every method has.
+
+A method says what is learned: its settings (a ``MethodConfig`` subclass, the ``method`` section of the training
+configuration, checked when it is built), the heads it puts on the encoder, the key queues it keeps and how many
+keys each pair adds to them, which views are encoded by the query and by the key network, its loss, and the
+output evaluation reads as its dense features. The flow is one way, as in moco's ``builder.py``: the holder
+(``builder.MoCo``) runs the networks and hands their outputs and the queues to ``Method.loss``, which returns the
+loss, its parts and the keys to enqueue; a method never calls back into its holder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The settings every method has. ``legacy`` maps the flat keys of densessl 0.1 (and of its checkpoints'
+    ``model_config``) that a subclass renamed to the subclass's field names."""
+
+    name: str = ""
+    temperature: float = 0.2  # InfoNCE temperature
+    queue_size: int = 65536  # keys in each queue of negatives
+    momentum: float = 0.999  # key encoder: m k + (1 - m) q per step; 0: the query's weights under stop-gradient
+
+    legacy: ClassVar[dict[str, str]] = {"moco_momentum": "momentum"}
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size={self.queue_size} must be >= 1")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1) (0: keys from the query encoder's "
+                             "weights under stop-gradient)")
+
+
+class Method:
+    """One objective. A subclass sets ``Config`` and the class attributes below and implements ``heads`` and
+    ``loss``; ``methods.register`` makes it available by its config's ``name``."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    queues: ClassVar[tuple[str, ...]] = ()  # key queues the holder keeps (buffers of these names)
+    dense_output: ClassVar[str | None] = None  # the network output read as dense features; None: global only
+    dense_stride: ClassVar[int | None] = None  # stride of the grid the matches index; None: matches unused
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def heads(self, channels: tuple[int, ...], dim: int) -> dict[str, nn.Module]:
+        """The modules put on the encoder, by attribute name (``network.HEADS``: each reads C2..C5 and adds one
+        named output to the network's)."""
+        raise NotImplementedError
+
+    def directions(self) -> tuple[tuple[int, int], ...]:
+        """(query view, key view) pairs to encode, in order: view 1 queries and view 2 gives keys by default."""
+        return ((1, 2),)
+
+    def keys_per_pair(self, num_matches: int) -> int:
+        """Keys each pair adds to each of its queues per step."""
+        return 1
+
+    def check(self, stride: int, num_matches: int, global_batch: int) -> None:
+        """The rules that tie this method to the views and the batch, as one-line ``ValueError``s that name the
+        keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
+        if self.dense_stride not in (None, stride):
+            raise ValueError(f"views.stride={stride}: method.name={self.cfg.name} embeds pixels at stride "
+                             f"{self.dense_stride}, so its matches must index that grid; set views.stride="
+                             f"{self.dense_stride}")
+        keys = global_batch * self.keys_per_pair(num_matches)
+        size = self.cfg.queue_size
+        if self.queues and size % keys:
+            raise ValueError(f"method.queue_size={size} is not a multiple of the {keys} keys enqueued per step "
+                             f"(optim.batch_size x keys per pair); pick e.g. {keys * max(1, size // keys)}")
+
+    def loss(self, queries: dict[int, dict[str, torch.Tensor]], keys: dict[int, dict[str, torch.Tensor]],
+             queues: dict[str, torch.Tensor], matches: torch.Tensor | None, match_xy2: torch.Tensor | None,
+             step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(loss, stats, {queue name: keys to enqueue}) from the query network's outputs per view, the key
+        network's outputs per view (``directions``), the queues, the batch's matches and the 0-based step
+        (``None``: outside training, schedules at their end)."""
+        raise NotImplementedError
