@@ -11,10 +11,11 @@ from .factory import BACKENDS, DataConfig, build_loader, preview_images
 from .folder import decode_rgb, scan_image_folder
 from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair
 from .loader import SeededSampler
+from .multicrop import PairRule, ViewGroup, ViewSpec, check_views_batch
 
 __all__ = [
-    "BACKENDS", "BATCH", "Crop", "DataConfig", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair",
-    "ViewPairLoader",
+    "BACKENDS", "BATCH", "Crop", "DataConfig", "PairRule", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair",
+    "ViewGroup", "ViewPairLoader", "ViewSpec", "check_views_batch",
     "assemble_batch", "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine",
     "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder",
 ]

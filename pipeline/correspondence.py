@@ -68,7 +68,7 @@ def _grid_map(a1, a2, stride):
 
 
 @njit(inline="always")
-def _flow_pair(a1, a2, grid_h, grid_w, stride, out):
+def _flow_pair(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride, out):
     m00, m01, m02, m10, m11, m12 = _grid_map(a1, a2, stride)
     for r in range(grid_h):
         y1 = r + 0.5
@@ -76,7 +76,7 @@ def _flow_pair(a1, a2, grid_h, grid_w, stride, out):
             x1 = c + 0.5
             x2 = m00 * x1 + m01 * y1 + m02
             y2 = m10 * x1 + m11 * y1 + m12
-            if _inside(x2, y2, grid_w, grid_h):
+            if _inside(x2, y2, grid_w2, grid_h2):
                 out[r, c, 0] = x2
                 out[r, c, 1] = y2
             else:
@@ -85,8 +85,9 @@ def _flow_pair(a1, a2, grid_h, grid_w, stride, out):
 
 
 @njit(inline="always")
-def _collect_valid(a1, a2, grid_h, grid_w, stride, buf):
-    """Write flat view-1 indices of cells whose centre lands inside view 2 into buf; return their count."""
+def _collect_valid(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride, buf):
+    """Write flat view-1 indices of cells whose centre lands inside view 2 (a ``grid_h2`` x ``grid_w2`` grid)
+    into buf; return their count."""
     m00, m01, m02, m10, m11, m12 = _grid_map(a1, a2, stride)
     n = 0
     for r in range(grid_h):
@@ -97,7 +98,7 @@ def _collect_valid(a1, a2, grid_h, grid_w, stride, buf):
             x1 = c + 0.5
             x2 = m00 * x1 + bx
             y2 = m10 * x1 + by
-            if _inside(x2, y2, grid_w, grid_h):
+            if _inside(x2, y2, grid_w2, grid_h2):
                 buf[n] = r * grid_w + c
                 n += 1
     return n
@@ -105,9 +106,16 @@ def _collect_valid(a1, a2, grid_h, grid_w, stride, buf):
 
 @njit(cache=True)
 def count_valid(a1, a2, grid_h, grid_w, stride):
-    """Number of view-1 grid cells whose centre falls inside view 2 (one pair)."""
+    """Number of view-1 grid cells whose centre falls inside view 2 (one pair of views of one size)."""
     buf = np.empty(grid_h * grid_w, np.int32)
-    return _collect_valid(a1, a2, grid_h, grid_w, stride, buf)
+    return _collect_valid(a1, a2, grid_h, grid_w, grid_h, grid_w, stride, buf)
+
+
+@njit(cache=True)
+def count_shared(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride):
+    """``count_valid`` for views of two sizes: view 1's grid is ``grid_h`` x ``grid_w``, view 2's the other."""
+    buf = np.empty(grid_h * grid_w, np.int32)
+    return _collect_valid(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride, buf)
 
 
 @njit(inline="always")
@@ -131,8 +139,8 @@ def _inside_cell(v, cell):
 
 
 @njit(inline="always")
-def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
-    n = _collect_valid(a1, a2, grid_h, grid_w, stride, buf)
+def _sample_pair(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride, k, seed, buf, matches, xy2):
+    n = _collect_valid(a1, a2, grid_h, grid_w, grid_h2, grid_w2, stride, buf)
     m00, m01, m02, m10, m11, m12 = _grid_map(a1, a2, stride)
     state = np.uint64(seed)
     take = min(k, n)
@@ -147,9 +155,9 @@ def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
         y1 = idx1 // grid_w + 0.5
         x2 = m00 * x1 + m01 * y1 + m02
         y2 = m10 * x1 + m11 * y1 + m12
-        cx, cy = _cell(x2, grid_w), _cell(y2, grid_h)
+        cx, cy = _cell(x2, grid_w2), _cell(y2, grid_h2)
         matches[i, 0] = idx1
-        matches[i, 1] = cy * grid_w + cx
+        matches[i, 1] = cy * grid_w2 + cx
         xy2[i, 0] = _inside_cell(x2, cx)
         xy2[i, 1] = _inside_cell(y2, cy)
     for i in range(take, k):
@@ -163,71 +171,75 @@ def _sample_pair(a1, a2, grid_h, grid_w, stride, k, seed, buf, matches, xy2):
 # Batch loops, parallel over pairs for the trainer's process and serial for DataLoader workers (a forked
 # worker must not use Numba's thread pool, and the workers are the parallelism there anyway).
 @njit(parallel=True, cache=True)
-def _flow_parallel(a1, a2, grid_h, grid_w, stride, out):
+def _flow_parallel(a1, a2, gh, gw, gh2, gw2, stride, out):
     for b in prange(a1.shape[0]):
-        _flow_pair(a1[b], a2[b], grid_h, grid_w, stride, out[b])
+        _flow_pair(a1[b], a2[b], gh, gw, gh2, gw2, stride, out[b])
 
 
 @njit(cache=True)
-def _flow_serial(a1, a2, grid_h, grid_w, stride, out):
+def _flow_serial(a1, a2, gh, gw, gh2, gw2, stride, out):
     for b in range(a1.shape[0]):
-        _flow_pair(a1[b], a2[b], grid_h, grid_w, stride, out[b])
+        _flow_pair(a1[b], a2[b], gh, gw, gh2, gw2, stride, out[b])
 
 
 @njit(parallel=True, cache=True)
-def _sample_parallel(a1, a2, grid_h, grid_w, stride, k, seeds, scratch, matches, xy2, n_valid):
+def _sample_parallel(a1, a2, gh, gw, gh2, gw2, stride, k, seeds, scratch, matches, xy2, n_valid):
     for b in prange(a1.shape[0]):
-        n_valid[b] = _sample_pair(a1[b], a2[b], grid_h, grid_w, stride, k, seeds[b], scratch[b], matches[b], xy2[b])
+        n_valid[b] = _sample_pair(a1[b], a2[b], gh, gw, gh2, gw2, stride, k, seeds[b], scratch[b], matches[b],
+                                  xy2[b])
 
 
 @njit(cache=True)
-def _sample_serial(a1, a2, grid_h, grid_w, stride, k, seeds, scratch, matches, xy2, n_valid):
+def _sample_serial(a1, a2, gh, gw, gh2, gw2, stride, k, seeds, scratch, matches, xy2, n_valid):
     for b in range(a1.shape[0]):
-        n_valid[b] = _sample_pair(a1[b], a2[b], grid_h, grid_w, stride, k, seeds[b], scratch[b], matches[b], xy2[b])
+        n_valid[b] = _sample_pair(a1[b], a2[b], gh, gw, gh2, gw2, stride, k, seeds[b], scratch[b], matches[b],
+                                  xy2[b])
 
 
 _FLOW = {True: _flow_parallel, False: _flow_serial}
 _SAMPLE = {True: _sample_parallel, False: _sample_serial}
 
 
-def _check_batch(a1: np.ndarray, a2: np.ndarray, view_hw, stride: int):
+def _check_batch(a1: np.ndarray, a2: np.ndarray, view_hw, stride: int, view_hw2=None):
     a1 = np.ascontiguousarray(a1, dtype=np.float64)
     a2 = np.ascontiguousarray(a2, dtype=np.float64)
     if a1.ndim == 2:
         a1, a2 = a1[None], a2[None]
     if a1.shape != a2.shape or a1.shape[1:] != (2, 3):
         raise ValueError(f"expected two [B,2,3] affine batches, got {a1.shape} and {a2.shape}")
-    h, w = view_hw
-    if h % stride or w % stride:
-        raise ValueError(f"view size {view_hw} is not a multiple of the feature stride {stride}")
+    for h, w in (view_hw, view_hw2 or view_hw):
+        if h % stride or w % stride:
+            raise ValueError(f"view size {(h, w)} is not a multiple of the feature stride {stride}")
     det = a1[:, 0, 0] * a1[:, 1, 1] - a1[:, 0, 1] * a1[:, 1, 0]
     if not np.all(np.abs(det) > 1e-12):
         raise ValueError("view-1 affine is singular: a view must be an invertible map")
-    return a1, a2, h // stride, w // stride
+    (h, w), (h2, w2) = view_hw, view_hw2 or view_hw
+    return a1, a2, h // stride, w // stride, h2 // stride, w2 // stride
 
 
-def flow(a1, a2, view_hw=(224, 224), stride: int = 4, parallel: bool = True) -> np.ndarray:
-    """Correspondence flow of a batch of view pairs.
+def flow(a1, a2, view_hw=(224, 224), stride: int = 4, parallel: bool = True, view_hw2=None) -> np.ndarray:
+    """Correspondence flow of a batch of view pairs (view 2 of size ``view_hw2`` when the sizes differ).
 
     Returns float32 ``[B, Gh, Gw, 2]``: for each view-1 grid cell centre, its continuous (x, y) position in
     view 2's grid, NaN where that point falls outside view 2.
     """
-    a1, a2, gh, gw = _check_batch(a1, a2, view_hw, stride)
+    a1, a2, gh, gw, gh2, gw2 = _check_batch(a1, a2, view_hw, stride, view_hw2)
     out = np.empty((a1.shape[0], gh, gw, 2), np.float32)
-    _FLOW[parallel](a1, a2, gh, gw, float(stride), out)
+    _FLOW[parallel](a1, a2, gh, gw, gh2, gw2, float(stride), out)
     return out
 
 
 def sample_matches(a1, a2, seeds, num_matches: int = 32, view_hw=(224, 224), stride: int = 4,
-                   parallel: bool = True):
-    """Sample ``num_matches`` corresponding grid cells per view pair, uniformly without replacement.
+                   parallel: bool = True, view_hw2=None):
+    """Sample ``num_matches`` corresponding grid cells per view pair, uniformly without replacement (view 2 of
+    size ``view_hw2`` when the sizes differ).
 
     Returns ``(matches, match_xy2, num_valid)``: int64 ``[B,K,2]`` flat row-major grid indices (view 1, view 2),
     float32 ``[B,K,2]`` continuous view-2 grid positions, and int64 ``[B]`` valid cells per pair.
     Raises ValueError when a pair has fewer than ``num_matches`` valid cells: the view sampler must guarantee
     the overlap (``min_matches >= num_matches``), so this is a contract violation, never padded silently.
     """
-    a1, a2, gh, gw = _check_batch(a1, a2, view_hw, stride)
+    a1, a2, gh, gw, gh2, gw2 = _check_batch(a1, a2, view_hw, stride, view_hw2)
     seeds = np.ascontiguousarray(seeds, dtype=np.uint64).reshape(-1)
     bsz = a1.shape[0]
     if seeds.shape[0] != bsz:
@@ -238,7 +250,7 @@ def sample_matches(a1, a2, seeds, num_matches: int = 32, view_hw=(224, 224), str
     matches = np.empty((bsz, num_matches, 2), np.int64)
     xy2 = np.empty((bsz, num_matches, 2), np.float32)
     n_valid = np.empty(bsz, np.int64)
-    _SAMPLE[parallel](a1, a2, gh, gw, float(stride), num_matches, seeds, scratch, matches, xy2, n_valid)
+    _SAMPLE[parallel](a1, a2, gh, gw, gh2, gw2, float(stride), num_matches, seeds, scratch, matches, xy2, n_valid)
     short = np.flatnonzero(n_valid < num_matches)
     if short.size:
         raise ValueError(f"view pairs {short.tolist()} share only {n_valid[short].tolist()} grid cells, "

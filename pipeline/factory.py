@@ -17,6 +17,7 @@ from .contract import PairSpec, ViewPairLoader
 from .folder import read_first_readable, scan_image_folder
 from .geometry import Crop
 from .loader import render_view
+from .multicrop import ViewSpec
 
 BACKENDS = ("torch", "dali", "ffcv")
 ORDERS = {"torch": ("random", "sequential"), "dali": ("random",), "ffcv": ("random", "quasi_random", "sequential")}
@@ -130,7 +131,8 @@ def preview_images(root: str | Path, n: int, size: int) -> torch.Tensor:
 def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size: int, workers: int = 2,
                  seed: int = 0, rank: int = 0, world_size: int = 1, device=None, state: dict | None = None,
                  skip_log: str | None = None, order: str = "random", drop_last: bool = True) -> ViewPairLoader:
-    """A loader that yields the batch contract (``contract.BATCH``) for ``spec``.
+    """A loader that yields the batch contract (``contract.BATCH``) for ``spec``, or, for a ``ViewSpec`` (groups
+    of views: multi-crop), the multi-view batch (``multicrop``; the reference backend so far).
 
     backend    ``torch`` (reference: DataLoader workers), ``dali`` (GPU decode when ``device`` is a GPU, else
                CPU) or ``ffcv``
@@ -149,7 +151,16 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and workers={workers} >= 0")
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cpu")
-    if backend == "ffcv":
+    if isinstance(spec, ViewSpec):
+        if backend != "torch":
+            raise ValueError(f"backend={backend}: multi-crop views (a ViewSpec) come from backend=torch so far; "
+                             "DALI and FFCV serve view pairs (PairSpec)")
+        from .multicrop import ReferenceViewsLoader
+        files = list(data) if isinstance(data, (list, tuple)) else scan_image_folder(data).files
+        loader = ReferenceViewsLoader(files, spec, batch_size, workers, seed, rank, world_size,
+                                      shuffle=order == "random", drop_last=drop_last,
+                                      pin_memory=device.type == "cuda", skip_log=skip_log, state=state)
+    elif backend == "ffcv":
         if isinstance(data, (list, tuple)) or Path(data).suffix != ".beton":
             raise ValueError(f"backend=ffcv reads a .beton, not {data!r}: write one with "
                              "python -m densessl.pipeline.ffcv DIR OUT.beton")

@@ -113,3 +113,16 @@ def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(syn
     partial_decode.main(["--data", str(synthetic_root / "train"), "--reps", "1", "--size", "64"])
     out = capsys.readouterr().out
     assert "union of the two windows" in out and "simplejpeg, whole image" in out
+
+
+def test_multicrop_benchmark_prints_every_row_in_one_run(synthetic_root, capsys):
+    """Our multi-crop loader, its global-only run, DINO's PIL pattern and decoding per view, timed in one run,
+    with the cost of one extra local view."""
+    from densessl.benchmarks.multicrop import main as multicrop
+    multicrop(["--data", str(synthetic_root / "train"), "--views", "2x64,2x32", "--batch", "4", "--workers", "0",
+               "--reps", "1"])
+    out = capsys.readouterr().out
+    rates = {line[:44].strip(): float(line[44:].split()[0].replace(",", "")) for line in out.splitlines()
+             if "img/s" in line}
+    assert len(rates) == 4 and all(r > 0 for r in rates.values()), out
+    assert "one extra local view costs" in out

@@ -1,0 +1,101 @@
+"""Multi-crop loading in one run: our loader against what a user would otherwise write.
+
+    python -m densessl.benchmarks.multicrop --data photos --views 2x224,6x96 --workers 2
+
+Rows, each a loader of ``--batch`` images with ``--workers`` DataLoader workers, timed by ``common.time_loader``
+(images/s, and images/s per busy core):
+- ours: ``build_loader("torch", ..., ViewSpec)``: one decode, every view cut by the antialiased resize, the
+  sampler's overlap rules, affines and matches for every constrained pair, collated;
+- ours with the global views only (what one extra local view costs, as a fraction of a global view's cost);
+- DINO's pattern (``dinov2/data/augmentations.py`` without its photometric part, which we run on the device):
+  PIL decode, then torchvision ``RandomResizedCrop`` (bicubic) with a flip per view, no geometry returned;
+- decoding once per view: the same crops, each from its own PIL decode (FFCV's multi-view pipelines, #77).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from densessl.pipeline import ViewSpec, build_loader
+from densessl.pipeline.folder import scan_image_folder
+
+from .common import machine, time_loader
+from .loader import DATA_HELP, resolve_data
+
+
+class PilViews(Dataset):
+    """DINO's pattern: one PIL decode (``per_view=False``) or one per view, then RandomResizedCrop + flip."""
+
+    def __init__(self, files, spec: ViewSpec, per_view: bool = False):
+        self.files, self.per_view = files, per_view
+        self.groups = [(g.count, transforms.Compose([
+            transforms.RandomResizedCrop(g.size, scale=g.scale, ratio=g.ratio,
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(g.flip_p), transforms.PILToTensor()])) for g in spec.groups]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, i):
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB")
+
+    def __getitem__(self, i):
+        image = None if self.per_view else self._decode(i)
+        return [torch.stack([crop(self._decode(i) if self.per_view else image) for _ in range(n)])
+                for n, crop in self.groups]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="photos", help=DATA_HELP)
+    p.add_argument("--views", default="2x224,6x96")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args(argv)
+    root = resolve_data(args.data)
+    files = scan_image_folder(root).files
+    spec = ViewSpec.multicrop(args.views)
+    only_global = ViewSpec.multicrop(args.views.split(",")[0])
+    torch.set_num_threads(1)
+    print(f"multi-crop loading: {len(files)} images of {root}, views {args.views}, batch {args.batch}, "
+          f"{args.workers} workers; {machine()}")
+
+    def pil(per_view):
+        return DataLoader(PilViews(files, spec, per_view), batch_size=args.batch, num_workers=args.workers,
+                          persistent_workers=args.workers > 0, drop_last=True)
+
+    rows = [
+        ("ours: one decode, views + geometry + matches", build_loader(
+            "torch", root, spec, batch_size=args.batch, workers=args.workers)),
+        (f"ours: {args.views.split(',')[0]} only", build_loader(
+            "torch", root, only_global, batch_size=args.batch, workers=args.workers)),
+        ("DINO's pattern: PIL decode once, torchvision", pil(False)),
+        ("PIL decode per view, torchvision", pil(True)),
+    ]
+    count = lambda batch: (batch["index"] if isinstance(batch, dict) else batch[0]).shape[0]  # noqa: E731
+    rates = [time_loader(name, loader, args.epochs, args.reps, count) for name, loader in rows]
+    reference = rates[2].median
+    print(f"{'loader':44s} {'images/s':>12s} {'':8s} {'[min-max]':>19s} vs DINO  per core")
+    for rate in rates:
+        rate.unit = "img/s"
+        per_core = f"{rate.median / rate.cores:8.1f}" if rate.cores > 0.05 else "       -"
+        print(rate.row(reference) + f"  {per_core}")
+    n_local = sum(g.count for g in spec.groups[1:])
+    if n_local:
+        per_image = 1 / rates[0].median - 1 / rates[1].median
+        global_view = 1 / rates[1].median / spec.groups[0].count
+        print(f"one extra local view costs {per_image / n_local / global_view:.2f} of a global view "
+              f"({per_image / n_local * 1e3:.3f} ms vs {global_view * 1e3:.3f} ms per image, in the loader)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Multi-crop views (``pipeline.multicrop``): the spec, the sampler, the reference backend's batch, and what
+``pipeline.derived`` computes from the affines, each against an independent reference."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from densessl.pipeline import PairRule, PairSpec, ViewGroup, ViewSpec, build_loader, check_views_batch
+from densessl.pipeline.correspondence import count_shared, flow
+from densessl.pipeline.derived import coordinate_map, grid_flow, intersection_boxes, view_boxes
+from densessl.pipeline.geometry import crop_affine, crop_affines, pair_params
+from densessl.pipeline.multicrop import view_name, view_params
+from ramp import assert_ramp_agrees, ramp_source_coords
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = ViewSpec.multicrop("2x64,4x32", min_cells=16, num_matches=8)
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**62), st.integers(16, 900), st.integers(16, 900))
+def test_the_two_view_case_is_the_pair_sampler_draw_for_draw(seed, h, w):
+    spec = PairSpec(size=(64, 64), num_matches=8, min_matches=120)
+    windows, seeds = view_params(seed, h, w, ViewSpec.from_pair_spec(spec))
+    p = pair_params(seed, h, w, spec)
+    assert windows[:, :5].reshape(-1).tolist() == p[:10].tolist()
+    assert windows[0, 5] == windows[1, 5] == p[10] and np.int64(seeds[0]) == p[11]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: ViewGroup("global", 0, 224), "count=0"),
+    (lambda: ViewGroup("g", 2, 224, scale=(0.5, 0.2)), "scale="),
+    (lambda: PairRule(("a", "b"), min_cells=4, num_matches=8), "raise min_cells"),
+    (lambda: ViewSpec((ViewGroup("g", 2, 98),)), "not a multiple of the feature stride"),
+    (lambda: ViewSpec((ViewGroup("g", 2, 64),), (PairRule(("g", "x")),)), "no group named x"),
+    (lambda: ViewSpec((ViewGroup("g", 2, 32),), (PairRule(("g", "g"), 65),)), "exceeds the 64 cells"),
+    (lambda: ViewSpec((ViewGroup("g", 1, 32),), (PairRule(("g", "g")),)), "no pair within it"),
+    (lambda: ViewSpec.multicrop("2x224;6x96"), "expected NxSIZE"),
+])
+def test_a_view_spec_says_what_is_wrong(bad, message):
+    with pytest.raises(ValueError, match=message):
+        bad()
+
+
+def _affines(windows, spec):
+    sizes = [spec.group(g).size for g, _ in spec.views()]
+    return [crop_affine_row(w, s) for w, s in zip(windows, sizes)], sizes
+
+
+def crop_affine_row(w, size):
+    return crop_affines(w[0], w[1], w[2], w[3], w[4], size)[0]
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 2**62), st.integers(40, 700), st.integers(40, 700))
+def test_every_rule_holds_or_the_fallback_is_counted(seed, h, w):
+    windows, _ = view_params(seed, h, w, SPEC)
+    affines, sizes = _affines(windows, SPEC)
+    for i, j, rule in SPEC.pairs():
+        later = max(i, j)
+        if windows[later, 5] == 0:  # fell back: shares the window of its group's fallback view
+            continue
+        gi, gj = (np.array(sizes[v]) // SPEC.stride for v in (i, j))
+        assert count_shared(affines[i], affines[j], gi[0], gi[1], gj[0], gj[1], 4.0) >= rule.min_cells
+        dy = min(windows[i, 0] + windows[i, 2], windows[j, 0] + windows[j, 2]) - max(windows[i, 0], windows[j, 0])
+        dx = min(windows[i, 1] + windows[i, 3], windows[j, 1] + windows[j, 3]) - max(windows[i, 1], windows[j, 1])
+        assert max(dx, 0) * max(dy, 0) >= rule.min_area * h * w
+
+
+def loader(root, spec=SPEC, **kw):
+    return build_loader("torch", root, spec, **{"batch_size": 4, "workers": 0, "seed": 3, **kw})
+
+
+def test_every_view_and_every_match_agree_with_the_ramp(ramp_root):
+    """Each view of each group, at its own size, shows the source points its affine predicts; each match shows
+    the same source point in both of its views."""
+    files = sorted(str(p) for p in (ramp_root / "ramps").iterdir())
+    geometry_err, pair_err = [], []
+    for batch in loader(ramp_root, batch_size=4):
+        check_views_batch(batch, SPEC)
+        for b in range(4):
+            src_hw = batch["source_hw"][b].tolist()
+            views = {f"{g.name}{k}": (batch[f"views/{g.name}"][b, k], batch[f"affines/{g.name}"][b, k].double(),
+                                      g.size) for g in SPEC.groups for k in range(g.count)}
+            for view, affine, size in views.values():
+                pts = np.random.default_rng(b).uniform(2, min(size) - 2, (16, 2))
+                seen = ramp_source_coords(view, pts, src_hw)
+                predicted = np.asarray(torch.linalg.solve(affine[:, :2], torch.from_numpy(pts).T - affine[:, 2:]).T)
+                geometry_err.append(seen - predicted)
+            for key in [k.removeprefix("matches/") for k in batch if k.startswith("matches/")]:
+                (vi, ai, si), (vj, aj, sj) = (views[name] for name in key.split("-"))
+                m, xy = batch[f"matches/{key}"][b].numpy(), batch[f"match_xy/{key}"][b].double().numpy()
+                gw = si[1] // SPEC.stride
+                p_i = (np.stack([m[:, 0] % gw, m[:, 0] // gw], -1) + 0.5) * SPEC.stride
+                pair_err.append(ramp_source_coords(vi, p_i, src_hw) - ramp_source_coords(vj, xy * SPEC.stride, src_hw))
+    assert_ramp_agrees(np.concatenate(geometry_err))
+    assert_ramp_agrees(np.concatenate(pair_err))
+    assert len(files) == 16
+
+
+def _digest(batches):
+    return [{k: v.clone() for k, v in b.items()} for b in batches]
+
+
+def test_same_views_whatever_the_workers_and_exact_resume(synthetic_root):
+    root = synthetic_root / "train"
+    full = _digest(loader(root, workers=0))
+    with_workers = _digest(loader(root, workers=2))
+    assert len(full) >= 3
+    for a, b in zip(full, with_workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = loader(root, workers=0)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    resumed = _digest(loader(root, workers=2, state=state))
+    for a, b in zip(full[1:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_files_are_skipped_and_listed(tmp_path):
+    from corpus import BAD, write_corpus
+    log = tmp_path / "skipped.txt"
+    batches = list(loader(write_corpus(tmp_path / "corpus"), skip_log=str(log)))
+    assert batches and all(b["index"].shape == (4,) for b in batches)
+    listed = {Path(line.split("\t")[0]).name for line in log.read_text().splitlines()}
+    assert listed and listed <= set(BAD)
+
+
+def test_only_the_reference_backend_serves_view_groups_so_far(synthetic_root):
+    with pytest.raises(ValueError, match="multi-crop views .* come from backend=torch so far"):
+        build_loader("dali", synthetic_root / "train", SPEC, batch_size=4)
+
+
+windows_st = st.tuples(st.integers(0, 200), st.integers(0, 200), st.integers(8, 300), st.integers(8, 300),
+                       st.booleans())
+sizes_st = st.sampled_from([(32, 32), (64, 64), (96, 64), (224, 224)])
+
+
+@settings(max_examples=200)
+@given(windows_st, sizes_st, windows_st, sizes_st)
+def test_boxes_intersections_maps_and_flow_agree(w1, size1, w2, size2):
+    from geometry_reference import apply_affine
+    a1 = torch.from_numpy(crop_affines(*[np.array([v]) for v in w1], size1)).double()
+    a2 = torch.from_numpy(crop_affines(*[np.array([v]) for v in w2], size2)).double()
+    # a view's box is its window, flipped or not
+    box = view_boxes(a1, size1)[0].tolist()
+    assert box == pytest.approx([w1[1], w1[0], w1[1] + w1[3], w1[0] + w1[2]], abs=1e-9)
+    # the intersection boxes map back to the windows' intersection, in both views
+    in1, in2, overlaps = intersection_boxes(a1, size1, a2, size2)
+    top, left = max(w1[0], w2[0]), max(w1[1], w2[1])
+    bottom, right = min(w1[0] + w1[2], w2[0] + w2[2]), min(w1[1] + w1[3], w2[1] + w2[3])
+    assert bool(overlaps[0]) == (bottom > top and right > left)
+    if overlaps[0]:
+        for a, b in ((a1, in1), (a2, in2)):
+            corners = torch.tensor([[b[0, 0], b[0, 1]], [b[0, 2], b[0, 3]]], dtype=torch.float64)
+            back = view_boxes_points(a[0], corners)
+            assert back == pytest.approx([left, top, right, bottom], abs=1e-6)
+    # the coordinate map at view resolution is the inverse affine at pixel centres
+    cmap = coordinate_map(a1, size1)[0]
+    ys, xs = np.mgrid[0:size1[0], 0:size1[1]] + 0.5
+    inv = np.linalg.inv(np.vstack([a1[0].numpy(), [0, 0, 1]]))[:2]
+    want = apply_affine(inv, np.stack([xs, ys], -1).reshape(-1, 2)).reshape(size1[0], size1[1], 2)
+    np.testing.assert_allclose(cmap.permute(1, 2, 0).numpy(), want, atol=1e-6)
+    # the grid flow is the Numba kernel's, away from view 2's border (the kernel decides ties exactly)
+    ours = grid_flow(a1, size1, a2, size2)[0].numpy()
+    kernel = flow(a1.numpy(), a2.numpy(), size1, 4, parallel=False, view_hw2=size2)[0]
+    gh2, gw2 = size2[0] // 4, size2[1] // 4
+    near = np.isclose(kernel[..., 0], 0) | np.isclose(kernel[..., 0], gw2) | np.isclose(kernel[..., 1], 0) | \
+        np.isclose(kernel[..., 1], gh2)
+    far = ~near & ~np.isnan(ours).any(-1) | ~near & ~np.isnan(kernel).any(-1)
+    np.testing.assert_allclose(ours[far], kernel[far], atol=1e-5)
+
+
+def view_boxes_points(affine, corners):
+    """Source box of two view-pixel corners."""
+    inv = torch.linalg.inv(torch.cat([affine, affine.new_tensor([[0, 0, 1]])]))[:2]
+    pts = corners @ inv[:, :2].T + inv[:, 2]
+    return [float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())]
+
+
+def test_the_leopart_style_example_runs(synthetic_root):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from leopart_style import main
+    finally:
+        sys.path.pop(0)
+    losses = main(["--data", str(synthetic_root / "train"), "--views", "2x64,2x32", "--batch", "4", "--steps", "2",
+                   "--workers", "0"])
+    assert len(losses) == 2 and all(np.isfinite(losses))
