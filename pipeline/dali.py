@@ -1,4 +1,5 @@
-"""DALI view-pair backend: decode once (GPU ``mixed`` or CPU), cut two views, and return the windows used.
+"""DALI backend: decode once (GPU ``mixed`` or CPU), cut two views (or every view of a ``ViewSpec``:
+``views_pipeline``), and return the windows used.
 
 DALI's fused random-crop operators keep their crop windows to themselves (DALI issues #2576, #2206). Here each
 pair is drawn by the project's own Numba sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
@@ -32,9 +33,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .contract import PairSpec, Position, assemble_batch
 from .folder import screen_files
 from .geometry import view_pair_params, window_union
+from .multicrop import ViewSpec, assemble_views, multi_view_params
 from .resize import resize_crop_aa
 
 OUTPUTS = ("view1", "view2", "params", "index")
+VIEWS_OUTPUTS = ("views", "windows", "seeds", "shape", "index")  # a ViewSpec's graph
 _SEED_RANGE = 2**31  # two DALI int32 draws make one 62-bit sampler seed
 
 
@@ -116,6 +119,67 @@ def cut_views_op(image, params, spec: PairSpec):
     return view(0), view(5)
 
 
+def _views_offsets(spec: ViewSpec) -> np.ndarray:
+    """Where each view starts in a sample's flat row of views (every view end to end, in the spec's order)."""
+    sizes = spec.arrays[2]
+    return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
+
+
+def views_params_op(jpegs, spec: ViewSpec):
+    """Graph piece: each sample's windows (``multi_view_params``: ``[V*6]``, top, left, h, w, flip, tries per
+    view) and its pairs' match seeds, drawn from the JPEG header alone, before the decode."""
+    first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = spec.arrays
+    n_windows, n_seeds = sizes.shape[0] * 6, max(1, pair_views.shape[0])
+
+    def run(windows, seeds, shape, seed_hi, seed_lo):
+        seed = (np.int64(seed_hi[0]) << 31) | np.int64(seed_lo[0])
+        drawn, pair_seeds = multi_view_params(seed, shape[0], shape[1], first, counts, sizes, crops, pair_views,
+                                              cells, area, joint, fallback, stride, max_tries)
+        windows[:] = drawn.reshape(-1)
+        seeds[:] = 0
+        for p in range(pair_seeds.shape[0]):
+            seeds[p] = np.int64(pair_seeds[p])
+
+    def setup(outs, ins):
+        for i in range(len(outs[0])):
+            outs[0][i][0], outs[1][i][0] = n_windows, n_seeds
+
+    shape = fn.peek_image_shape(jpegs)
+    seed_hi, seed_lo = (fn.random.uniform(range=[0, _SEED_RANGE], dtype=types.INT32, shape=[1]) for _ in range(2))
+    windows, seeds = numba_function(shape, seed_hi, seed_lo, run_fn=run, setup_fn=setup,
+                                    out_types=[types.INT64, types.INT64], outs_ndim=[1, 1],
+                                    in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
+    return windows, seeds, shape
+
+
+def cut_all_views_op(image, windows, spec: ViewSpec):
+    """Graph piece: every view of each image, end to end in one flat ``uint8`` row (views of several sizes in
+    one output; the loader splits them), by DALI's ROI resize (antialiased linear) and flip per view, on the
+    device of the decode. (The view-pair graph's Numba cutter is not used here: a Numba body that passes arrays
+    it made (a view's slice of the row) to the resize kernel is typed with those arrays read-only inside DALI's
+    numba plugin, depending on what was compiled before in the process.)"""
+    sizes = spec.arrays[2]
+    views = []
+    for v in range(sizes.shape[0]):
+        start = fn.cast(windows[6 * v:6 * v + 2], dtype=types.FLOAT)
+        end = start + fn.cast(windows[6 * v + 2:6 * v + 4], dtype=types.FLOAT)
+        out = fn.resize(image, roi_start=start, roi_end=end, roi_relative=False, size=[int(s) for s in sizes[v]],
+                        interp_type=types.INTERP_LINEAR, antialias=True)
+        out = fn.flip(out, horizontal=fn.cast(windows[6 * v + 4], dtype=types.INT32))
+        views.append(fn.reshape(out, shape=[-1]))
+    return fn.cat(*views, axis=0)
+
+
+@pipeline_def(enable_checkpointing=True)
+def views_pipeline(files, indices, spec: ViewSpec, shard_id: int, num_shards: int, decode_device: str):
+    """A ``ViewSpec``'s graph: one decode of the whole image, every view cut from it."""
+    jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
+                                   shuffle_after_epoch=True, name="Reader")
+    windows, seeds, shape = views_params_op(jpegs, spec)
+    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    return cut_all_views_op(image, windows, spec), windows, seeds, shape, index
+
+
 @pipeline_def(enable_checkpointing=True)
 def view_pair_pipeline(files, indices, spec: PairSpec, shard_id: int, num_shards: int, decode_device: str):
     # shuffle_after_epoch draws every shard's order from one fixed seed, whatever the pipeline's seed: the
@@ -138,7 +202,8 @@ class DaliViewPairLoader(Position):
     is rebuilt from ``state_dict()`` (DALI pipeline checkpointing): pass it back as ``state``.
     """
 
-    def __init__(self, files, spec: PairSpec, batch_size: int, threads: int = 4, device_id: int | None = None,
+    def __init__(self, files, spec: PairSpec | ViewSpec, batch_size: int, threads: int = 4,
+                 device_id: int | None = None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, prefetch: int = 2,
                  skip_log: str | None = None, state: dict | None = None):
         files = list(files)
@@ -156,14 +221,16 @@ class DaliViewPairLoader(Position):
         Position.__init__(self, state)
         self.skip = 0
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
-        self.pipe = view_pair_pipeline(
+        build = views_pipeline if isinstance(spec, ViewSpec) else view_pair_pipeline
+        self.pipe = build(
             [files[i] for i in order], order.tolist(), spec, rank, world_size,
             "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
             device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
             checkpoint=state["dali"] if state else None)
         self.pipe.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator(self.pipe, list(OUTPUTS), reader_name="Reader",
+        outputs = VIEWS_OUTPUTS if isinstance(spec, ViewSpec) else OUTPUTS
+        self.iterator = DALIGenericIterator(self.pipe, list(outputs), reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
@@ -189,5 +256,20 @@ class DaliViewPairLoader(Position):
         self.skip = 0
 
     def _to_batch(self, out: dict) -> dict[str, torch.Tensor]:
+        if isinstance(self.spec, ViewSpec):
+            return self._to_views_batch(out)
         return assemble_batch(out["view1"], out["view2"], out["params"].cpu().numpy(), out["index"].cpu().numpy(),
                               self.spec)
+
+    def _to_views_batch(self, out: dict) -> dict[str, torch.Tensor]:
+        """Split each sample's row of views by group (on the device the views came on) and assemble the batch
+        from the sampler's windows and seeds."""
+        rows, b, offsets = out["views"], out["index"].shape[0], _views_offsets(self.spec)
+        views, v = {}, 0
+        for g in self.spec.groups:
+            views[g.name] = rows[:, offsets[v]:offsets[v + g.count]].reshape(b, g.count, *g.size, 3)
+            v += g.count
+        windows = out["windows"].cpu().numpy().reshape(b, -1, 6)
+        seeds = out["seeds"].cpu().numpy()[:, :len(self.spec.pairs())]
+        shape = out["shape"].cpu().numpy()[:, :2]
+        return assemble_views(views, windows, seeds, shape, out["index"].cpu().numpy(), self.spec)

@@ -132,7 +132,7 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
                  seed: int = 0, rank: int = 0, world_size: int = 1, device=None, state: dict | None = None,
                  skip_log: str | None = None, order: str = "random", drop_last: bool = True) -> ViewPairLoader:
     """A loader that yields the batch contract (``contract.BATCH``) for ``spec``, or, for a ``ViewSpec`` (groups
-    of views: multi-crop), the multi-view batch (``multicrop``; the reference backend so far).
+    of views: multi-crop), the multi-view batch (``multicrop``), on every backend.
 
     backend    ``torch`` (reference: DataLoader workers), ``dali`` (GPU decode when ``device`` is a GPU, else
                CPU) or ``ffcv``
@@ -151,10 +151,7 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and workers={workers} >= 0")
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cpu")
-    if isinstance(spec, ViewSpec):
-        if backend != "torch":
-            raise ValueError(f"backend={backend}: multi-crop views (a ViewSpec) come from backend=torch so far; "
-                             "DALI and FFCV serve view pairs (PairSpec)")
+    if isinstance(spec, ViewSpec) and backend == "torch":
         from .multicrop import ReferenceViewsLoader
         files = list(data) if isinstance(data, (list, tuple)) else scan_image_folder(data).files
         loader = ReferenceViewsLoader(files, spec, batch_size, workers, seed, rank, world_size,

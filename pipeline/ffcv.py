@@ -1,4 +1,5 @@
-"""FFCV view-pair backend: a .beton writer, and a field decoder that decodes each JPEG once and cuts both views.
+"""FFCV backend: a .beton writer, and field decoders that decode each JPEG once and cut both views of a pair
+(``TwoViewDecoder``) or every view of a ``ViewSpec`` (``ViewsDecoder``).
 
 Stock FFCV gets two views by running two decoder pipelines over the same field, decoding every JPEG twice, and
 its random-crop decoder keeps the window it chose to itself (ffcv #395). ``TwoViewDecoder`` decodes once, draws
@@ -42,7 +43,8 @@ from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
 from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
-from .resize import cut_pair
+from .multicrop import ViewSpec, assemble_views, multi_view_params
+from .resize import cut_pair, resize_crop_aa
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -140,6 +142,21 @@ def batch_params(indices, heights, widths, seed, out_h, out_w, scale_lo, scale_h
     return out
 
 
+@njit(cache=True)
+def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crops, pair_views, cells, area, joint,
+                      fallback, stride, max_tries):
+    """``multi_view_params`` of every sample of a batch, with the decoder's seeds: windows [B, V, 6] and match
+    seeds [B, P]."""
+    key = batch_key(indices, seed)
+    windows = np.empty((len(indices), sizes.shape[0], 6), np.int64)
+    seeds = np.empty((len(indices), pair_views.shape[0]), np.uint64)
+    for k in range(len(indices)):
+        i = indices[k]
+        windows[k], seeds[k] = multi_view_params(pair_seed(key, i), heights[i], widths[i], first, counts, sizes,
+                                                 crops, pair_views, cells, area, joint, fallback, stride, max_tries)
+    return windows, seeds
+
+
 class TwoViewDecoder(SimpleRGBImageDecoder):
     """Decodes an ``RGBImageField`` once per sample into ``[2, H, W, 3]``: view 1 and view 2.
 
@@ -197,17 +214,79 @@ class TwoViewDecoder(SimpleRGBImageDecoder):
         return decode
 
 
+class ViewsDecoder(SimpleRGBImageDecoder):
+    """Decodes an ``RGBImageField`` once per sample and cuts every view of a ``ViewSpec`` from it, into one flat
+    ``uint8`` row per sample (FFCV's pipelines have one fixed-shape output per field; views of several sizes go
+    end to end, and the loader splits them)."""
+
+    def __init__(self, spec: ViewSpec, seed: int = 0):
+        super().__init__()
+        self.spec, self.seed = spec, seed
+        sizes = spec.arrays[2]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
+
+    def sampler_args(self) -> tuple:
+        """``batch_view_params``' arguments after (indices, heights, widths)."""
+        return (np.uint64(self.seed), *self.spec.arrays)
+
+    def declare_state_and_memory(self, previous_state):
+        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
+        shape, u8 = (int(self.offsets[-1]),), np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8),
+                 AllocationQuery((1,), u8)))
+
+    def generate_code(self):
+        mem_read, my_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        jpg = IMAGE_MODES["jpg"]
+        seed, first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = \
+            self.sampler_args()
+        offsets = self.offsets
+
+        def decode(batch_indices, storage, metadata, storage_state):
+            destination, scratch, failed = storage
+            key = batch_key(batch_indices, seed)
+            for k in my_range(len(batch_indices)):
+                index = batch_indices[k]
+                field = metadata[index]
+                data = mem_read(field["data_ptr"], storage_state)
+                h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = scratch[k]
+                    failed[k, 0] = imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False) != 0
+                    image = buffer.reshape(-1)[: 3 * h * w].reshape(h, w, 3)
+                else:
+                    failed[k, 0] = 0
+                    image = data.reshape(h, w, 3)
+                windows, _ = multi_view_params(pair_seed(key, index), h, w, first, counts, sizes, crops, pair_views,
+                                               cells, area, joint, fallback, stride, max_tries)
+                for v in range(sizes.shape[0]):
+                    view = destination[k, offsets[v]:offsets[v + 1]].reshape(sizes[v, 0], sizes[v, 1], 3)
+                    resize_crop_aa(image, windows[v, 0], windows[v, 1], windows[v, 2], windows[v, 3],
+                                   windows[v, 4] != 0, view)
+            for k in range(len(batch_indices)):
+                if failed[k, 0]:
+                    raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "
+                                     "write it again (python -m densessl.pipeline.ffcv)")
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
 class FfcvViewPairLoader(Position):
     """The FFCV backend (``backend="ffcv"``) behind ``contract.ViewPairLoader``, over an FFCV ``Loader`` (page
-    reads, ordering, OS cache, distributed); build it with ``pipeline.build_loader``."""
+    reads, ordering, OS cache, distributed): view pairs for a ``PairSpec``, every view of a ``ViewSpec`` for
+    one (the multi-view batch, ``multicrop``). Build it with ``pipeline.build_loader``."""
 
-    def __init__(self, beton: str | Path, spec: PairSpec, batch_size: int, workers: int = 4, seed: int = 0,
-                 order: str = "random", distributed: bool = False, drop_last: bool = True, os_cache: bool = True,
-                 batches_ahead: int = 3, state: dict | None = None):
+    def __init__(self, beton: str | Path, spec: PairSpec | ViewSpec, batch_size: int, workers: int = 4,
+                 seed: int = 0, order: str = "random", distributed: bool = False, drop_last: bool = True,
+                 os_cache: bool = True, batches_ahead: int = 3, state: dict | None = None):
         if not Path(beton).is_file():  # order and backend rules: factory.check_backend, via build_loader
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
-        self.decoder = TwoViewDecoder(spec, seed)
+        self.decoder = ViewsDecoder(spec, seed) if isinstance(spec, ViewSpec) else TwoViewDecoder(spec, seed)
         self.spec = spec
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
                              seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,
@@ -228,10 +307,23 @@ class FfcvViewPairLoader(Position):
         return self._counted(batches)
 
     def _to_batch(self, views: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
+        if isinstance(self.spec, ViewSpec):
+            return self._to_views_batch(views, index)
         params = batch_params(index, self.heights, self.widths, *self.decoder.sampler_args())
         # one copy per view: FFCV reuses its output buffers, and each view must be dense for channels_last
         view1, view2 = (torch.from_numpy(np.ascontiguousarray(views[:, v])) for v in range(2))
         return assemble_batch(view1, view2, params, index, self.spec)
+
+    def _to_views_batch(self, rows: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
+        windows, seeds = batch_view_params(index, self.heights, self.widths, *self.decoder.sampler_args())
+        views, offsets, v = {}, self.decoder.offsets, 0
+        for g in self.spec.groups:  # each group's views, copied out of FFCV's reused buffer
+            h, w = g.size
+            group = rows[:, offsets[v]:offsets[v + g.count]]
+            views[g.name] = np.ascontiguousarray(group).reshape(-1, g.count, h, w, 3)
+            v += g.count
+        source_hw = np.stack([self.heights[index], self.widths[index]], 1)
+        return assemble_views(views, windows, seeds, source_hw, index, self.spec)
 
 
 def _until_failure(epoch):

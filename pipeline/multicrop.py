@@ -13,7 +13,7 @@ draws each view on its own and redraws that view until its rules with earlier gr
 After ``max_tries`` draws, a view falls back to the window of the first view of the earliest group its rules
 name (for a group constrained only with itself, its first view's), keeping its own flip; ``tries`` is then 0.
 
-The batch (``assemble_views``; the reference backend, ``build_loader("torch", ..., spec=ViewSpec)``):
+The batch (``assemble_views``; ``build_loader(backend, ..., spec=ViewSpec)`` on every backend):
 
 | key | dtype, shape | meaning |
 | --- | --- | --- |
