@@ -1,12 +1,13 @@
 """Multi-crop loading in one run: our loader against what a user would otherwise write.
 
-    python -m densessl.benchmarks.multicrop --data photos --views 2x224,6x96 --workers 2
+    python -m densessl.benchmarks.multicrop --data photos --views 2x224,6x96 --workers 2 --backends torch,ffcv,dali
 
-Rows, each a loader of ``--batch`` images with ``--workers`` DataLoader workers, timed by ``common.time_loader``
-(images/s, and images/s per busy core):
-- ours: ``build_loader("torch", ..., ViewSpec)``: one decode, every view cut by the antialiased resize, the
-  sampler's overlap rules, affines and matches for every constrained pair, collated;
-- ours with the global views only (what one extra local view costs, as a fraction of a global view's cost);
+Rows, each a loader of ``--batch`` images with ``--workers`` workers (processes or threads), timed by
+``common.time_loader`` (images/s, and images/s per busy core):
+- ours, per backend: ``build_loader(backend, ..., ViewSpec)``: one decode, every view cut, the sampler's overlap
+  rules, affines and matches for every constrained pair, collated;
+- ours with the global views only, per backend (what one extra local view costs, as a fraction of a global
+  view's cost);
 - DINO's pattern (``dinov2/data/augmentations.py`` without its photometric part, which we run on the device):
   PIL decode, then torchvision ``RandomResizedCrop`` (bicubic) with a flip per view, no geometry returned;
 - decoding once per view: the same crops, each from its own PIL decode (FFCV's multi-view pipelines, #77).
@@ -26,7 +27,7 @@ from densessl.pipeline import ViewSpec, build_loader
 from densessl.pipeline.folder import scan_image_folder
 
 from .common import machine, time_loader
-from .loader import DATA_HELP, resolve_data
+from .loader import DATA_HELP, backend_data, resolve_data
 
 
 class PilViews(Dataset):
@@ -60,6 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--backends", default="torch", help="comma-separated: torch, ffcv, dali (CPU)")
     args = p.parse_args(argv)
     root = resolve_data(args.data)
     files = scan_image_folder(root).files
@@ -73,28 +75,31 @@ def main(argv=None) -> None:
         return DataLoader(PilViews(files, spec, per_view), batch_size=args.batch, num_workers=args.workers,
                           persistent_workers=args.workers > 0, drop_last=True)
 
-    rows = [
-        ("ours: one decode, views + geometry + matches", build_loader(
-            "torch", root, spec, batch_size=args.batch, workers=args.workers)),
-        (f"ours: {args.views.split(',')[0]} only", build_loader(
-            "torch", root, only_global, batch_size=args.batch, workers=args.workers)),
-        ("DINO's pattern: PIL decode once, torchvision", pil(False)),
-        ("PIL decode per view, torchvision", pil(True)),
-    ]
+    rows = [("DINO's pattern: PIL decode once, torchvision", pil(False)),
+            ("PIL decode per view, torchvision", pil(True))]
+    backends = [b for b in args.backends.split(",") if b]
+    for backend in backends:
+        data = backend_data(backend, root, args.workers)
+        rows += [(f"ours, {backend}: {args.views}", build_loader(backend, data, spec, batch_size=args.batch,
+                                                                 workers=args.workers)),
+                 (f"ours, {backend}: {args.views.split(',')[0]} only", build_loader(
+                     backend, data, only_global, batch_size=args.batch, workers=args.workers))]
     count = lambda batch: (batch["index"] if isinstance(batch, dict) else batch[0]).shape[0]  # noqa: E731
     rates = [time_loader(name, loader, args.epochs, args.reps, count) for name, loader in rows]
-    reference = rates[2].median
-    print(f"{'loader':44s} {'images/s':>12s} {'':8s} {'[min-max]':>19s} vs DINO  per core")
+    dino = rates[0].median / rates[0].cores if rates[0].cores > 0.05 else rates[0].median
+    print(f"{'loader':44s} {'images/s':>12s} {'':8s} {'[min-max]':>19s} vs DINO  per core  per core vs DINO")
     for rate in rates:
         rate.unit = "img/s"
-        per_core = f"{rate.median / rate.cores:8.1f}" if rate.cores > 0.05 else "       -"
-        print(rate.row(reference) + f"  {per_core}")
+        per_core = rate.median / rate.cores if rate.cores > 0.05 else float("nan")
+        print(rate.row(rates[0].median) + f"  {per_core:8.1f}  {per_core / dino:6.2f}x")
     n_local = sum(g.count for g in spec.groups[1:])
-    if n_local:
-        per_image = 1 / rates[0].median - 1 / rates[1].median
-        global_view = 1 / rates[1].median / spec.groups[0].count
-        print(f"one extra local view costs {per_image / n_local / global_view:.2f} of a global view "
-              f"({per_image / n_local * 1e3:.3f} ms vs {global_view * 1e3:.3f} ms per image, in the loader)")
+    for k, backend in enumerate(backends):
+        multi, single = rates[2 + 2 * k], rates[3 + 2 * k]
+        if n_local:
+            per_image = 1 / multi.median - 1 / single.median
+            global_view = 1 / single.median / spec.groups[0].count
+            print(f"{backend}: one extra local view costs {per_image / n_local / global_view:.2f} of a global view "
+                  f"({per_image / n_local * 1e3:.3f} ms vs {global_view * 1e3:.3f} ms per image, in the loader)")
 
 
 if __name__ == "__main__":
