@@ -33,7 +33,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .contract import PairSpec, Position, assemble_batch
 from .folder import screen_files
 from .geometry import view_pair_params, window_union
-from .multicrop import ViewSpec, assemble_views, multi_view_params
+from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import resize_crop_aa
 
 OUTPUTS = ("view1", "view2", "params", "index")
@@ -117,12 +117,6 @@ def cut_views_op(image, params, spec: PairSpec):
                         interp_type=types.INTERP_LINEAR, antialias=True)
         return fn.flip(out, horizontal=fn.cast(params[first + 4], dtype=types.INT32))
     return view(0), view(5)
-
-
-def _views_offsets(spec: ViewSpec) -> np.ndarray:
-    """Where each view starts in a sample's flat row of views (every view end to end, in the spec's order)."""
-    sizes = spec.arrays[2]
-    return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
 
 
 def views_params_op(jpegs, spec: ViewSpec):
@@ -262,14 +256,11 @@ class DaliViewPairLoader(Position):
                               self.spec)
 
     def _to_views_batch(self, out: dict) -> dict[str, torch.Tensor]:
-        """Split each sample's row of views by group (on the device the views came on) and assemble the batch
-        from the sampler's windows and seeds."""
-        rows, b, offsets = out["views"], out["index"].shape[0], _views_offsets(self.spec)
-        views, v = {}, 0
-        for g in self.spec.groups:
-            views[g.name] = rows[:, offsets[v]:offsets[v + g.count]].reshape(b, g.count, *g.size, 3)
-            v += g.count
+        """The batch from each sample's row of views (on the device the views came on), the sampler's windows
+        and seeds."""
+        b = out["index"].shape[0]
         windows = out["windows"].cpu().numpy().reshape(b, -1, 6)
         seeds = out["seeds"].cpu().numpy()[:, :len(self.spec.pairs())]
-        shape = out["shape"].cpu().numpy()[:, :2]
-        return assemble_views(views, windows, seeds, shape, out["index"].cpu().numpy(), self.spec)
+        packed = pack_views(out["views"], windows, seeds, out["shape"].cpu().numpy()[:, :2],
+                            out["index"].cpu().numpy(), self.spec)
+        return unpack_views(packed, self.spec)

@@ -43,7 +43,7 @@ from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
 from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
-from .multicrop import ViewSpec, assemble_views, multi_view_params
+from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import cut_pair, resize_crop_aa
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
@@ -221,9 +221,7 @@ class ViewsDecoder(SimpleRGBImageDecoder):
 
     def __init__(self, spec: ViewSpec, seed: int = 0):
         super().__init__()
-        self.spec, self.seed = spec, seed
-        sizes = spec.arrays[2]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
+        self.spec, self.seed, self.offsets = spec, seed, spec.offsets
 
     def sampler_args(self) -> tuple:
         """``batch_view_params``' arguments after (indices, heights, widths)."""
@@ -316,14 +314,10 @@ class FfcvViewPairLoader(Position):
 
     def _to_views_batch(self, rows: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
         windows, seeds = batch_view_params(index, self.heights, self.widths, *self.decoder.sampler_args())
-        views, offsets, v = {}, self.decoder.offsets, 0
-        for g in self.spec.groups:  # each group's views, copied out of FFCV's reused buffer
-            h, w = g.size
-            group = rows[:, offsets[v]:offsets[v + g.count]]
-            views[g.name] = np.ascontiguousarray(group).reshape(-1, g.count, h, w, 3)
-            v += g.count
         source_hw = np.stack([self.heights[index], self.widths[index]], 1)
-        return assemble_views(views, windows, seeds, source_hw, index, self.spec)
+        # one copy: FFCV reuses its output buffers
+        packed = pack_views(np.array(rows[:len(index)]), windows, seeds, source_hw, index, self.spec)
+        return unpack_views(packed, self.spec)
 
 
 def _until_failure(epoch):

@@ -13,7 +13,7 @@ draws each view on its own and redraws that view until its rules with earlier gr
 After ``max_tries`` draws, a view falls back to the window of the first view of the earliest group its rules
 name (for a group constrained only with itself, its first view's), keeping its own flip; ``tries`` is then 0.
 
-The batch (``assemble_views``; ``build_loader(backend, ..., spec=ViewSpec)`` on every backend):
+The batch (``pack_views``, then ``unpack_views``; ``build_loader(backend, ..., spec=ViewSpec)`` on every backend):
 
 | key | dtype, shape | meaning |
 | --- | --- | --- |
@@ -164,6 +164,13 @@ class ViewSpec:
                                   min(num_matches, local_cells)))
         return cls(tuple(groups), tuple(rules), stride)
 
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Where each view starts in a sample's row of views: every backend cuts all of a sample's views end to
+        end into one flat ``uint8`` row (one buffer to move between processes), split by ``unpack_views``."""
+        sizes = self.arrays[2]
+        return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
+
     def group(self, name: str) -> ViewGroup:
         return next(g for g in self.groups if g.name == name)
 
@@ -302,31 +309,57 @@ def view_name(spec: ViewSpec, v: int) -> str:
     return f"{group}{k}"
 
 
-def assemble_views(views: dict[str, torch.Tensor], windows: np.ndarray, seeds: np.ndarray, source_hw, index,
-                   spec: ViewSpec, parallel: bool = True) -> dict[str, torch.Tensor]:
-    """The multi-view batch from what a backend cut: ``views[group]`` uint8 ``[B,N,H,W,3]``, the sampler's
-    ``[B,V,6]`` windows and ``[B,P]`` pair seeds, ``[B,2]`` source sizes and ``[B]`` dataset indices."""
+def pack_views(rows, windows: np.ndarray, seeds: np.ndarray, source_hw, index, spec: ViewSpec,
+               parallel: bool = True) -> dict[str, torch.Tensor]:
+    """What a backend produced, with every matched pair's matches computed, in six tensors (cheap to send between
+    processes): ``rows`` uint8 ``[B, spec.offsets[-1]]`` (every view end to end), the sampler's ``[B,V,6]``
+    windows and ``[B,P]`` pair seeds, ``[B,2]`` source sizes and ``[B]`` dataset indices. ``unpack_views`` makes
+    the batch."""
     windows = np.ascontiguousarray(windows, np.int64)
     seeds = np.ascontiguousarray(seeds).view(np.uint64)
-    names, batch, affines = spec.views(), {}, []
-    for v, (group, _) in enumerate(names):
-        w = windows[:, v]
-        affines.append(crop_affines(w[:, 0], w[:, 1], w[:, 2], w[:, 3], w[:, 4], spec.group(group).size))
-    start = 0
-    for g in spec.groups:
-        batch[f"views/{g.name}"] = torch.as_tensor(views[g.name]).permute(0, 1, 4, 2, 3)  # each view channels_last
-        batch[f"affines/{g.name}"] = torch.from_numpy(np.stack(affines[start:start + g.count], 1).astype(np.float32))
-        batch[f"tries/{g.name}"] = torch.from_numpy(windows[:, start:start + g.count, 5].copy())
-        start += g.count
+    names = spec.views()
+    affines = [crop_affines(w[:, 0], w[:, 1], w[:, 2], w[:, 3], w[:, 4], spec.group(g).size)
+               for w, (g, _) in zip(windows.transpose(1, 0, 2), names)]
+    matches, xy = [], []
     for p, (i, j, rule) in enumerate(spec.pairs()):
         if rule.num_matches:
-            size_i, size_j = spec.group(names[i][0]).size, spec.group(names[j][0]).size
-            matches, xy, _ = sample_matches(affines[i], affines[j], seeds[:, p], rule.num_matches, size_i,
-                                            spec.stride, parallel, size_j)
+            m, x, _ = sample_matches(affines[i], affines[j], seeds[:, p], rule.num_matches,
+                                     spec.group(names[i][0]).size, spec.stride, parallel, spec.group(names[j][0]).size)
+            matches.append(m)
+            xy.append(x)
+    b = windows.shape[0]
+    return {"rows": torch.as_tensor(rows), "windows": torch.from_numpy(windows),
+            "matches": torch.from_numpy(np.concatenate(matches, 1) if matches else np.zeros((b, 0, 2), np.int64)),
+            "match_xy": torch.from_numpy(np.concatenate(xy, 1) if xy else np.zeros((b, 0, 2), np.float32)),
+            "source_hw": torch.as_tensor(np.asarray(source_hw, np.int64).reshape(-1, 2)),
+            "index": torch.as_tensor(np.asarray(index).reshape(-1), dtype=torch.int64)}
+
+
+def unpack_views(packed: dict[str, torch.Tensor], spec: ViewSpec) -> dict[str, torch.Tensor]:
+    """The multi-view batch (module docstring) from ``pack_views``' tensors: views and matches are views into
+    them, not copies."""
+    rows, windows, b = packed["rows"], packed["windows"], packed["index"].shape[0]
+    rows = rows.contiguous()
+    batch, v = {}, 0
+    for g in spec.groups:
+        (h, w), start = g.size, int(spec.offsets[v])
+        group = rows.as_strided((b, g.count, h, w, 3), (rows.stride(0), h * w * 3, w * 3, 3, 1),
+                                rows.storage_offset() + start)
+        batch[f"views/{g.name}"] = group.permute(0, 1, 4, 2, 3)  # each view channels_last
+        win = windows[:, v:v + g.count].numpy()
+        batch[f"affines/{g.name}"] = torch.from_numpy(crop_affines(
+            win[..., 0], win[..., 1], win[..., 2], win[..., 3], win[..., 4], g.size).astype(np.float32)
+        ).reshape(b, g.count, 2, 3)
+        batch[f"tries/{g.name}"] = windows[:, v:v + g.count, 5]
+        v += g.count
+    k = 0
+    for i, j, rule in spec.pairs():
+        if rule.num_matches:
             key = f"{view_name(spec, i)}-{view_name(spec, j)}"
-            batch[f"matches/{key}"], batch[f"match_xy/{key}"] = torch.from_numpy(matches), torch.from_numpy(xy)
-    batch["source_hw"] = torch.as_tensor(np.asarray(source_hw, np.int64).reshape(-1, 2))
-    batch["index"] = torch.as_tensor(np.asarray(index).reshape(-1), dtype=torch.int64)
+            batch[f"matches/{key}"] = packed["matches"][:, k:k + rule.num_matches]
+            batch[f"match_xy/{key}"] = packed["match_xy"][:, k:k + rule.num_matches]
+            k += rule.num_matches
+    batch["source_hw"], batch["index"] = packed["source_hw"], packed["index"]
     return batch
 
 
@@ -374,27 +407,24 @@ class MultiViewDataset(Dataset):
         index, seed = key
         index, pixels = read_first_readable(self.files, index, self.skip_log)
         windows, seeds = view_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
-        views, v = {}, 0
-        for g in self.spec.groups:
-            out = np.empty((g.count, *g.size, 3), np.uint8)
-            for k in range(g.count):
-                t, l, h, w, f = windows[v, :5]
-                resize_crop_aa(pixels, t, l, h, w, f != 0, out[k])
-                v += 1
-            views[g.name] = out
-        return {"views": views, "windows": windows, "seeds": seeds, "source_hw": pixels.shape[:2], "index": index}
+        row, offsets, sizes = np.empty(self.spec.offsets[-1], np.uint8), self.spec.offsets, self.spec.arrays[2]
+        for v in range(len(windows)):
+            t, l, h, w, f = windows[v, :5]
+            resize_crop_aa(pixels, t, l, h, w, f != 0, row[offsets[v]:offsets[v + 1]].reshape(*sizes[v], 3))
+        return {"row": row, "windows": windows, "seeds": seeds, "source_hw": pixels.shape[:2], "index": index}
 
 
 @dataclass(frozen=True)
 class CollateViews:
+    """Stacks samples and packs them with their matches (``pack_views``), inside the DataLoader's workers."""
+
     spec: ViewSpec
     parallel: bool = False
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        views = {g.name: _stack_views([s["views"][g.name] for s in samples]) for g in self.spec.groups}
-        return assemble_views(views, np.stack([s["windows"] for s in samples]), np.stack([s["seeds"] for s in samples]),
-                              [s["source_hw"] for s in samples], [s["index"] for s in samples], self.spec,
-                              self.parallel)
+        return pack_views(_stack_views([s["row"] for s in samples]), np.stack([s["windows"] for s in samples]),
+                          np.stack([s["seeds"] for s in samples]), [s["source_hw"] for s in samples],
+                          [s["index"] for s in samples], self.spec, self.parallel)
 
 
 class ReferenceViewsLoader(Position):
@@ -419,4 +449,4 @@ class ReferenceViewsLoader(Position):
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch, self.batch * self.batch_size)
-        return self._counted(self.loader)
+        return self._counted(unpack_views(packed, self.spec) for packed in self.loader)
