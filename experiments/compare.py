@@ -2,7 +2,7 @@
 
     python -m densessl.experiments.compare --out runs/compare     # 3 objectives x 3 seeds, then every evaluation
     python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # ablations
-    python -m densessl.experiments.compare --tiny                 # seconds: 2 objectives, 1 seed (the test)
+    python -m densessl.experiments.compare --tiny                 # seconds: 3 rows, 1 seed (the test)
 
 Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
 the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output where it
@@ -31,12 +31,13 @@ from densessl.evaluation.report import markdown_table
 from densessl.model.builder import ModelConfig
 from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
+from densessl.pipeline.multicrop import MultiCropViews
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import OptimConfig, RunConfig, TrainConfig, with_overrides
 from densessl.train.trainer import run
 
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
-NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2"}
+NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop"}
 # (task, metric, higher is better): the table's columns and the plot's panels
 SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "delta1", True),
           ("propagation", "J&F", True))
@@ -52,13 +53,24 @@ ABLATIONS = {
 }
 
 
+def multicrop_views(view_size: int) -> MultiCropViews:
+    """VADeR multi-crop at the comparison's budget: 2 global views of ``view_size`` and 4 local views of about 0.43
+    of it (DINO's 96 / 224), a multiple of 32 (the encoder's stride)."""
+    local = max(32, round(view_size * 96 / 224 / 32) * 32)
+    return MultiCropViews(f"2x{view_size},4x{local}")
+
+
 def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     """The CPU budget (the demo's too): resnet18, ``args``' steps, batch, views and device, a queue of 8
-    batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps."""
+    batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps.
+    ``vader_multicrop`` is VADeR on ``multicrop_views``, with the same budget."""
     extra = {"warmup_steps": args.steps // 10} if method == "densecl" else {}
+    views = multicrop_views(args.view_size) if method == "vader_multicrop" else PairSpec(size=args.view_size)
+    method = "vader" if method == "vader_multicrop" else method
+    keys = 32 if isinstance(views, PairSpec) else sum(rule.num_matches for _, _, rule in views.spec.pairs())
     return TrainConfig(
-        data=DataConfig(path=str(data / "train"), workers=args.workers), views=PairSpec(size=args.view_size),
-        model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=args.batch * 32 * 8, **extra),
+        data=DataConfig(path=str(data / "train"), workers=args.workers), views=views,
+        model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
         optim=OptimConfig(batch_size=args.batch, steps=args.steps, lr=0.3, decoder_lr=0.3,
                           warmup_steps=min(20, args.steps // 10)),
         run=RunConfig(checkpoint_every=max(1, args.steps // 2), resume="auto", device=args.device, progress=False,
@@ -183,10 +195,11 @@ def main(argv=None) -> int:
     p.add_argument("--runs", help="where the pretraining runs live (default OUT/runs); a finished run found there "
                                   "is reused, so ablations can share the comparison's VADeR and MoCo v2 runs")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 2 objectives, 1 seed, 4 steps")
+    p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 3 rows, 1 seed, 4 steps")
     args = p.parse_args(argv)
     if args.tiny:
-        args.objectives, args.seeds, args.steps, args.batch, args.view_size = ["vader", "mocov2"], [0], 4, 8, 64
+        args.seeds, args.steps, args.batch, args.view_size = [0], 4, 8, 64
+        args.objectives = ["vader", "mocov2", "vader_multicrop"]
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)

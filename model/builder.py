@@ -138,14 +138,25 @@ class MoCo(nn.Module):
 
     def forward(self, view1, view2, matches=None, match_xy2=None, step: int | None = None):
         """Returns (loss, stats dict) and enqueues this step's keys. Views are augmented, normalised float
-        tensors; ``step`` (0-based) drives per-step schedules inside a method (DenseCL's warm-up)."""
+        tensors; ``step`` (0-based) drives per-step schedules inside a method (DenseCL's warm-up).
+
+        Multi-crop: ``view1`` is a dict of named views (``global0``, ``local3``, ...) and ``view2`` the matched
+        pairs ``{(view i, view j): (matches, match_xy)}``; every view is encoded by the query network and the
+        method's ``key_views`` by the key network."""
         with torch.no_grad():
             self.momentum_update()
+        queues = {name: getattr(self, name) for name in self.method.queues}
+        if isinstance(view1, dict):
+            queries = {name: self.encoder_q(v) for name, v in view1.items()}
+            keys = {name: self.encode_keys(view1[name]) for name in self.method.key_views(view2)}
+            loss, stats, new = self.method.loss_views(queries, keys, queues, view2, step)
+            for name, k in new.items():
+                self.enqueue(name, k)
+            return loss, stats
         views, queries, keys = {1: view1, 2: view2}, {}, {}
         for q, k in self.method.directions():
             queries[q] = self.encoder_q(views[q])
             keys[k] = self.encode_keys(views[k])
-        queues = {name: getattr(self, name) for name in self.method.queues}
         loss, stats, new = self.method.loss(queries, keys, queues, matches, match_xy2, step)
         for name, k in new.items():
             self.enqueue(name, k)

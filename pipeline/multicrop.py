@@ -211,6 +211,36 @@ class ViewSpec:
         return (first, counts, sizes, crops, pair_views, cells, area, joint, fallback, self.stride, self.max_tries)
 
 
+@dataclass(frozen=True)
+class MultiCropViews:
+    """The training configuration's ``views`` section for multi-crop (``views.crops=2x224,6x96``): DINO-style
+    global and local views (``ViewSpec.multicrop``), global views sharing ``min_cells`` cells pairwise, each local
+    view overlapping every global view by ``min_area`` of the image, ``num_matches`` matches per such pair."""
+
+    crops: str = "2x224,6x96"
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    min_cells: int = 32
+    num_matches: int = 32
+    min_area: float = 0.01
+    stride: int = 4
+    max_tries: int = 50
+
+    def __post_init__(self):
+        for name in ("global_scale", "local_scale"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        try:
+            self.spec  # built once here, so a mistake is one line naming the setting
+        except ValueError as err:
+            raise ValueError(f"crops={self.crops!r}: {err}") from None
+
+    @cached_property
+    def spec(self) -> ViewSpec:
+        spec = ViewSpec.multicrop(self.crops, self.global_scale, self.local_scale, self.min_cells, self.num_matches,
+                                  self.min_area, self.stride)
+        return ViewSpec(spec.groups, spec.rules, spec.stride, self.max_tries)
+
+
 @njit(inline="always")
 def _pair_holds(windows, sizes, i, j, min_cells, min_area, height, width, stride):
     if min_cells > 0:

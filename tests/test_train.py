@@ -40,7 +40,7 @@ def losses(run_dir):
     (["optim.batch_size=6"], "optim.batch_size=6 is not divisible by the world size 4"),
     (["method.queue_size=1000"], "method.queue_size=1000 is not a multiple of the 8192 keys"),
     (["views.num_matches=64"], "views.num_matches=64 > min_matches=32: .* raise min_matches"),
-    (["views.size=100"], "views.size=.100, 100.: both must be multiples of 32"),
+    (["views.size=100"], "views.size=.100, 100.: sizes must be multiples of 32"),
     (["data.path=/nonexistent"], "data.path='/nonexistent': no such folder"),
     (["run.resume=/nonexistent.pt"], "run.resume='/nonexistent.pt': no such checkpoint"),
     (["data.path=/data/train.beton"], "data.path='/data/train.beton' is an FFCV .beton: set backend=ffcv"),
@@ -63,6 +63,11 @@ def losses(run_dir):
     (["method.name=mocov2", "method.symmetric=true"], "method.symmetric: no such key"),
     (["method.name=densecl", "method.dense_weight=1.5"], "method.dense_weight=1.5 must be in .0, 1."),
     (["run.progress=maybe"], "run.progress='maybe': expected true or false"),
+    # multi-crop views: VADeR's, with a queue that fits every matched pair's keys
+    (["views.crops=2x64,2x32", "method.name=densecl"], "views.crops: method.name=densecl trains on view pairs only"),
+    (["views.crops=2x64,2x32", "method.symmetric=true"], "method.symmetric=true takes two views"),
+    (["views.crops=2x98"], "views.crops='2x98': group global: size=.98, 98. is not a multiple"),
+    (["views.crops=2x64,2x32", "method.queue_size=1000"], "not a multiple of the 40960 keys"),
     # the flat keys of densessl 0.1 name their new keys
     (["view_size=224"], "view_size: this flat key is now views.size"),
     (["objective=densecl"], "objective: this flat key is now method.name"),
@@ -332,14 +337,17 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
 
 
 def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
-    """``make compare`` in seconds: two objectives and random init, a row per model and feature kind, finite
-    scores, run costs for trained rows, the trivial baselines, the verdict and the plot."""
+    """``make compare`` in seconds: VADeR, MoCo v2, VADeR multi-crop and random init, a row per model and feature
+    kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot."""
     from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
+                         "VADeR multi-crop [hypercolumn]", "VADeR multi-crop [dense]",
                          "random init [hypercolumn]", "random init [dense]"}  # MoCo v2 has no dense output
+    multicrop = parse(["--config", str(out / "runs" / "vader_multi_crop_seed0" / "config.yaml")])
+    assert multicrop.views.crops == "2x64,4x32" and multicrop.method.name == "vader"
     for name, row in rows.items():
         assert all(math.isfinite(v) for v in row["mean"].values()), name
         assert row["random"] or (row["wall_s"][0] > 0 and row["pairs_per_s"][0] > 0), name
@@ -389,3 +397,23 @@ def test_trains_with_each_backend(synthetic_root, tmp_path, backend, module):
     model = run(parse(args)).model
     assert int(model.queue_dense_ptr) == 3 * 4 * 8 % 256
     assert len(losses(tmp_path / backend)) == 3
+
+
+def test_vader_trains_on_multicrop_views_and_resumes_exactly(synthetic_root, tmp_path):
+    """views.crops: every view embeds at its own stride 4, every matched pair adds its keys, and a run resumed
+    from a checkpoint continues with the uninterrupted run's losses."""
+    import shutil
+
+    from densessl.train.trainer import run
+    multicrop = {"views.crops": "2x64,2x32", "views.min_cells": 16, "views.num_matches": 8, "optim.steps": 4,
+                 "method.queue_size": 640, "run.checkpoint_every": 2, "run.keep_checkpoints": 2, "data.workers": 0}
+    def args(run_dir, **extra):  # the tiny run, its views section replaced
+        return [a for a in tiny_args(synthetic_root, run_dir, **multicrop, **extra) if not a.startswith("views.")] + \
+            [f"{k}={v}" for k, v in multicrop.items() if k.startswith("views.")]
+    full = run(parse(args(tmp_path / "full")))
+    assert full.step == 4 and int(full.model.queue_dense_ptr) == 4 * 4 * 5 * 8 % 640  # 5 pairs x 8 keys a sample
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "step_00000002.pt", tmp_path / "cut" / "checkpoints")
+    run(parse(args(tmp_path / "cut", **{"run.resume": "auto"})))
+    full_losses, cut_losses = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [cut_losses[s] for s in (3, 4)] == [full_losses[s] for s in (3, 4)]

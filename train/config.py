@@ -6,7 +6,7 @@
 | section | dataclass | owner |
 | --- | --- | --- |
 | ``data`` | ``DataConfig`` | ``densessl.pipeline.factory`` (path, backend, workers, order) |
-| ``views`` | ``PairSpec`` | ``densessl.pipeline.contract`` (the view pair and its matches) |
+| ``views`` | ``PairSpec``, or ``MultiCropViews`` when ``views.crops`` is set | ``densessl.pipeline`` (the view pair and its matches; multi-crop) |
 | ``model`` | ``ModelConfig`` | ``densessl.model.builder`` (architecture, initial weights, BatchNorm) |
 | ``method`` | the method's own ``MethodConfig`` | ``densessl.model.methods.<name>`` (chosen by ``method.name``) |
 | ``optim`` | ``OptimConfig`` | here: the optimiser and the schedule |
@@ -33,6 +33,7 @@ import yaml
 from densessl.model.builder import ModelConfig
 from densessl.model.methods import DEFAULT, METHODS, MethodConfig, method_class
 from densessl.pipeline import DataConfig, PairSpec
+from densessl.pipeline.multicrop import MultiCropViews, ViewSpec
 
 
 class ConfigError(ValueError):
@@ -116,7 +117,7 @@ def _default_method() -> MethodConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    views: PairSpec = field(default_factory=PairSpec)
+    views: PairSpec | MultiCropViews = field(default_factory=PairSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=_default_method)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -132,23 +133,36 @@ class TrainConfig:
             raise ConfigError(f"model.init_encoder={self.model.init_encoder!r}: no such file")
         if self.run.resume not in ("", "auto") and not Path(self.run.resume).is_file():
             raise ConfigError(f"run.resume={self.run.resume!r}: no such checkpoint file (use auto or a path)")
-        if self.views.size[0] % 32 or self.views.size[1] % 32:
-            raise ConfigError(f"views.size={self.views.size}: both must be multiples of 32 (the encoder's stride)")
+        for size in self.view_sizes():
+            if size[0] % 32 or size[1] % 32:
+                where = (f"views.crops={self.views.crops!r}: a view of {size[0]}x{size[1]} pixels"
+                         if isinstance(self.views, MultiCropViews) else f"views.size={size}")
+                raise ConfigError(f"{where}: sizes must be multiples of 32 (the encoder's stride)")
         if self.optim.batch_size % world_size:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} is not divisible by the world size "
                               f"{world_size}")
         try:
-            method_class(self.method.name)(self.method).check(self.views.stride, self.views.num_matches,
-                                                             self.optim.batch_size)
+            method_class(self.method.name)(self.method).check(self.view_spec(), self.optim.batch_size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+    def view_spec(self) -> PairSpec | ViewSpec:
+        """What the loader takes: the view pair, or the multi-crop section's groups of views."""
+        return self.views.spec if isinstance(self.views, MultiCropViews) else self.views
+
+    def view_sizes(self) -> list[tuple[int, int]]:
+        spec = self.view_spec()
+        return [g.size for g in spec.groups] if isinstance(spec, ViewSpec) else [spec.size]
 
 
 SECTIONS = {f.name: f for f in fields(TrainConfig)}
 
 
 def section_class(name: str, values: dict) -> type:
-    """The dataclass of section ``name``; the ``method`` section's is chosen by its ``name``."""
+    """The dataclass of section ``name``; the ``method`` section's is chosen by its ``name``, the ``views``
+    section is multi-crop when it sets ``crops``."""
+    if name == "views" and "crops" in values:
+        return MultiCropViews
     if name == "method":
         try:
             return method_class(values.get("name", DEFAULT)).Config

@@ -111,12 +111,11 @@ class Trainer:
         at every step. ``on_nonfinite=skip`` must undo a step before the next, so it synchronises every step."""
         run = self.cfg.run
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        v1 = self.augment(batch["view1"], self.augment_gen).contiguous(memory_format=self.memory_format)
-        v2 = self.augment(batch["view2"], self.augment_gen).contiguous(memory_format=self.memory_format)
         skip = run.on_nonfinite == "skip"
         undo = _forward_mutated_state(self.model) if skip else None
+        inputs = self._inputs(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            loss, stats = self.forward(v1, v2, batch["matches"], batch["match_xy2"], step)
+            loss, stats = self.forward(*inputs, step)
         value, nonfinite, stopping = loss.detach(), False, False
         if sync or skip:
             # one transfer: this loss, and the first non-finite loss of an unsynchronised step since the last sync
@@ -144,6 +143,19 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         return value, stats, stopping
+
+    def _inputs(self, batch: dict) -> tuple:
+        """The model's arguments before the step: augmented views and their matches; for a multi-crop batch,
+        the named views (``global0``, ``local3``, ...) and the matched pairs (``MoCo.forward``)."""
+        def augment(views):
+            return self.augment(views, self.augment_gen).contiguous(memory_format=self.memory_format)
+        if "view1" in batch:
+            return augment(batch["view1"]), augment(batch["view2"]), batch["matches"], batch["match_xy2"]
+        views = {f"{key.removeprefix('views/')}{k}": augment(group[:, k])
+                 for key, group in batch.items() if key.startswith("views/") for k in range(group.shape[1])}
+        pairs = {tuple(key.removeprefix("matches/").split("-")): (m, batch["match_xy/" + key.removeprefix("matches/")])
+                 for key, m in batch.items() if key.startswith("matches/")}
+        return views, pairs, None, None
 
     def _skip_or_raise(self, value: float, step: int, indices: torch.Tensor, undo: dict | None) -> None:
         """A non-finite loss: save the batch's indices, then undo the forward's side effects (on_nonfinite=skip,
@@ -179,6 +191,13 @@ class Trainer:
                              "loader_states": loader_states, "config": to_dict(self.cfg)},
                             ckpt_dir, step, self.cfg.run.keep_checkpoints)
         distributed.barrier(self.world)
+
+
+def draws(batch: dict) -> torch.Tensor:
+    """The draws each pair (or, multi-crop, each view) needed: ``tries``, or every group's ``tries/<group>``."""
+    if "tries" in batch:
+        return batch["tries"]
+    return torch.cat([v for k, v in batch.items() if k.startswith("tries/")], 1)
 
 
 def saved_loader_state(state: dict | None, rank: int, world: int) -> dict | None:
@@ -222,7 +241,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     distributed.barrier(world)
     loader_state = saved_loader_state(resumed and resumed[0], rank, world)
     try:
-        loader = build_loader(cfg.data.backend, root, cfg.views, batch_size=cfg.optim.batch_size // world,
+        loader = build_loader(cfg.data.backend, root, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
                               workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world,
                               device=device, state=loader_state, skip_log=str(run_dir / "skipped.txt"),
                               order=cfg.data.order)
@@ -246,8 +265,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     monitor = None
     if rank == 0:
         pictures = cfg.run.tensorboard and cfg.run.log_images
-        images = preview_images(root, cfg.run.log_images, cfg.views.size[0]) if pictures else None
-        keys = cfg.optim.batch_size * model.method.keys_per_pair(cfg.views.num_matches)
+        images = preview_images(root, cfg.run.log_images, cfg.view_sizes()[0][0]) if pictures else None
+        keys = cfg.optim.batch_size * model.method.keys_per_sample(cfg.view_spec())
         monitor = Monitor(cfg, keys, total, iteration, images)
     heartbeat = distributed.Heartbeat(run_dir, rank, world)
 
@@ -269,7 +288,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                 if monitor is not None:
                     epoch = loader.epoch + (loader.batch >= len(loader))
                     monitor.step(iteration, epoch, value, lrs, cfg.optim.batch_size / (now - start),
-                                 (loaded - start) / (now - start), stats, batch["tries"], trainer.model)
+                                 (loaded - start) / (now - start), stats, draws(batch), trainer.model)
                     if sync:
                         monitor.flush()
                 heartbeat.beat(iteration)

@@ -56,6 +56,18 @@ class Method:
         named output to the network's)."""
         raise NotImplementedError
 
+    def key_views(self, pairs) -> list[str]:
+        """Multi-crop: the views the key network encodes, given the matched pairs ``{(view i, view j): ...}``
+        (by default each pair's second view)."""
+        return sorted({j for _, j in pairs})
+
+    def loss_views(self, queries: dict[str, dict], keys: dict[str, dict], queues: dict[str, torch.Tensor],
+                   pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], step: int | None):
+        """Multi-crop: ``loss`` over named views (``global0``, ``local3``, ...) and their matched pairs
+        ``{(view i, view j): (matches, match_xy)}``; the query network's outputs for every view, the key network's
+        for ``key_views``."""
+        raise NotImplementedError(f"method {self.cfg.name} trains on view pairs only")
+
     def directions(self) -> tuple[tuple[int, int], ...]:
         """(query view, key view) pairs to encode, in order: view 1 queries and view 2 gives keys by default."""
         return ((1, 2),)
@@ -64,18 +76,27 @@ class Method:
         """Keys each pair adds to each of its queues per step."""
         return 1
 
-    def check(self, stride: int, num_matches: int, global_batch: int) -> None:
-        """The rules that tie this method to the views and the batch, as one-line ``ValueError``s that name the
-        keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
+    def keys_per_sample(self, views) -> int:
+        """Keys each sample adds to each queue per step, for ``views``: a view pair (``PairSpec``), or groups of
+        views (a ``ViewSpec``: multi-crop), which a method takes only if it overrides ``loss_views``."""
+        if getattr(views, "groups", None) is not None:
+            raise ValueError(f"views.crops: method.name={self.cfg.name} trains on view pairs only; use "
+                             "method.name=vader for multi-crop views, or a views section without crops")
+        return self.keys_per_pair(views.num_matches)
+
+    def check(self, views, global_batch: int) -> None:
+        """The rules that tie this method to the views (a ``PairSpec`` or a ``ViewSpec``) and the batch, as
+        one-line ``ValueError``s that name the keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
+        stride = views.stride
         if self.dense_stride not in (None, stride):
             raise ValueError(f"views.stride={stride}: method.name={self.cfg.name} embeds pixels at stride "
                              f"{self.dense_stride}, so its matches must index that grid; set views.stride="
                              f"{self.dense_stride}")
-        keys = global_batch * self.keys_per_pair(num_matches)
+        keys = global_batch * self.keys_per_sample(views)
         size = self.cfg.queue_size
         if self.queues and size % keys:
             raise ValueError(f"method.queue_size={size} is not a multiple of the {keys} keys enqueued per step "
-                             f"(optim.batch_size x keys per pair); pick e.g. {keys * max(1, size // keys)}")
+                             f"(optim.batch_size x keys per sample); pick e.g. {keys * max(1, size // keys)}")
 
     def loss(self, queries: dict[int, dict[str, torch.Tensor]], keys: dict[int, dict[str, torch.Tensor]],
              queues: dict[str, torch.Tensor], matches: torch.Tensor | None, match_xy2: torch.Tensor | None,
@@ -84,3 +105,15 @@ class Method:
         network's outputs per view (``directions``), the queues, the batch's matches and the 0-based step
         (``None``: outside training, schedules at their end)."""
         raise NotImplementedError
+
+    def key_views(self, pairs) -> list[str]:
+        """Multi-crop: the views the key network encodes, given the matched pairs ``{(view i, view j): ...}``
+        (by default each pair's second view)."""
+        return sorted({j for _, j in pairs})
+
+    def loss_views(self, queries: dict[str, dict], keys: dict[str, dict], queues: dict[str, torch.Tensor],
+                   pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], step: int | None):
+        """Multi-crop: ``loss`` over named views (``global0``, ``local3``, ...) and their matched pairs
+        ``{(view i, view j): (matches, match_xy)}``; the query network's outputs for every view, the key network's
+        for ``key_views``."""
+        raise NotImplementedError(f"method {self.cfg.name} trains on view pairs only")

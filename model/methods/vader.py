@@ -52,6 +52,15 @@ class Vader(Method):
     def keys_per_pair(self, num_matches: int) -> int:
         return num_matches * len(self.directions())
 
+    def keys_per_sample(self, views) -> int:
+        """Multi-crop: every matched pair's matches (keys come from each pair's second view, a global one)."""
+        if getattr(views, "groups", None) is None:
+            return super().keys_per_sample(views)
+        if self.cfg.symmetric:
+            raise ValueError("method.symmetric=true takes two views: with views.crops, keys come from the global "
+                             "views only")
+        return sum(rule.num_matches for _, _, rule in views.pairs())
+
     def loss(self, queries, keys, queues, matches, match_xy2, step):
         cfg = self.cfg
         radius = cfg.exclusion_radius if cfg.negatives == "image" else None
@@ -63,6 +72,19 @@ class Vader(Method):
                                      exclusion_radius=radius)
             loss, new = (loss + loss2) / 2, torch.cat([new, new2])
         return loss, {}, {"queue_dense": new}
+
+    def loss_views(self, queries, keys, queues, pairs, step):
+        """The mean of every matched pair's loss: each view's own stride-4 embedding queries at its matched
+        cells; the keys are the pair's global view's, sampled at the exact corresponding points."""
+        cfg = self.cfg
+        radius = cfg.exclusion_radius if cfg.negatives == "image" else None
+        losses, new = [], []
+        for (i, j), (matches, match_xy) in pairs.items():
+            loss, k = vader_loss(queries[i]["dense"], keys[j]["dense"], matches, match_xy, queues["queue_dense"],
+                                 cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
+            losses.append(loss)
+            new.append(k)
+        return torch.stack(losses).mean(), {}, {"queue_dense": torch.cat(new)}
 
 
 def vader_loss(q_emb, k_emb, matches, match_xy2, queue, temperature: float = 0.07, scale: float = 10.0,
