@@ -23,10 +23,13 @@ from densessl.pipeline.derived import intersection_boxes
 STRIDE = 4  # the encoder's C2
 
 
-def pooled(features: torch.Tensor, boxes: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """``[B, C*size*size]``: each image's box (in view pixels) pooled from its own feature map."""
+def pooled(features: torch.Tensor, boxes: torch.Tensor, affines: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """``[B, C*size*size]``: each image's box (in view pixels) pooled from its own feature map, its bins put back
+    in source order where the view was flipped (so bin k of two views covers the same source region)."""
     rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype, device=boxes.device)[:, None], boxes], 1)
-    return roi_align(features, rois, size, spatial_scale=1 / STRIDE, aligned=True).flatten(1)
+    out = roi_align(features, rois, size, spatial_scale=1 / STRIDE, aligned=True)
+    flipped = (affines[:, 0, 0] < 0)[:, None, None, None]
+    return torch.where(flipped, out.flip(-1), out).flatten(1)
 
 
 def main(argv=None) -> list[float]:
@@ -53,7 +56,8 @@ def main(argv=None) -> list[float]:
                 for g, glob in enumerate(feats["global"]):
                     box_l, box_g, overlaps = intersection_boxes(batch["affines/local"][:, k], local_size,
                                                                 batch["affines/global"][:, g], global_size)
-                    a, b = F.normalize(pooled(local, box_l), dim=1), F.normalize(pooled(glob, box_g), dim=1)
+                    a = F.normalize(pooled(local, box_l, batch["affines/local"][:, k]), dim=1)
+                    b = F.normalize(pooled(glob, box_g, batch["affines/global"][:, g]), dim=1)
                     terms.append(((1 - (a * b).sum(1)) * overlaps).sum() / overlaps.sum().clamp(min=1))
             loss = torch.stack(terms).mean()
             optimizer.zero_grad()

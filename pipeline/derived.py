@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .correspondence import _TIE as TIE
+
 
 def invert(affines: torch.Tensor) -> torch.Tensor:
     """View pixels -> source pixels."""
@@ -64,7 +66,7 @@ def grid_flow(affines_i: torch.Tensor, size_i, affines_j: torch.Tensor, size_j, 
     src = coordinate_map(affines_i, size_i, (gh, gw))  # [..., 2, gh, gw]
     pts = src.flatten(-2).transpose(-1, -2)
     xy = apply(affines_j, pts) / stride
-    inside = (xy[..., 0] >= 0) & (xy[..., 0] < size_j[1] // stride) & (xy[..., 1] >= 0) & \
-        (xy[..., 1] < size_j[0] // stride)
+    gh_j, gw_j = size_j[0] // stride, size_j[1] // stride  # ties at the border as the kernel decides them
+    inside = (xy[..., 0] >= -TIE) & (xy[..., 0] < gw_j - TIE) & (xy[..., 1] >= -TIE) & (xy[..., 1] < gh_j - TIE)
     xy = torch.where(inside[..., None], xy, torch.full_like(xy, float("nan")))
     return xy.reshape(*affines_i.shape[:-2], gh, gw, 2)

@@ -10,8 +10,11 @@ draws (tested).
 Sampling (``multi_view_params``, Numba): groups are drawn in order. A group with a rule among its own views is
 drawn whole, and redrawn whole until every rule it is part of holds (the pair sampler's rule); any other group
 draws each view on its own and redraws that view until its rules with earlier groups hold (Leopart's rule).
-After ``max_tries`` draws, a view falls back to the window of the first view of the earliest group its rules
-name (for a group constrained only with itself, its first view's), keeping its own flip; ``tries`` is then 0.
+After ``max_tries`` draws, a view falls back to a window built from the views drawn before it that its rules
+name: inside every partner it is matched from, and around every partner matched into it, so every cell a rule
+counts is shared and its matches can always be drawn (``min_area`` may then not hold); a group drawn whole
+falls back as one window. With no such partner (the two-view case), a view takes its group's first window,
+with its own flip, as the pair sampler does. ``tries`` is then 0.
 
 The batch (``pack_views``, then ``unpack_views``; ``build_loader(backend, ..., spec=ViewSpec)`` on every backend):
 
@@ -65,8 +68,9 @@ class ViewGroup:
             object.__setattr__(self, "size", (self.size, self.size))
         for name in ("size", "scale", "ratio"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if not self.name.isidentifier():
-            raise ValueError(f"group name {self.name!r} must be an identifier (it names batch keys)")
+        if not self.name.isidentifier() or self.name[-1].isdigit():
+            raise ValueError(f"group name {self.name!r} must be an identifier not ending in a digit (views are "
+                             "named <group><k> in batch keys)")
         if self.count < 1:
             raise ValueError(f"group {self.name}: count={self.count} must be >= 1")
         if len(self.size) != 2 or min(self.size) <= 0:
@@ -138,6 +142,10 @@ class ViewSpec:
                                  f"group {first.name}'s feature grid")
             if rule.groups[0] == rule.groups[1] and first.count < 2:
                 raise ValueError(f"rule {rule.groups}: group {first.name} has one view, no pair within it")
+            largest = min(self.group(n).scale[1] for n in rule.groups)
+            if rule.min_area > largest:
+                raise ValueError(f"rule {rule.groups}: min_area={rule.min_area} exceeds the largest window of a "
+                                 f"view (scale up to {largest}): the rule could never hold")
 
     @classmethod
     def from_pair_spec(cls, spec: PairSpec) -> ViewSpec:
@@ -151,7 +159,8 @@ class ViewSpec:
                   min_cells: int = 32, num_matches: int = 32, min_area: float = 0.01, stride: int = 4) -> ViewSpec:
         """DINO-style views from ``"NxSIZE,MxSIZE"``: global views (dinov2's scales by default) that share
         ``min_cells`` cells pairwise with ``num_matches`` matches, and local views that each overlap every
-        global view by ``min_area`` of the image (Leopart's 1%) with ``num_matches`` matches into it."""
+        global view by ``min_area`` of the image (Leopart's 1%) and share ``min_cells`` of their own cells with it
+        (at most all of them), with ``num_matches`` matches into it."""
         parts = [p.strip().split("x") for p in text.split(",") if p.strip()]
         if not 1 <= len(parts) <= 2 or any(len(p) != 2 or not (p[0].isdigit() and p[1].isdigit()) for p in parts):
             raise ValueError(f"views={text!r}: expected NxSIZE or NxSIZE,MxSIZE, e.g. 2x224,6x96")
@@ -228,7 +237,15 @@ class MultiCropViews:
 
     def __post_init__(self):
         for name in ("global_scale", "local_scale"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = tuple(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+                raise ValueError(f"{name}={value} must satisfy 0 < min <= max <= 1")
+        for name in ("min_cells", "num_matches", "stride", "max_tries"):
+            if getattr(self, name) < (0 if name in ("min_cells", "num_matches") else 1):
+                raise ValueError(f"{name}={getattr(self, name)} is out of range")
+        if not 0 <= self.min_area <= 1:
+            raise ValueError(f"min_area={self.min_area} must be in [0, 1]")
         try:
             self.spec  # built once here, so a mistake is one line naming the setting
         except ValueError as err:
@@ -269,6 +286,34 @@ def _draw(state, windows, crops, v, height, width):
 
 
 @njit(inline="always")
+def _fall_back(windows, pair_views, v, drawn_until, own):
+    """View ``v``'s fallback window, from the views drawn before ``drawn_until`` that a rule pairs it with: inside
+    every partner whose view it is matched from (a rule ``(v, partner)`` counts ``v``'s cells), and around every
+    partner matched into it (a rule ``(partner, v)``), so every cell a rule counts is shared whatever the views'
+    sizes. With no such partner, or when no window can do both, ``v`` takes view ``own``'s window."""
+    it, il, ib, ir, inner = 0, 0, 0, 0, False  # intersection of the partners v must lie inside
+    ut, ul, ub, ur, outer = 0, 0, 0, 0, False  # union box of the partners v must contain
+    for p in range(pair_views.shape[0]):
+        i, j = pair_views[p, 0], pair_views[p, 1]
+        o = j if i == v else i if j == v else -1
+        if o < 0 or o >= drawn_until:
+            continue
+        t, l, b, r = windows[o, 0], windows[o, 1], windows[o, 0] + windows[o, 2], windows[o, 1] + windows[o, 3]
+        if i == v:
+            it, il, ib, ir = (t, l, b, r) if not inner else (max(it, t), max(il, l), min(ib, b), min(ir, r))
+            inner = True
+        else:
+            ut, ul, ub, ur = (t, l, b, r) if not outer else (min(ut, t), min(ul, l), max(ub, b), max(ur, r))
+            outer = True
+    if outer and (not inner or (it <= ut and il <= ul and ub <= ib and ur <= ir)):
+        windows[v, 0], windows[v, 1], windows[v, 2], windows[v, 3] = ut, ul, ub - ut, ur - ul
+    elif inner and ib > it and ir > il and not outer:
+        windows[v, 0], windows[v, 1], windows[v, 2], windows[v, 3] = it, il, ib - it, ir - il
+    elif v != own:
+        windows[v, 0:4] = windows[own, 0:4]
+
+
+@njit(inline="always")
 def _view_holds(windows, sizes, pair_views, cells, area, v, drawn_until, height, width, stride):
     """Every rule of view ``v`` with a view drawn before ``drawn_until`` (or ``v``'s own group, drawn) holds."""
     for p in range(pair_views.shape[0]):
@@ -304,11 +349,10 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
                     for v in range(lo, hi):
                         windows[v, 5] = attempt
                     break
-            if not ok:
-                src = fallback[g]
-                for v in range(lo, hi):
-                    if v != src:
-                        windows[v, 0:4] = windows[src, 0:4]
+            if not ok:  # every view shares one window: inside the earlier partners, or the first view's
+                _fall_back(windows, pair_views, lo, lo, lo)
+                for v in range(lo + 1, hi):
+                    windows[v, 0:4] = windows[lo, 0:4]
         else:  # each view on its own, against the groups drawn before it
             for v in range(lo, hi):
                 ok = False
@@ -318,8 +362,8 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
                         windows[v, 5] = attempt
                         ok = True
                         break
-                if not ok and fallback[g] != v:
-                    windows[v, 0:4] = windows[fallback[g], 0:4]
+                if not ok:
+                    _fall_back(windows, pair_views, v, lo, fallback[g])
     seeds = np.empty(pair_views.shape[0], np.uint64)
     for p in range(pair_views.shape[0]):  # the first pair's seed is the stream's state, as for view pairs
         seeds[p] = state
@@ -396,22 +440,29 @@ def unpack_views(packed: dict[str, torch.Tensor], spec: ViewSpec) -> dict[str, t
 def check_views_batch(batch: dict, spec: ViewSpec) -> None:
     """Raise ``ValueError`` naming every way ``batch`` breaks the multi-view contract for ``spec``."""
     problems, b = [], batch["index"].shape[0]
+    for key, dtype in (("source_hw", torch.int64), ("index", torch.int64)):
+        if batch[key].dtype != dtype:
+            problems.append(f"{key}: {batch[key].dtype}, expected {dtype}")
     for g in spec.groups:
         views, aff = batch.get(f"views/{g.name}"), batch.get(f"affines/{g.name}")
+        tries = batch.get(f"tries/{g.name}")
+        if tries is None or tuple(tries.shape) != (b, g.count) or tries.dtype != torch.int64:
+            problems.append(f"tries/{g.name}: expected int64 {(b, g.count)}")
         if views is None or tuple(views.shape) != (b, g.count, 3, *g.size) or views.dtype != torch.uint8:
             problems.append(f"views/{g.name}: expected uint8 {(b, g.count, 3, *g.size)}")
         elif not views[:1, 0].is_contiguous(memory_format=torch.channels_last):  # HWC memory per view
             problems.append(f"views/{g.name}: views are not channels_last")
-        if aff is None or tuple(aff.shape) != (b, g.count, 2, 3):
-            problems.append(f"affines/{g.name}: expected {(b, g.count, 2, 3)}")
+        if aff is None or tuple(aff.shape) != (b, g.count, 2, 3) or aff.dtype != torch.float32:
+            problems.append(f"affines/{g.name}: expected float32 {(b, g.count, 2, 3)}")
     names = spec.views()
     for i, j, rule in spec.pairs():
         if not rule.num_matches:
             continue
         key = f"{view_name(spec, i)}-{view_name(spec, j)}"
         m, xy = batch.get(f"matches/{key}"), batch.get(f"match_xy/{key}")
-        if m is None or xy is None or tuple(m.shape) != (b, rule.num_matches, 2):
-            problems.append(f"matches/{key}: expected int64 {(b, rule.num_matches, 2)} and its match_xy")
+        if m is None or xy is None or tuple(m.shape) != (b, rule.num_matches, 2) or m.dtype != torch.int64 \
+                or xy.dtype != torch.float32:
+            problems.append(f"matches/{key}: expected int64 {(b, rule.num_matches, 2)} and float32 match_xy")
             continue
         (hi, wi), (hj, wj) = (spec.group(names[v][0]).size for v in (i, j))
         gwi, ghj, gwj = wi // spec.stride, hj // spec.stride, wj // spec.stride

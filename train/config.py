@@ -262,6 +262,8 @@ def _unknown_key_hint(name: str, cls: type, key: str, known: list[str]) -> str:
         owners = [m for m, method in METHODS.items() if key in {f.name for f in fields(method.Config)}]
         if owners:
             return f"a setting of method.name={' or '.join(owners)}, not of method.name={cls.name}"
+    if name == "views" and cls is MultiCropViews and key in {f.name for f in fields(PairSpec)}:
+        return f"a setting of view pairs: with views.crops, the crops set the views; remove views.{key}"
     elsewhere = _renamed(key)
     if elsewhere and elsewhere.split(".")[0] != name:
         return f"it is {elsewhere}"
@@ -286,6 +288,8 @@ def with_overrides(cfg: TrainConfig, overrides: dict[str, object]) -> TrainConfi
     name = overrides.get("method.name", cfg.method.name)
     if name != cfg.method.name:
         raw["method"] = {}
+    if "views.crops" in overrides and not isinstance(cfg.views, MultiCropViews):
+        raw["views"] = {}  # view pairs become multi-crop views: the pair's settings do not carry over
     for key, value in overrides.items():
         section, _, field_name = key.partition(".")
         if section not in SECTIONS or not field_name:

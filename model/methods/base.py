@@ -52,21 +52,9 @@ class Method:
         self.cfg = cfg
 
     def heads(self, channels: tuple[int, ...], dim: int) -> dict[str, nn.Module]:
-        """The modules put on the encoder, by attribute name (``network.HEADS``: each reads C2..C5 and adds one
-        named output to the network's)."""
+        """The modules put on the encoder, by attribute name: each reads C2..C5 and adds the network output its
+        ``output`` attribute names (``network.DenseNetwork``)."""
         raise NotImplementedError
-
-    def key_views(self, pairs) -> list[str]:
-        """Multi-crop: the views the key network encodes, given the matched pairs ``{(view i, view j): ...}``
-        (by default each pair's second view)."""
-        return sorted({j for _, j in pairs})
-
-    def loss_views(self, queries: dict[str, dict], keys: dict[str, dict], queues: dict[str, torch.Tensor],
-                   pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], step: int | None):
-        """Multi-crop: ``loss`` over named views (``global0``, ``local3``, ...) and their matched pairs
-        ``{(view i, view j): (matches, match_xy)}``; the query network's outputs for every view, the key network's
-        for ``key_views``."""
-        raise NotImplementedError(f"method {self.cfg.name} trains on view pairs only")
 
     def directions(self) -> tuple[tuple[int, int], ...]:
         """(query view, key view) pairs to encode, in order: view 1 queries and view 2 gives keys by default."""
@@ -93,6 +81,9 @@ class Method:
                              f"{self.dense_stride}, so its matches must index that grid; set views.stride="
                              f"{self.dense_stride}")
         keys = global_batch * self.keys_per_sample(views)
+        if self.queues and keys == 0:
+            raise ValueError("views: no pair of views has matches, so this method has no keys to learn from; set "
+                             "views.num_matches (and a rule between views) above 0")
         size = self.cfg.queue_size
         if self.queues and size % keys:
             raise ValueError(f"method.queue_size={size} is not a multiple of the {keys} keys enqueued per step "
