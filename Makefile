@@ -6,8 +6,10 @@ PYTHON  ?= python3.11
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# System packages the optional backends build against (FFCV needs these at build time).
-APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+# System packages the optional backends build against (FFCV needs these at build time), and FFmpeg's shared
+# libraries for SPDL (the bench extra: benchmarks.multicrop compares against it).
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config libavdevice59 libavfilter8 libavformat59 libavcodec59 \
+                libavutil57 libswscale6 libswresample4
 EXTRAS  ?= dev,dali,ffcv,bench
 DATA    ?= data/synthetic
 

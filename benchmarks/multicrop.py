@@ -10,7 +10,10 @@ Rows, each a loader of ``--batch`` images with ``--workers`` workers (processes 
   view's cost);
 - DINO's pattern (``dinov2/data/augmentations.py`` without its photometric part, which we run on the device):
   PIL decode, then torchvision ``RandomResizedCrop`` (bicubic) with a flip per view, no geometry returned;
-- decoding once per view: the same crops, each from its own PIL decode (FFCV's multi-view pipelines, #77).
+- decoding once per view: the same crops, each from its own PIL decode (FFCV's multi-view pipelines, #77);
+- what a user who picks Meta's SPDL writes: its thread pipeline, its FFmpeg decoder to RGB, then torchvision's
+  RandomResizedCrop (bilinear, antialiased) and flip per view on the decoded tensor (SPDL returns no geometry);
+- the same for two views: SPDL with two 224 px crops against our view-pair loader (``PairSpec``, matches).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from densessl.pipeline import ViewSpec, build_loader
+from densessl.pipeline import PairSpec, ViewSpec, build_loader
 from densessl.pipeline.folder import scan_image_folder
 
 from .common import machine, time_loader
@@ -53,6 +56,32 @@ class PilViews(Dataset):
                 for n, crop in self.groups]
 
 
+class SpdlViews:
+    """An SPDL pipeline over ``files`` whose every iteration is one epoch of batches ``[group views]``: one
+    FFmpeg decode per image, then ``count`` torchvision crops and flips per group, on ``workers`` threads."""
+
+    def __init__(self, files, spec: ViewSpec, batch: int, workers: int):
+        from torchvision.transforms import v2
+        self.files, self.batch, self.workers = files, batch, workers
+        self.groups = [(g.count, v2.Compose([v2.RandomResizedCrop(g.size, scale=g.scale, ratio=g.ratio, antialias=True),
+                                              v2.RandomHorizontalFlip(g.flip_p)])) for g in spec.groups]
+
+    def _load(self, path):
+        import spdl.io
+        rgb = spdl.io.load_image(path, filter_desc=spdl.io.get_video_filter_desc(pix_fmt="rgb24"))
+        image = torch.from_numpy(spdl.io.to_numpy(rgb)).permute(2, 0, 1)
+        return [torch.stack([crop(image) for _ in range(n)]) for n, crop in self.groups]
+
+    def __iter__(self):
+        from spdl.pipeline import PipelineBuilder
+        pipeline = (PipelineBuilder().add_source(self.files).pipe(self._load, concurrency=self.workers)
+                    .aggregate(self.batch, drop_last=True)
+                    .pipe(lambda items: [torch.stack(group) for group in zip(*items)])
+                    .add_sink(4).build(num_threads=self.workers))
+        with pipeline.auto_stop():
+            yield from pipeline
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="photos", help=DATA_HELP)
@@ -76,7 +105,12 @@ def main(argv=None) -> None:
                           persistent_workers=args.workers > 0, drop_last=True)
 
     rows = [("DINO's pattern: PIL decode once, torchvision", pil(False)),
-            ("PIL decode per view, torchvision", pil(True))]
+            ("PIL decode per view, torchvision", pil(True)),
+            (f"SPDL: decode once, torchvision: {args.views}", SpdlViews(files, spec, args.batch, args.workers)),
+            ("SPDL: decode once, torchvision: 2 views",
+             SpdlViews(files, ViewSpec.multicrop(f"2x{spec.groups[0].size[0]}"), args.batch, args.workers)),
+            ("ours, torch: view pairs with matches", build_loader(
+                "torch", root, PairSpec(size=spec.groups[0].size), batch_size=args.batch, workers=args.workers))]
     backends = [b for b in args.backends.split(",") if b]
     for backend in backends:
         data = backend_data(backend, root, args.workers)
@@ -94,7 +128,7 @@ def main(argv=None) -> None:
         print(rate.row(rates[0].median) + f"  {per_core:8.1f}  {per_core / dino:6.2f}x")
     n_local = sum(g.count for g in spec.groups[1:])
     for k, backend in enumerate(backends):
-        multi, single = rates[2 + 2 * k], rates[3 + 2 * k]
+        multi, single = rates[5 + 2 * k], rates[6 + 2 * k]
         if n_local:
             per_image = 1 / multi.median - 1 / single.median
             global_view = 1 / single.median / spec.groups[0].count
