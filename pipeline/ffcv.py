@@ -1,8 +1,8 @@
-"""FFCV backend: a .beton writer, and field decoders that decode each JPEG once and cut both views of a pair
-(``TwoViewDecoder``) or every view of a ``ViewSpec`` (``ViewsDecoder``).
+"""FFCV backend: a .beton writer, and a field decoder that decodes each JPEG once and cuts both views of a pair
+or every view of a ``ViewSpec`` (``ViewsDecoder``).
 
 Stock FFCV gets two views by running two decoder pipelines over the same field, decoding every JPEG twice, and
-its random-crop decoder keeps the window it chose to itself (ffcv #395). ``TwoViewDecoder`` decodes once, draws
+its random-crop decoder keeps the window it chose to itself (ffcv #395). ``ViewsDecoder`` decodes once, draws
 the pair with the project's Numba view-pair sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
 redrawn until ``min_matches`` cells are shared) and resizes both windows.
 
@@ -13,7 +13,7 @@ decoder needs no side channel. With RANDOM / QUASI_RANDOM order the batches, and
 epoch; FFCV's ordering is seeded, so the same seed gives the same batches. (SEQUENTIAL order repeats the
 views every epoch: it is meant for evaluation.)
 
-``import pipeline.ffcv`` needs the ``ffcv`` extra (FFCV 1.0.2 builds against libturbojpeg and OpenCV).
+``import densessl.pipeline.ffcv`` needs the ``ffcv`` extra (FFCV 1.0.2 builds against libturbojpeg and OpenCV).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .correspondence import splitmix64
 from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
 from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
-from .resize import cut_pair, resize_crop_aa
+from .resize import resize_crop_aa
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -157,67 +157,14 @@ def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crop
     return windows, seeds
 
 
-class TwoViewDecoder(SimpleRGBImageDecoder):
-    """Decodes an ``RGBImageField`` once per sample into ``[2, H, W, 3]``: view 1 and view 2.
-
-    A subclass of the field's own decoder class: FFCV treats the first op of a pipeline as its decoder only then
-    (otherwise it silently prepends a default decoder and runs this as a transform).
-    """
-
-    def __init__(self, spec: PairSpec, seed: int = 0):
-        super().__init__()
-        self.spec, self.seed = spec, seed
-
-    def sampler_args(self) -> tuple:
-        """``batch_params``' arguments after (indices, heights, widths): the seed, then the spec's."""
-        return (np.uint64(self.seed), *self.spec.sampler_args())
-
-    def declare_state_and_memory(self, previous_state):
-        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
-        shape = (2, self.spec.size[0], self.spec.size[1], 3)
-        u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8),
-                 AllocationQuery((1,), u8)))  # per sample: 1 when its stored JPEG failed to decode
-
-    def generate_code(self):
-        mem_read, my_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        jpg = IMAGE_MODES["jpg"]
-        seed, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p, min_matches, stride, max_tries = self.sampler_args()
-
-        def decode(batch_indices, storage, metadata, storage_state):
-            destination, scratch, failed = storage
-            key = batch_key(batch_indices, seed)
-            for k in my_range(len(batch_indices)):
-                index = batch_indices[k]
-                field = metadata[index]
-                data = mem_read(field["data_ptr"], storage_state)
-                h, w = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    buffer = scratch[k]
-                    failed[k, 0] = imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False) != 0
-                    image = buffer.reshape(-1)[: 3 * h * w].reshape(h, w, 3)
-                else:
-                    failed[k, 0] = 0
-                    image = data.reshape(h, w, 3)
-                p = view_pair_params(pair_seed(key, index), h, w, out_h, out_w, s_lo, s_hi, r_lo, r_hi, flip_p,
-                                     min_matches, stride, max_tries)
-                cut_pair(image, p, destination[k, 0], destination[k, 1])
-            for k in range(len(batch_indices)):  # raising inside the parallel loop would serialise it
-                if failed[k, 0]:
-                    raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "
-                                     "write it again (python -m densessl.pipeline.ffcv)")
-            return destination[: len(batch_indices)]
-
-        decode.is_parallel = True
-        return decode
-
-
 class ViewsDecoder(SimpleRGBImageDecoder):
     """Decodes an ``RGBImageField`` once per sample and cuts every view of a ``ViewSpec`` from it, into one flat
     ``uint8`` row per sample (FFCV's pipelines have one fixed-shape output per field; views of several sizes go
-    end to end, and the loader splits them)."""
+    end to end, and the loader splits them). A view pair is ``ViewSpec.from_pair_spec``'s two views: the pair
+    sampler's windows, draw for draw.
+
+    A subclass of the field's own decoder class: FFCV treats the first op of a pipeline as its decoder only then
+    (otherwise it silently prepends a default decoder and runs this as a transform)."""
 
     def __init__(self, spec: ViewSpec, seed: int = 0):
         super().__init__()
@@ -284,7 +231,7 @@ class FfcvViewPairLoader(Position):
         if not Path(beton).is_file():  # order and backend rules: factory.check_backend, via build_loader
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
-        self.decoder = ViewsDecoder(spec, seed) if isinstance(spec, ViewSpec) else TwoViewDecoder(spec, seed)
+        self.decoder = ViewsDecoder(spec if isinstance(spec, ViewSpec) else ViewSpec.from_pair_spec(spec), seed)
         self.spec = spec
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
                              seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,
@@ -307,9 +254,12 @@ class FfcvViewPairLoader(Position):
     def _to_batch(self, views: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
         if isinstance(self.spec, ViewSpec):
             return self._to_views_batch(views, index)
-        params = batch_params(index, self.heights, self.widths, *self.decoder.sampler_args())
+        seed = np.uint64(self.decoder.seed)
+        params = batch_params(index, self.heights, self.widths, seed, *self.spec.sampler_args())
         # one copy per view: FFCV reuses its output buffers, and each view must be dense for channels_last
-        view1, view2 = (torch.from_numpy(np.ascontiguousarray(views[:, v])) for v in range(2))
+        h, w = self.spec.size
+        view1, view2 = (torch.from_numpy(np.ascontiguousarray(views[:, v * h * w * 3:(v + 1) * h * w * 3])
+                                         .reshape(-1, h, w, 3)) for v in range(2))
         return assemble_batch(view1, view2, params, index, self.spec)
 
     def _to_views_batch(self, rows: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:

@@ -134,17 +134,26 @@ def _worker_init(_):
 class ReferenceLoader(Position):
     """The reference CPU backend (``backend="torch"``): a torch DataLoader over ``SeededSampler`` with decode
     and view cutting in its workers. Implements ``contract.ViewPairLoader``; build it with
-    ``pipeline.build_loader``."""
+    ``pipeline.build_loader``. A subclass changes what a sample and a batch are (``dataset``, ``collate``,
+    ``unpack``: ``multicrop.ReferenceViewsLoader``)."""
 
-    def __init__(self, files, spec: PairSpec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
+    dataset = ViewPairDataset
+    collate = CollateViewPairs
+
+    @staticmethod
+    def unpack(batch):
+        """The batch from what the workers sent (here: as it is)."""
+        return batch
+
+    def __init__(self, files, spec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
                  prefetch_factor: int = 4, skip_log: str | None = None, state: dict | None = None):
         super().__init__(state)
         self.spec, self.batch_size, self.drop_last = spec, batch_size, drop_last
         self.sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
         self.loader = DataLoader(
-            ViewPairDataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
-            num_workers=workers, collate_fn=CollateViewPairs(spec, parallel=workers == 0), drop_last=drop_last,
+            self.dataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers, collate_fn=self.collate(spec, parallel=workers == 0), drop_last=drop_last,
             pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
             # its own generator: starting an epoch must not draw from torch's global RNG (exact resume)
             generator=torch.Generator().manual_seed(seed),
@@ -157,4 +166,4 @@ class ReferenceLoader(Position):
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch, self.batch * self.batch_size)
-        return self._counted(self.loader)
+        return self._counted(map(self.unpack, self.loader))

@@ -34,20 +34,19 @@ The batch (``pack_views``, then ``unpack_views``; ``build_loader(backend, ..., s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 from numba import njit
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .contract import PairSpec, Position
+from .contract import PairSpec
 from .correspondence import count_shared, sample_matches, splitmix64
 from .folder import read_first_readable
 from .geometry import _crop_matrix, _crop_window, _uniform, crop_affines
-from .loader import SeededSampler, _stack_views, _worker_init
+from .loader import ReferenceLoader, _stack_views
 from .resize import resize_crop_aa
 
 
@@ -508,26 +507,12 @@ class CollateViews:
                           [s["index"] for s in samples], self.spec, self.parallel)
 
 
-class ReferenceViewsLoader(Position):
+class ReferenceViewsLoader(ReferenceLoader):
     """The reference CPU backend for a ``ViewSpec``: the view-pair loader's sampler, workers and resume, with
     every view of a sample cut from one decode. Build it with ``pipeline.build_loader``."""
 
-    def __init__(self, files, spec: ViewSpec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
-                 prefetch_factor: int = 4, skip_log: str | None = None, state: dict | None = None):
-        super().__init__(state)
-        self.spec, self.batch_size, self.drop_last = spec, batch_size, drop_last
-        self.sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
-        self.loader = DataLoader(
-            MultiViewDataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
-            num_workers=workers, collate_fn=CollateViews(spec, parallel=workers == 0), drop_last=drop_last,
-            pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed), prefetch_factor=prefetch_factor if workers > 0 else None)
+    dataset = MultiViewDataset
+    collate = CollateViews
 
-    def __len__(self) -> int:
-        per_rank = self.sampler.per_rank()
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def __iter__(self):
-        self.sampler.set_epoch(self.epoch, self.batch * self.batch_size)
-        return self._counted(unpack_views(packed, self.spec) for packed in self.loader)
+    def unpack(self, packed):
+        return unpack_views(packed, self.spec)
