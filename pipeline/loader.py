@@ -99,6 +99,10 @@ class ViewPairDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         index, pixels = read_first_readable(self.files, index, self.skip_log)
+        return self.sample(pixels, seed, index)
+
+    def sample(self, pixels: np.ndarray, seed: int, index: int) -> dict:
+        """What the collate step receives for one decoded image (a subclass cuts other views)."""
         params = pair_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
         view1, view2 = cut_views(pixels, params, self.spec.size)
         return {"view1": view1, "view2": view2, "params": params, "index": index}

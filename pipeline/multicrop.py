@@ -40,13 +40,11 @@ from functools import cached_property
 import numpy as np
 import torch
 from numba import njit
-from torch.utils.data import Dataset
 
 from .contract import PairSpec
 from .correspondence import count_shared, sample_matches, splitmix64
-from .folder import read_first_readable
 from .geometry import _crop_matrix, _crop_window, _uniform, crop_affines
-from .loader import ReferenceLoader, _stack_views
+from .loader import ReferenceLoader, ViewPairDataset, _stack_views
 from .resize import resize_crop_aa
 
 
@@ -474,18 +472,10 @@ def check_views_batch(batch: dict, spec: ViewSpec) -> None:
         raise ValueError("batch breaks the multi-view contract: " + "; ".join(problems))
 
 
-class MultiViewDataset(Dataset):
-    """Items are ``(index, seed)`` keys from ``SeededSampler``; one decode, every view cut from it."""
+class MultiViewDataset(ViewPairDataset):
+    """``ViewPairDataset`` for a ``ViewSpec``: one decode, every view cut from it into one row."""
 
-    def __init__(self, files, spec: ViewSpec, skip_log: str | None = None):
-        self.files, self.spec, self.skip_log = list(files), spec, skip_log
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, key):
-        index, seed = key
-        index, pixels = read_first_readable(self.files, index, self.skip_log)
+    def sample(self, pixels: np.ndarray, seed: int, index: int) -> dict:
         windows, seeds = view_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
         row, offsets, sizes = np.empty(self.spec.offsets[-1], np.uint8), self.spec.offsets, self.spec.arrays[2]
         for v in range(len(windows)):
