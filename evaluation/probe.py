@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from densessl.pipeline.augment import normalize
+from densessl.pipeline.progress import progress
 
 from .datasets import DenseSet
 from .metrics import IGNORE, confusion, depth_errors, eigen_crop, iou_per_class, mean_errors, mean_iou
@@ -42,7 +42,7 @@ def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16)
     """Frozen features ``[N, C, h, w]`` (on the CPU) of images resized to ``size``. ``features_fn`` runs where
     its weights are (``features.Extractor`` moves its inputs there)."""
     feats = []
-    for i in tqdm(range(0, len(data), batch), desc=f"features: {data.name}", leave=False):
+    for i in progress(range(0, len(data), batch), f"features: {data.name}", unit="batch"):
         x = torch.stack([load_image(p, size) for p in data.images[i:i + batch]])
         feats.append(features_fn(x).float().cpu())
     return torch.cat(feats)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from tqdm import tqdm
 
+from densessl.pipeline.progress import progress
 from densessl.pipeline.synthetic import DAVIS_PALETTE
 
 from .datasets import Video
@@ -109,7 +109,7 @@ def evaluate_videos(features_fn, videos: list[Video], size=None, save_masks: Pat
                     **settings) -> dict[str, float]:
     """DAVIS's summary: each statistic of J and F averaged over all objects of all videos, and J&F (the mean of
     the J and F means)."""
-    objects = [o for v in tqdm(videos, desc="propagation", leave=False)
+    objects = [o for v in progress(videos, "propagation", unit="video")
                for o in evaluate_video(features_fn, v, size, save_masks, **settings)]
     if not objects:
         raise ValueError("no object was scored: the videos have no annotated frame after the first")

@@ -179,11 +179,11 @@ def screen_files(files, skip_log: str | None = None, threads: int = 8) -> list[i
     """Indices of the files that pass ``screen_file``; the others are warned about and appended to ``skip_log``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    from .progress import progress
 
     with ThreadPoolExecutor(threads) as pool:
-        reasons = list(tqdm(pool.map(screen_file, files, chunksize=256), total=len(files), desc="screening files",
-                            disable=len(files) < 50_000, unit="file"))
+        reasons = list(progress(pool.map(screen_file, files, chunksize=256), "screening files", len(files), "file",
+                                enabled=len(files) >= 50_000))
     bad = [(f, r) for f, r in zip(files, reasons) if r]
     for f, r in bad[:20]:
         warnings.warn(f"skipping {f}: {r}", stacklevel=2)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from .progress import progress as show_progress
 
 CLASSES = ("disc", "square", "triangle", "ring")
 TEXTURES = ("stripes", "checker", "dots", "waves")  # drawn per instance, whatever its class
@@ -215,14 +216,14 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
     jobs = [(split, cls, i) for split, n in (("train", cfg.train_per_class), ("val", cfg.val_per_class))
             for cls in range(len(CLASSES)) for i in range(n)]
     split_ids = {"train": 0, "val": 1}
-    for split, cls, i in tqdm(jobs, desc="synthetic scenes", disable=not progress, unit="img"):
+    for split, cls, i in show_progress(jobs, "synthetic scenes", unit="img", enabled=progress):
         rng = np.random.default_rng([cfg.seed, split_ids[split], cls, i])
         image, *truth = _scene(rng, cfg, cls)
         if split == "val" and cfg.val_lighting:
             image = Lighting.draw(rng, cfg.val_lighting).apply(image)
         _save_scene(root, split, f"{CLASSES[cls]}_{i:05d}", cls, (_grainy(image, rng, cfg.grain), *truth),
                     cfg.jpeg_quality)
-    for v in tqdm(range(cfg.videos), desc="synthetic videos", disable=not progress, unit="clip"):
+    for v in show_progress(range(cfg.videos), "synthetic videos", unit="clip", enabled=progress):
         rng = np.random.default_rng([cfg.seed, 2, v])
         background = _background(rng, cfg)
         shapes = [_random_shape(rng, cfg) for _ in range(int(rng.integers(2, cfg.max_shapes + 1)))]

@@ -291,7 +291,7 @@ def test_a_run_reads_well_in_a_log_file_and_in_tensorboard(synthetic_root, tmp_p
                                                       "run.log_images": 2})
         done = subprocess.run([sys.executable, "-m", "densessl.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=err, timeout=600)
-    text = (tmp_path / "stderr.txt").read_text()
+    text = (tmp_path / "stderr.txt").read_bytes().decode()  # read_text() would turn a carriage return into \n
     assert done.returncode == 0, text[-2000:]
     assert "\r" not in text
     lines = [line for line in text.splitlines() if line.startswith("step ")]
@@ -417,3 +417,21 @@ def test_vader_trains_on_multicrop_views_and_resumes_exactly(synthetic_root, tmp
     run(parse(args(tmp_path / "cut", **{"run.resume": "auto"})))
     full_losses, cut_losses = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert [cut_losses[s] for s in (3, 4)] == [full_losses[s] for s in (3, 4)]
+
+
+def test_make_demo_and_evaluation_read_well_in_a_log_file(tmp_path):
+    """``make demo``'s commands with their output in a file (as ``make demo > log``): the data generation, the
+    training, the evaluation's feature extraction and ``evaluation all`` print plain lines, no carriage return."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        demo = subprocess.run([sys.executable, "-m", "densessl.experiments.demo", "--tiny", "--data",
+                               str(tmp_path / "data"), "--out", str(tmp_path / "demo"), "--steps", "2", "--batch",
+                               "8", "--view-size", "64"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        evaluation = subprocess.run([sys.executable, "-m", "densessl.evaluation", "all", "--checkpoint",
+                                     str(tmp_path / "demo"), "--root", str(tmp_path / "data"), "--probe-steps", "3",
+                                     "--size", "64", "96", "--out", str(tmp_path / "eval")], cwd=REPO, stdout=out,
+                                    stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_bytes().decode()  # read_text() would turn a carriage return into \n
+    assert evaluation.returncode == 0 and demo.returncode in (0, 1), text[-3000:]  # 1: the tiny run won nothing
+    assert "\r" not in text
+    assert "synthetic scenes: " in text and "features: " in text, text[-3000:]
