@@ -12,6 +12,12 @@
 # Never purges packages: OpenCV's dev packages depend on libmunge2.
 set -euo pipefail
 
+# Root is needed: a root shell (containers, CI) runs on as it is; anyone else goes through sudo, once, here.
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "local_cluster: error: needs root, and there is no sudo" >&2; exit 1; }
+    exec sudo --preserve-env=DENSESSL_SLURM_DIR "$0" "$@"
+fi
+
 DIR=${DENSESSL_SLURM_DIR:-/tmp/densessl-slurm}
 CONF=$DIR/slurm.conf
 NODES=(n1 n2)
