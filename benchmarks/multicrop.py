@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset

@@ -8,7 +8,7 @@ Under DDP every rank enqueues the same all-gathered keys, so queues and pointers
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist

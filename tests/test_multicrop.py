@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from densessl.pipeline import PairRule, PairSpec, ViewGroup, ViewSpec, build_loader, check_views_batch
 from densessl.pipeline.correspondence import count_shared, flow
 from densessl.pipeline.derived import coordinate_map, grid_flow, intersection_boxes, view_boxes
-from densessl.pipeline.geometry import crop_affine, crop_affines, pair_params
+from densessl.pipeline.geometry import crop_affines, pair_params
 from densessl.pipeline.multicrop import pack_views, view_params
 from ramp import assert_ramp_agrees, ramp_source_coords
 
