@@ -45,7 +45,7 @@ from .contract import PairSpec
 from .correspondence import count_shared, sample_matches, splitmix64
 from .geometry import _crop_matrix, _crop_window, _uniform, crop_affines
 from .loader import ReferenceLoader, ViewPairDataset, _stack_views
-from .resize import resize_crop_aa
+from .resize import cut_views
 
 
 @dataclass(frozen=True)
@@ -477,10 +477,8 @@ class MultiViewDataset(ViewPairDataset):
 
     def sample(self, pixels: np.ndarray, seed: int, index: int) -> dict:
         windows, seeds = view_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
-        row, offsets, sizes = np.empty(self.spec.offsets[-1], np.uint8), self.spec.offsets, self.spec.arrays[2]
-        for v in range(len(windows)):
-            t, l, h, w, f = windows[v, :5]
-            resize_crop_aa(pixels, t, l, h, w, f != 0, row[offsets[v]:offsets[v + 1]].reshape(*sizes[v], 3))
+        row = np.empty(self.spec.offsets[-1], np.uint8)
+        cut_views(pixels, windows, self.spec.arrays[2], self.spec.offsets, row)
         return {"row": row, "windows": windows, "seeds": seeds, "source_hw": pixels.shape[:2], "index": index}
 
 
