@@ -37,7 +37,7 @@ from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import resize_crop_aa
 
 OUTPUTS = ("view1", "view2", "params", "index")
-VIEWS_OUTPUTS = ("views", "windows", "seeds", "shape", "index")  # a ViewSpec's graph
+VIEWS_OUTPUTS = ("windows", "seeds", "shape", "index")  # a ViewSpec's graph, after one output per group
 _SEED_RANGE = 2**31  # two DALI int32 draws make one 62-bit sampler seed
 
 
@@ -121,11 +121,12 @@ def cut_views_op(image, params, spec: PairSpec):
 
 def views_params_op(jpegs, spec: ViewSpec):
     """Graph piece: each sample's windows (``multi_view_params``: ``[V*6]``, top, left, h, w, flip, tries per
-    view) and its pairs' match seeds, drawn from the JPEG header alone, before the decode."""
+    view) and its pairs' match seeds, drawn from the JPEG header alone, before the decode; and, for the CPU
+    decode, the union box of all windows (anchor x, y and shape w, h, as for a view pair)."""
     first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = spec.arrays
-    n_windows, n_seeds = sizes.shape[0] * 6, max(1, pair_views.shape[0])
+    n_views, n_seeds = sizes.shape[0], max(1, pair_views.shape[0])
 
-    def run(windows, seeds, shape, seed_hi, seed_lo):
+    def run(windows, seeds, anchor, box, shape, seed_hi, seed_lo):
         seed = (np.int64(seed_hi[0]) << 31) | np.int64(seed_lo[0])
         drawn, pair_seeds = multi_view_params(seed, shape[0], shape[1], first, counts, sizes, crops, pair_views,
                                               cells, area, joint, fallback, stride, max_tries)
@@ -133,35 +134,78 @@ def views_params_op(jpegs, spec: ViewSpec):
         seeds[:] = 0
         for p in range(pair_seeds.shape[0]):
             seeds[p] = np.int64(pair_seeds[p])
+        top, left = drawn[:, 0].min(), drawn[:, 1].min()
+        anchor[0], anchor[1] = left, top
+        box[0], box[1] = (drawn[:, 1] + drawn[:, 3]).max() - left, (drawn[:, 0] + drawn[:, 2]).max() - top
 
     def setup(outs, ins):
         for i in range(len(outs[0])):
-            outs[0][i][0], outs[1][i][0] = n_windows, n_seeds
+            outs[0][i][0], outs[1][i][0], outs[2][i][0], outs[3][i][0] = n_views * 6, n_seeds, 2, 2
 
     shape = fn.peek_image_shape(jpegs)
     seed_hi, seed_lo = (fn.random.uniform(range=[0, _SEED_RANGE], dtype=types.INT32, shape=[1]) for _ in range(2))
-    windows, seeds = numba_function(shape, seed_hi, seed_lo, run_fn=run, setup_fn=setup,
-                                    out_types=[types.INT64, types.INT64], outs_ndim=[1, 1],
-                                    in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
-    return windows, seeds, shape
+    windows, seeds, anchor, box = numba_function(
+        shape, seed_hi, seed_lo, run_fn=run, setup_fn=setup,
+        out_types=[types.INT64, types.INT64, types.FLOAT, types.FLOAT], outs_ndim=[1, 1, 1, 1],
+        in_types=[types.INT64, types.INT32, types.INT32], ins_ndim=[1, 1, 1])
+    return windows, seeds, shape, anchor, box
 
 
-def cut_all_views_op(image, windows, spec: ViewSpec):
-    """Graph piece: every view of each image, end to end in one flat ``uint8`` row (views of several sizes in
-    one output; the loader splits them), by DALI's ROI resize (antialiased linear) and flip per view, on the
-    device of the decode. (The view-pair graph's Numba cutter is not used here: a Numba body that passes arrays
-    it made (a view's slice of the row) to the resize kernel is typed with those arrays read-only inside DALI's
-    numba plugin, depending on what was compiled before in the process.)"""
-    sizes = spec.arrays[2]
-    views = []
-    for v in range(sizes.shape[0]):
-        start = fn.cast(windows[6 * v:6 * v + 2], dtype=types.FLOAT)
-        end = start + fn.cast(windows[6 * v + 2:6 * v + 4], dtype=types.FLOAT)
-        out = fn.resize(image, roi_start=start, roi_end=end, roi_relative=False, size=[int(s) for s in sizes[v]],
-                        interp_type=types.INTERP_LINEAR, antialias=True)
-        out = fn.flip(out, horizontal=fn.cast(windows[6 * v + 4], dtype=types.INT32))
-        views.append(fn.reshape(out, shape=[-1]))
-    return fn.cat(*views, axis=0)
+_MAX_OUTPUTS = 6  # DALI's numba_function takes at most six outputs
+
+
+def _cut_groups_body(counts: list[int]):
+    """A DALI numba_function body with one ``[count, h, w, 3]`` output per group: ``resize_crop_aa`` of each
+    view's window, moved by the decoded box's corner (``views_params_op``), into its index of its group's output.
+    Generated for the groups because numba_function takes a fixed argument list. (Outputs by group, not one row
+    for all views: a body that passes arrays it made itself, such as a view's slice of a flat row reshaped, to
+    the resize kernel was typed with them read-only inside DALI's numba plugin, depending on what the process
+    compiled before.)"""
+    outs = ", ".join(f"group{g}" for g in range(len(counts)))
+    lines = [f"def run({outs}, image, windows, anchor):",
+             "    top, left = np.int64(anchor[1]), np.int64(anchor[0])"]
+    v = 0
+    for g, count in enumerate(counts):
+        lines += [f"    for n in range({count}):",
+                  f"        w = windows[6 * ({v} + n):6 * ({v} + n) + 5]",
+                  f"        resize_crop_aa(image, w[0] - top, w[1] - left, w[2], w[3], w[4] != 0, group{g}[n])"]
+        v += count
+    scope = {"np": np, "resize_crop_aa": resize_crop_aa}
+    exec("\n".join(lines), scope)  # noqa: S102 - the text above, built from integers
+    return scope["run"]
+
+
+def cut_all_views_op(image, windows, anchor, spec: ViewSpec) -> list:
+    """Graph piece: every view of each image, one ``[count, h, w, 3]`` output per group. On the CPU the project's
+    Numba resize of the decoded union box (the reference loader's filter, one operator for all views); on the
+    GPU, or with more groups than DALI's numba operator has outputs, DALI's ROI resize (antialiased linear) and
+    flip per view of the whole image, views stacked by group."""
+    groups = spec.groups
+    if image.device == "cpu" and len(groups) <= _MAX_OUTPUTS:
+        shapes = np.array([(g.count, *g.size, 3) for g in groups], np.int64)
+
+        def setup(outs, ins):  # compiled by Numba: reads the shapes from an array
+            for g in range(len(outs)):
+                for i in range(len(outs[g])):
+                    for d in range(4):
+                        outs[g][i][d] = shapes[g, d]
+
+        views = numba_function(image, windows, anchor, run_fn=_cut_groups_body([g.count for g in groups]),
+                               setup_fn=setup, out_types=[types.UINT8] * len(groups), outs_ndim=[4] * len(groups),
+                               in_types=[types.UINT8, types.INT64, types.FLOAT], ins_ndim=[3, 1, 1])
+        return list(views) if isinstance(views, (list, tuple)) else [views]
+    stacked, v = [], 0
+    for g in groups:
+        views = []
+        for _ in range(g.count):
+            start = fn.cast(windows[6 * v:6 * v + 2], dtype=types.FLOAT)
+            end = start + fn.cast(windows[6 * v + 2:6 * v + 4], dtype=types.FLOAT)
+            out = fn.resize(image, roi_start=start, roi_end=end, roi_relative=False, size=list(g.size),
+                            interp_type=types.INTERP_LINEAR, antialias=True)
+            views.append(fn.flip(out, horizontal=fn.cast(windows[6 * v + 4], dtype=types.INT32)))
+            v += 1
+        stacked.append(fn.stack(*views))
+    return stacked
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -169,9 +213,9 @@ def views_pipeline(files, indices, spec: ViewSpec, shard_id: int, num_shards: in
     """A ``ViewSpec``'s graph: one decode of the whole image, every view cut from it."""
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
-    windows, seeds, shape = views_params_op(jpegs, spec)
-    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    return cut_all_views_op(image, windows, spec), windows, seeds, shape, index
+    windows, seeds, shape, anchor, box = views_params_op(jpegs, spec)
+    image = decode_op(jpegs, anchor, box, decode_device)
+    return (*cut_all_views_op(image, windows, anchor, spec), windows, seeds, shape, index)
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -223,7 +267,8 @@ class DaliViewPairLoader(Position):
             checkpoint=state["dali"] if state else None)
         self.pipe.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        outputs = VIEWS_OUTPUTS if isinstance(spec, ViewSpec) else OUTPUTS
+        outputs = ([f"group{g}" for g in range(len(spec.groups))] + list(VIEWS_OUTPUTS)
+                   if isinstance(spec, ViewSpec) else OUTPUTS)
         self.iterator = DALIGenericIterator(self.pipe, list(outputs), reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)
 
@@ -261,6 +306,7 @@ class DaliViewPairLoader(Position):
         b = out["index"].shape[0]
         windows = out["windows"].cpu().numpy().reshape(b, -1, 6)
         seeds = out["seeds"].cpu().numpy()[:, :len(self.spec.pairs())]
-        packed = pack_views(out["views"], windows, seeds, out["shape"].cpu().numpy()[:, :2],
+        rows = torch.cat([out[f"group{g}"].reshape(b, -1) for g in range(len(self.spec.groups))], 1)
+        packed = pack_views(rows, windows, seeds, out["shape"].cpu().numpy()[:, :2],
                             out["index"].cpu().numpy(), self.spec)
         return unpack_views(packed, self.spec)
