@@ -194,11 +194,13 @@ def cut_all_views_op(image, windows, anchor, spec: ViewSpec) -> list:
                                setup_fn=setup, out_types=[types.UINT8] * len(groups), outs_ndim=[4] * len(groups),
                                in_types=[types.UINT8, types.INT64, types.FLOAT], ins_ndim=[3, 1, 1])
         return list(views) if isinstance(views, (list, tuple)) else [views]
+    # the CPU decode holds only the union box (decode_op): windows move by its corner, anchor (x, y)
+    corner = fn.stack(anchor[1], anchor[0]) if image.device == "cpu" else 0.0
     stacked, v = [], 0
     for g in groups:
         views = []
         for _ in range(g.count):
-            start = fn.cast(windows[6 * v:6 * v + 2], dtype=types.FLOAT)
+            start = fn.cast(windows[6 * v:6 * v + 2], dtype=types.FLOAT) - corner
             end = start + fn.cast(windows[6 * v + 2:6 * v + 4], dtype=types.FLOAT)
             out = fn.resize(image, roi_start=start, roi_end=end, roi_relative=False, size=list(g.size),
                             interp_type=types.INTERP_LINEAR, antialias=True)
