@@ -1,16 +1,16 @@
-"""Launch training on Slurm (or on this machine) with submitit: one task per GPU, requeued on preemption/time-out.
+"""Launch training on Slurm (or on this machine) with submitit: one task per GPU, requeued on preemption, time-out
+and crashes.
 
     python -m densessl.slurm.submit --nodes 2 --gpus-per-node 8 --partition gpu --time 4320 -- \\
         data.path=/data/imagenet/train optim.batch_size=256
     python -m densessl.slurm.submit --local --tasks-per-node 2 -- model.arch=resnet18 optim.steps=20
 
 Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax); ``run.resume=auto`` is always
-added,
-so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2 ``--signal-delay``
-seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a preemption notice
-would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is written, and rank
-0 requeues the job.
-"""
+added, so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2
+``--signal-delay`` seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a
+preemption notice would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is
+written, and rank 0 requeues the job. When a rank crashes (killed, lost, timed out), a rank that survives
+requeues the job, at most ``run.max_restarts`` times (``train.healing`` says what is retried)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 
 import submitit
+
+from densessl.train import healing
 
 # Slurm states after which a job will not produce results (no sacct needed: scontrol knows recent jobs).
 ENDED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -69,8 +71,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         print(f"rank {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id}); "
               f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
         cfg = parse(self.train_args + ["run.resume=auto"])
+        restarts = healing.Restarts(cfg.run.dir, cfg.run.max_restarts)
+        done = restarts.done()
+        if done and env.global_rank == 0:
+            print(f"restart {len(done)} of at most {cfg.run.max_restarts} (run.max_restarts), after "
+                  f"{done[-1]['cause']} at step {done[-1]['step']}", flush=True)
         try:
             result = trainer.run(cfg)
+        except Exception as err:
+            self._heal_or_fail(env, restarts, err)
+            raise
+        try:
             digest = weights_digest(result.model)
             print(f"final weights digest {digest}", flush=True)
             if result.stopped:
@@ -79,6 +90,29 @@ class TrainJob(submitit.helpers.Checkpointable):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    @staticmethod
+    def _heal_or_fail(env, restarts: healing.Restarts, err: Exception) -> None:
+        """A crash this rank survived (``healing``): requeue the job, once per crash, and leave; or raise (a
+        deterministic failure, retries used up, not on Slurm), and the job ends FAILED with the reason."""
+        step = healing.failed_step(err)
+        verdict = restarts.verdict(err, step)
+        if verdict is not None and verdict.startswith("gave up"):
+            raise RuntimeError(verdict) from err
+        if verdict is not None or env.cluster != "slurm":
+            return  # the caller re-raises the error itself
+        attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
+        number = restarts.claim(env.job_id, attempt, env.global_rank, err, step)
+        if number is not None:
+            print(f"rank {env.global_rank}: {healing.first_line(err)} at step {step}; restart {number} of at most "
+                  f"{restarts.limit}: requeueing job {env.job_id}", flush=True)
+            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+        else:
+            print(f"rank {env.global_rank}: {healing.first_line(err)}; another rank requeues job {env.job_id}",
+                  flush=True)
+            time.sleep(60)  # Slurm ends this task when it requeues the job; exiting first could end the job
+        sys.stderr.flush()
+        os._exit(1)  # no result file (the requeued job writes it) and no teardown of a broken process group
 
     @staticmethod
     def _requeue(env) -> None:
@@ -148,6 +182,9 @@ def build_executor(args) -> submitit.Executor:
     executor.update_parameters(
         job_name=args.name, nodes=args.nodes, ntasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
         gpus_per_node=args.gpus_per_node or None, time=args.time, signal_delay_s=args.signal_delay,
+        # requeue: Slurm requeues the job itself after a node failure; kill-on-bad-exit=0: the ranks that survive
+        # a crashed one live on to requeue the job (train.healing), whatever the cluster's default
+        additional_parameters={"requeue": True}, srun_args=["--kill-on-bad-exit=0"],
         **{k: v for k, v in optional.items() if v is not None})
     return executor
 

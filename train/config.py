@@ -91,6 +91,8 @@ class RunConfig:
     collective_timeout_s: int = 600  # a collective waiting longer fails, naming the ranks that fell behind
     on_nonfinite: str = "stop"  # NaN/inf loss: 'stop' (batch indices saved) or 'skip' the step (state restored)
     max_nonfinite_skips: int = 10  # with on_nonfinite=skip, one more stops the run
+    max_restarts: int = 3  # Slurm: requeues after a crashed rank (signal, lost node, time-out, CUDA/NCCL error)
+    max_loader_restarts: int = 3  # per epoch: a dead loader worker, replaced at the loader's position
 
     legacy: ClassVar[dict[str, str]] = {"run_dir": "dir"}
 
@@ -99,7 +101,7 @@ class RunConfig:
                      "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("seed", "log_images", "max_nonfinite_skips"):
+        for name in ("seed", "log_images", "max_nonfinite_skips", "max_restarts", "max_loader_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not self.log_every_s > 0:

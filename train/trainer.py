@@ -25,8 +25,9 @@ from densessl.model import checkpoint
 from densessl.model.builder import MoCo, model_config
 from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader, preview_images
 
-from . import distributed
+from . import distributed, healing
 from .config import ConfigError, TrainConfig, to_dict, to_yaml
+from .healing import RestartingLoader
 from .monitor import Monitor
 from .run_folder import SkippedImages, rng_state, set_rng_state
 
@@ -240,11 +241,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     root = cfg.data.prepare(run_dir, write=rank == 0, progress=cfg.run.progress)
     distributed.barrier(world)
     loader_state = saved_loader_state(resumed and resumed[0], rank, world)
+    def build(state):
+        return build_loader(cfg.data.backend, root, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
+                            workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world, device=device,
+                            state=state, skip_log=str(run_dir / "skipped.txt"), order=cfg.data.order)
     try:
-        loader = build_loader(cfg.data.backend, root, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
-                              workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world,
-                              device=device, state=loader_state, skip_log=str(run_dir / "skipped.txt"),
-                              order=cfg.data.order)
+        loader = RestartingLoader(build, loader_state, cfg.run.max_loader_restarts,
+                                  log=lambda line: print(f"rank {rank}: {line}", flush=True))
     except (FileNotFoundError, ValueError) as err:  # the data itself: no images, fewer than one batch, ...
         raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
     total = cfg.optim.steps or cfg.optim.epochs * len(loader)
@@ -273,7 +276,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     # --- the loop: one counter; each pass over the loader is the rest of an epoch
     stopping = False
     every = cfg.run
-    with heartbeat.names_stuck_ranks():
+    with heartbeat.names_stuck_ranks(), healing.failures_name_their_step(lambda: iteration + 1):
         while iteration < total and not stopping:
             start = time.perf_counter()
             for batch in loader:
@@ -315,7 +318,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGUSR2, distributed.request_stop)  # e.g. sbatch --signal=USR2@120: checkpoint first
     try:
         run(parse(argv))
-    except (ConfigError, checkpoint.CheckpointError) as err:  # one line, no traceback: the user's to fix
+    except (ConfigError, checkpoint.CheckpointError, healing.GaveUp) as err:  # one line, no traceback
         raise SystemExit(f"error: {err}") from None
     finally:
         if dist.is_initialized():

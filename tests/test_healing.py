@@ -1,0 +1,108 @@
+"""What a run survives by itself (train.healing): a killed loader worker, and the rules for requeueing a crash.
+The crash requeue on the real local Slurm cluster is in test_slurm.py."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from densessl.model.checkpoint import CheckpointError
+from densessl.train.config import ConfigError
+from densessl.train.healing import Restarts, first_line
+from test_train import REPO, losses, run_train, tiny_args
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def _progress(run_dir: Path) -> int:
+    try:
+        return max(losses(run_dir), default=0)
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_is_replaced_and_the_run_sees_the_same_batches(synthetic_root, tmp_path):
+    steps = 10
+    extra = {"optim.steps": steps, "run.checkpoint_every": 100, "data.workers": 2}
+    ref = run_train(tiny_args(synthetic_root, tmp_path / "ref", **extra))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *tiny_args(synthetic_root, tmp_path / "cut",
+                                                                                    **extra)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while _progress(tmp_path / "cut") < 3:
+        assert proc.poll() is None and time.time() < deadline, "training ended before a worker could be killed"
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"loader rebuilt at epoch \d+, batch \d+ after .*restart 1 of at most 3 this epoch", out), out
+    assert "killed by signal" in out or "exited unexpectedly" in out, out[-3000:]
+    want, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, steps + 1)), "a step was lost or repeated"
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-4), f"step {step}"
+
+
+def test_loader_restarts_are_bounded(synthetic_root, tmp_path):
+    """With run.max_loader_restarts=0 a dead worker ends the run, saying so."""
+    proc = subprocess.Popen([sys.executable, "-m", "densessl.train", *tiny_args(
+        synthetic_root, tmp_path / "run", **{"optim.steps": 40, "run.max_loader_restarts": 0})],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while _progress(tmp_path / "run") < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.kill(_children(proc.pid)[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert re.fullmatch(r"error: a loader worker died 1 time\(s\) in epoch \d+ \(run.max_loader_restarts=0\); last: "
+                        r"RuntimeError: DataLoader worker \(pid.*\n", out.splitlines(keepends=True)[-1]), out[-3000:]
+    assert "Traceback" not in out
+
+
+def _crash(message="a collective operation failed on rank 1 (Connection closed by peer): rank 0 silent for 7 s"):
+    return RuntimeError(message)
+
+
+def test_deterministic_failures_are_not_retried(tmp_path):
+    restarts = Restarts(tmp_path, limit=3)
+    for err in (ConfigError("data.path='x': no images"), CheckpointError("truncated"),
+                FloatingPointError("loss is not finite at step 5"),
+                RuntimeError("more than data.max_bad_images=10 unreadable images were skipped")):
+        assert restarts.verdict(err, 5).startswith("not restarted: a deterministic failure"), err
+    assert restarts.verdict(_crash(), 5) is None
+
+
+def test_a_crash_is_recorded_once_per_job_attempt_and_retries_run_out(tmp_path):
+    restarts = Restarts(tmp_path, limit=2)
+    assert restarts.claim("7", "0", 1, _crash(), 4) == 1
+    assert restarts.claim("7", "0", 2, _crash(), 4) is None  # another survivor of the same crash
+    assert restarts.verdict(_crash("... rank 0 silent for 9 s"), 11) is None  # another step: retried
+    assert restarts.claim("7", "1", 0, _crash(), 11) == 2
+    verdict = restarts.verdict(_crash(), 17)
+    assert verdict.startswith("gave up after 2 restart(s) (run.max_restarts=2); last cause at step 17: "
+                              "RuntimeError: a collective operation failed"), verdict
+    assert [r["step"] for r in Restarts(tmp_path, 2).done()] == [4, 11]
+
+
+def test_the_same_error_at_the_same_step_twice_is_not_retried(tmp_path):
+    restarts = Restarts(tmp_path, limit=5)
+    restarts.claim("9", "0", 0, IndexError("index 12 is out of bounds"), 6)
+    assert restarts.verdict(IndexError("index 12 is out of bounds"), 6).startswith(
+        "not restarted: the same error at the same step 6")
+    assert restarts.verdict(IndexError("index 12 is out of bounds"), 7) is None
+    assert first_line(ValueError("a\nb")) == "ValueError: a"
