@@ -148,6 +148,17 @@ def _result(task):
     return value
 
 
+def _errors(tasks) -> str:
+    """'': or each failed task's error, the last line of its traceback (what a rank gave up on)."""
+    said = []
+    for t in tasks:
+        if t.paths.result_pickle.exists():
+            outcome, value = submitit.core.utils.pickle_load(t.paths.result_pickle)
+            if outcome != "success":
+                said.append(f"rank {t.task_id}: {str(value).strip().splitlines()[-1]}")
+    return "".join(f"; {line}" for line in said)
+
+
 def wait(job, timeout_s: float, poll_s: float = 1.0) -> list:
     """Every task's result, or an error naming the logs. Bounded, and reads results and Slurm's own job record
     (scontrol) directly: without accounting there is no sacct, and submitit alone would wait forever on a job
@@ -162,7 +173,7 @@ def wait(job, timeout_s: float, poll_s: float = 1.0) -> list:
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > 10:  # results of tasks that did finish have had time to land
                 raise RuntimeError(f"job {job.job_id} ended {slurm_state(job.job_id)} without results from every "
-                                   f"rank; see the logs in {job.paths.folder}")
+                                   f"rank{_errors(tasks)}; see the logs in {job.paths.folder}")
         time.sleep(poll_s)
     raise TimeoutError(f"job {job.job_id} not finished after {timeout_s:.0f} s; it keeps running "
                        f"(logs in {job.paths.folder})")

@@ -276,7 +276,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     # --- the loop: one counter; each pass over the loader is the rest of an epoch
     stopping = False
     every = cfg.run
-    with heartbeat.names_stuck_ranks(), healing.failures_name_their_step(lambda: iteration + 1):
+    with healing.failures_name_their_step(lambda: iteration + 1), heartbeat.names_stuck_ranks():
         while iteration < total and not stopping:
             start = time.perf_counter()
             for batch in loader:
