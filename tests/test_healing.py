@@ -106,3 +106,41 @@ def test_the_same_error_at_the_same_step_twice_is_not_retried(tmp_path):
         "not restarted: the same error at the same step 6")
     assert restarts.verdict(IndexError("index 12 is out of bounds"), 7) is None
     assert first_line(ValueError("a\nb")) == "ValueError: a"
+
+
+_BACKENDS_IN_ORDER = """
+import sys
+from densessl.pipeline import PairSpec, ViewSpec, build_loader
+from densessl.pipeline.ffcv import write_beton
+
+root, beton, order = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+specs = [PairSpec(size=(64, 64), num_matches=8, min_matches=8), ViewSpec.multicrop("2x64,4x32", min_cells=16,
+                                                                                  num_matches=8)]
+for backend in order:
+    data = write_beton(root, beton, write_mode="jpg") if backend == "ffcv" else root
+    for spec in specs:
+        batch = next(iter(build_loader(backend, data, spec, batch_size=4, workers=1, seed=0)))
+        print(backend, type(spec).__name__, sorted(batch)[0], flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["ffcv,dali", "dali,ffcv"])
+def test_ffcv_and_dali_compile_in_either_order_from_an_empty_numba_cache(synthetic_root, tmp_path, order):
+    """A fresh process with an empty Numba cache once failed to compile DALI's CPU graph after FFCV had run
+    (``Cannot modify readonly array`` in ``resize_crop_aa``): both orders, pairs and multi-crop, at the suite's
+    view sizes."""
+    if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
+        pytest.importorskip("nvidia.dali")
+        pytest.importorskip("ffcv")
+    cache = tmp_path / "numba_cache"
+    cache.mkdir()
+    out = subprocess.run([sys.executable, "-c", _BACKENDS_IN_ORDER, str(synthetic_root / "train"),
+                          str(tmp_path / "data.beton"), order], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    first, second = order.split(",")
+    assert [line.split()[:2] for line in lines] == [[first, "PairSpec"], [first, "ViewSpec"],
+                                                    [second, "PairSpec"], [second, "ViewSpec"]], out.stdout
+    assert any(cache.rglob("*.nbi")), "the run did not use the empty cache it was given"
