@@ -157,6 +157,13 @@ def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crop
     return windows, seeds
 
 
+# The compiled imdecode of every decoder built, kept until the interpreter exits: when one is collected earlier,
+# Numba's dispatcher finaliser fails on it ("Exception ignored ... KeyError: (Array(uint8, 1, 'C', True, ...)")
+# at the end of a benchmark or between tests; at exit the finaliser knows the interpreter is shutting down and
+# does nothing. One small dispatcher per loader built.
+_KEEP_TO_EXIT: list = []
+
+
 class ViewsDecoder(SimpleRGBImageDecoder):
     """Decodes an ``RGBImageField`` once per sample and cuts every view of a ``ViewSpec`` from it, into one flat
     ``uint8`` row per sample (FFCV's pipelines have one fixed-shape output per field; views of several sizes go
@@ -184,6 +191,7 @@ class ViewsDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
+        _KEEP_TO_EXIT.append(imdecode_c)
         jpg = IMAGE_MODES["jpg"]
         seed, first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = \
             self.sampler_args()

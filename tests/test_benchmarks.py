@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +129,15 @@ def test_multicrop_benchmark_prints_every_row_in_one_run(synthetic_root, capsys)
     assert len(rates) == 11 and all(r > 0 for r in rates.values()), out  # DINO, per view, SPDL x2, pairs, 3 x 2
     assert any(name.startswith("SPDL") for name in rates)
     assert all(f"{b}: one extra local view costs" in out for b in ("torch", "ffcv", "dali")), out
+
+
+def test_the_cli_ends_without_a_traceback(synthetic_root, tmp_path):
+    """A benchmark with FFCV once ended with Numba's dispatcher finaliser printing a KeyError ("Exception
+    ignored in: <finalize object ...>") as the process wound down."""
+    if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
+        pytest.importorskip("ffcv")
+    out = subprocess.run([sys.executable, "-m", "densessl.benchmarks", "--data", str(synthetic_root / "train"),
+                          "--backends", "torch,ffcv", "--workers", "1", "--batch", "4", "--size", "64", "--reps", "1",
+                          "--quick", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
