@@ -13,7 +13,7 @@ APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config libavdevice59 libavfi
 EXTRAS  ?= dev,dali,ffcv,bench
 DATA    ?= data/synthetic
 
-.PHONY: setup apt test demo eval compare ablations data bench gpu-check clean
+.PHONY: setup apt test demo eval compare ablations data bench gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -65,9 +65,15 @@ bench: setup data
 	$(PY) -m densessl.benchmarks.correspondence
 	$(PY) -m densessl.benchmarks.loader --data $(DATA)/train
 
-# On a GPU host: the README's commands end to end and the whole suite with CUDA visible (logs in runs/gpu-e2e).
+# For the GPU machine (no network, Python 3.12, its own torch): our wheel and what its image lacks, in
+# .gpu-bundle/core; DALI=1 adds DALI in parts under 60 MiB (.gpu-bundle/dali). See benchmarks/gpu.sh.
+gpu-bundle: setup
+	$(PY) -m densessl.benchmarks.gpu_bundle $(if $(DALI),--dali)
+
+# On a machine with a GPU and the project installed: the prepared GPU run (results in runs/gpu/results.md).
 gpu-check: setup
-	bash tests/gpu_end_to_end.sh
+	$(PY) -m densessl.benchmarks.gpu_bundle --out runs/gpu-bundle --python $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+	BUNDLE=runs/gpu-bundle PYTHON=$(PY) bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .hypothesis

@@ -1,28 +1,117 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that has a GPU: GPU-marked tests, DALI mixed-decode loader throughput, the
-# training step with each loader, compiled, and the trainer end to end. Logs go to $1 (default runs/gpu).
-# Record the numbers in benchmarks/RESULTS.md.
+# One prepared GPU run: everything our GPU evidence needs, in order of value, inside one 10-minute command on a
+# machine with no network, its own Python and torch, and only what `make gpu-bundle` carried (issue 31).
+#
+#   make gpu-bundle                               # here: .gpu-bundle/core (our wheel + what the image lacks)
+#   bash benchmarks/gpu.sh [OUT]                  # there, carrying .gpu-bundle: steps below, OUT/results.md
+#   bash benchmarks/gpu.sh --receive-dali N       # there, one command per part: keep DALI's part N (carry
+#                                                 # .gpu-bundle/dali/part-NN; make gpu-bundle DALI=1 cuts them)
+#   bash benchmarks/gpu.sh --rehearse [OUT]       # here, on the CPU at tiny sizes (make test runs it)
+#
+# Steps, each time-boxed, all within DEADLINE seconds (default 540): 1. pytest with CUDA visible (the gpu tests
+# and the tests whose code runs on CUDA when it is there); 2. the step benchmark, the ResNet-50 anchor then VADeR,
+# DenseCL and MoCo v2, eager and compiled; 3. the trainer end to end on 4,096 files, compiled, with the torch
+# loader (and DALI's when it was carried), against the model-only step; 4. make demo's run and evaluation all on
+# the GPU; 5. the comparison's GPU preset with what time is left. Every step's output goes to OUT/results.md.
 set -uo pipefail
-out=${1:-runs/gpu}; py=${PYTHON:-python3}; mkdir -p "$out"
-cores=$(nproc)
-nvidia-smi -L | tee "$out/device.txt"
-$py -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu_tests.log"
-$py -m densessl.benchmarks.loader --backend torch,dali --device 0 --workers "$cores" --batch 256 --copies 16 \
-    --epochs 1 --reps 3 2>&1 | tee "$out/loader.log"
-$py -m densessl.benchmarks.dali_stages --device 0 --threads "$cores" --batch 256 --copies 16 2>&1 | tee "$out/dali_stages.log"
-$py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 --warmup 20 --steps 40 --copies 16 \
-    --workers $((cores - 2)) --backends torch,dali 2>&1 | tee "$out/train_step.log"
-$py -m densessl.benchmarks.train_step --batch 128 --warmup 20 --steps 60 --compile --sync-every 20 \
-    --profile "$out/profile" 2>&1 | tee "$out/train_step_compiled.log"
-# the trainer end to end, compiled, on 4,096 files (the embedded set is 2 batches per epoch, and every epoch's
-# first batch waits for the workers): compare its median pairs/s with the compiled model-only step above
-root=$($py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
-for backend in dali torch; do
-  $py -m densessl.train data.path="$root" model.arch=resnet50 optim.batch_size=128 data.workers=$((cores - 2)) \
-      optim.steps=300 run.compile=true run.sync_every=20 data.backend=$backend run.dir="$out/e2e-$backend" \
-      run.progress=false run.checkpoint_every=1000 run.tensorboard=false 2>&1 | tail -n 3 | tee "$out/e2e-$backend.log"
-  $py -c "import csv, statistics, sys; r = list(csv.DictReader(open(sys.argv[1])))[50:]
-print(sys.argv[2], 'steps 51+: median', statistics.median(float(x['images_per_s']) for x in r), 'pairs/s,',
-      'median data wait', statistics.median(float(x['data_wait']) for x in r))" \
-      "$out/e2e-$backend/metrics.csv" "$backend" | tee -a "$out/e2e-$backend.log"
-done
+cd "$(dirname "$0")/.."
+DALI_DIR=${DALI_DIR:-/tmp/densessl-dali}
+
+if [ "${1:-}" = --receive-dali ]; then
+  part=$(printf '.gpu-bundle/dali/part-%02d' "${2:?usage: gpu.sh --receive-dali N}")
+  [ -f "$part" ] || { echo "gpu.sh: $part was not carried"; exit 1; }
+  mkdir -p "$DALI_DIR" && cp "$part" .gpu-bundle/dali/SHA256 "$DALI_DIR"/
+  echo "gpu.sh: DALI parts here: $(cd "$DALI_DIR" && ls part-* | tr '\n' ' ')($(cat "$DALI_DIR/SHA256"))"
+  exit 0
+fi
+rehearse=; [ "${1:-}" = --rehearse ] && { rehearse=1; shift; }
+out=${1:-runs/gpu}; mkdir -p "$out"; out=$(cd "$out" && pwd)
+results=$out/results.md
+start=$SECONDS; deadline=${DEADLINE:-540}
+if [ -n "$rehearse" ]; then
+  py=${PYTHON:-.venv/bin/python}; export CUDA_VISIBLE_DEVICES=
+else
+  py=${PYTHON:-python3}
+fi
+log() { echo "$*" | tee -a "$results"; }
+
+# --- install: the carried wheels into a temporary target, no index, no build
+site=$(mktemp -d /tmp/densessl-site.XXXXXX)
+$py -m pip install -q --no-index --no-deps --no-compile --target "$site" "${BUNDLE:-.gpu-bundle}"/core/*.whl ||
+  { echo "gpu.sh: cannot install ${BUNDLE:-.gpu-bundle}/core: run make gpu-bundle and carry .gpu-bundle"; exit 1; }
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+dali=no
+if [ -f "$DALI_DIR/SHA256" ]; then
+  want=$(cut -d' ' -f1 "$DALI_DIR/SHA256"); n=$(cut -d' ' -f3 "$DALI_DIR/SHA256")
+  if [ "$(ls "$DALI_DIR"/part-* | wc -l)" = "$n" ] && [ "$(cat "$DALI_DIR"/part-* | sha256sum | cut -d' ' -f1)" = "$want" ]; then
+    mkdir -p "$DALI_DIR/wheels" && cat "$DALI_DIR"/part-* | tar -x -C "$DALI_DIR/wheels" &&
+      $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "$DALI_DIR"/wheels/*.whl && dali=yes
+  else
+    echo "gpu.sh: DALI parts incomplete or damaged in $DALI_DIR: running without DALI"
+  fi
+fi
+: >"$results"
+log "# benchmarks/gpu.sh $(date -u +%Y-%m-%dT%H:%MZ)${rehearse:+ (rehearsal on the CPU)}"
+log ""
+log '```'
+{ nvidia-smi -L 2>/dev/null || echo "no GPU (nvidia-smi failed)"; } | tee -a "$results"
+$py -c "import sys, torch, densessl.pipeline as p; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| cuda', torch.cuda.is_available(), '| densessl from', p.__path__[0])" 2>&1 | tee -a "$results"
+log "DALI carried: $dali"
+log '```'
+
+failed=0
+step() {  # step NAME BOX_SECONDS COMMAND...: run within min(BOX, time left), its output into results.md
+  local name=$1 box=$2; shift 2
+  local left=$((deadline - (SECONDS - start) - 10))
+  [ "$box" -gt "$left" ] && box=$left
+  if [ "$box" -lt 20 ]; then log ""; log "## $name: skipped, ${left}s left"; return; fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$box" "$@" >"$out/$name.log" 2>&1; local rc=$?
+  local verdict=ok; [ $rc = 124 ] && verdict="TIMED OUT at ${box}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="FAILED (exit $rc)"
+  [ "$verdict" = ok ] || failed=1
+  log ""; log "## $name: $verdict, $((SECONDS - t0)) s"; log ""; log '```'; log "\$ $*"
+  grep -v -e 'FutureWarning' -e '^  warnings.warn' -e '^  net = Distributed' "$out/$name.log" | tail -n 60 | tee -a "$results"
+  log '```'
+}
+
+if [ -n "$rehearse" ]; then  # the same steps, tiny
+  data=${DATA:?the rehearsal needs DATA=<a tiny ImageFolder set with train/ and val/>}
+  step pytest 120 $py -m pytest -q -rs -p no:cacheprovider -m gpu tests/
+  step train_step 120 $py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --arch resnet18 \
+    --size 64 --batch 4 --warmup 1 --steps 1 --workers 1 --data "$data/train" --no-anchor
+  step trainer_e2e 120 $py -m densessl.train data.path="$data/train" model.arch=resnet18 views.size=64 \
+    optim.batch_size=8 data.workers=1 optim.steps=3 method.queue_size=256 views.num_matches=8 views.min_matches=8 \
+    run.dir="$out/e2e-torch" run.progress=false run.tensorboard=false
+  step demo_and_evaluation 180 bash -c "$py -m densessl.experiments.demo --tiny --data '$out/demo-data' \
+    --out '$out/demo' --steps 2 --batch 8 --view-size 64 && $py -m densessl.evaluation all --checkpoint '$out/demo' \
+    --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5"
+  step compare 180 $py -m densessl.experiments.compare --tiny --data "$out/demo-data" --out "$out/compare"
+else
+  cores=$(nproc)
+  root=$($py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
+  step pytest 150 bash -c "$py -m pytest -q -rs -p no:cacheprovider -m gpu tests/ && $py -m pytest -q -rs \
+    -p no:cacheprovider tests/test_losses.py tests/test_model.py tests/test_methods.py tests/test_augment.py \
+    tests/test_dali.py"  # the gpu tests, then the files whose code runs on CUDA when it is there
+  step train_step 120 $py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 \
+    --warmup 10 --steps 30 --workers $((cores - 2))
+  step train_step_compiled 100 $py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 \
+    --warmup 15 --steps 40 --compile --sync-every 20 --no-anchor --workers $((cores - 2))
+  backends=torch; [ $dali = yes ] && backends="torch dali"
+  for backend in $backends; do
+    step "trainer_e2e_$backend" 90 bash -c "$py -m densessl.train data.path='$root' model.arch=resnet50 \
+      optim.batch_size=128 data.workers=$((cores - 2)) optim.steps=200 run.compile=true run.sync_every=20 \
+      data.backend=$backend run.dir='$out/e2e-$backend' run.progress=false run.checkpoint_every=1000 \
+      run.tensorboard=false && $py -c \"import csv, statistics; r = list(csv.DictReader(open('$out/e2e-$backend/metrics.csv')))[50:]
+print('$backend: steps 51+: median', statistics.median(float(x['images_per_s']) for x in r), 'pairs/s, median data wait',
+      statistics.median(float(x['data_wait']) for x in r))\""
+  done
+  step demo_and_evaluation 100 bash -c "$py -m densessl.experiments.demo --device cuda --data '$out/data' \
+    --out '$out/demo' --workers $((cores - 2)) && $py -m densessl.evaluation all --checkpoint '$out/demo' \
+    --root '$out/data' --out '$out/demo/eval'"
+  step compare 600 $py -m densessl.experiments.compare --device cuda --data "$out/data" --out "$out/compare" \
+    --steps 800 --seeds 0 1 2 --workers $((cores - 2))
+fi
+log ""; log "total $((SECONDS - start)) s of the ${deadline} s allowed"
+rm -rf "$site"
+exit $failed

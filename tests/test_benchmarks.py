@@ -1,9 +1,11 @@
 """The benchmark CLI runs every backend at a tiny size and writes well-formed results (no timing assertions)."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 from densessl.benchmarks import stages
 from densessl.benchmarks.__main__ import BACKENDS, main
 from densessl.pipeline import BATCH, PairSpec, build_loader, scan_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cli_runs_every_backend_and_writes_json_and_png(synthetic_root, tmp_path):
@@ -141,3 +145,35 @@ def test_the_cli_ends_without_a_traceback(synthetic_root, tmp_path):
                           "--quick", "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_file_cut_into_parts_joins_back_to_its_digest(tmp_path):
+    from densessl.benchmarks.gpu_bundle import split
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    (tmp_path / "wheel").write_bytes(data)
+    parts = split(tmp_path / "wheel", tmp_path / "parts", part_bytes=3_000)
+    assert [p.name for p in parts] == ["part-00", "part-01", "part-02", "part-03"]
+    assert all(p.stat().st_size <= 3_000 for p in parts)
+    joined = b"".join(p.read_bytes() for p in parts)
+    digest, count = (tmp_path / "parts" / "SHA256").read_text().split()[:2]
+    assert joined == data and digest == hashlib.sha256(data).hexdigest() and count == "4"
+
+
+@pytest.mark.slow
+def test_the_gpu_script_rehearses_on_the_cpu(synthetic_root, tmp_path):
+    """make gpu-bundle's wheels for this interpreter, installed by benchmarks/gpu.sh into a temporary target
+    with no index, and every step of the GPU run at tiny sizes: the script cannot rot unseen."""
+    from densessl.benchmarks.gpu_bundle import main as bundle
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bundle(["--out", str(tmp_path / "bundle"), "--python", version])
+    wheels = sorted(p.name.split("-")[0] for p in (tmp_path / "bundle" / "core").glob("*.whl"))
+    assert wheels == ["densessl", "simplejpeg", "submitit"]
+    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--rehearse", str(tmp_path / "gpu")],
+                         env={**os.environ, "BUNDLE": str(tmp_path / "bundle"), "DATA": str(synthetic_root),
+                              "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    results = (tmp_path / "gpu" / "results.md").read_text()
+    assert out.returncode == 0, results[-4000:] + out.stderr[-2000:]
+    for step in ("pytest", "train_step", "trainer_e2e", "demo_and_evaluation", "compare"):
+        assert f"## {step}: ok" in results, results[-4000:]
+    assert "densessl from /tmp/densessl-site." in results  # the carried wheel, not this checkout
+    assert "Every probe beats its trivial baseline" in results or "| random init [hypercolumn] |" in results
