@@ -3,9 +3,10 @@
 # machine with no network, its own Python and torch, and only what `make gpu-bundle` carried (issue 31).
 #
 #   make gpu-bundle                               # here: .gpu-bundle/core (our wheel + what the image lacks)
-#   bash benchmarks/gpu.sh [OUT]                  # there, carrying .gpu-bundle: steps below, OUT/results.md
-#   bash benchmarks/gpu.sh --receive-dali N       # there, one command per part: keep DALI's part N (carry
-#                                                 # .gpu-bundle/dali/part-NN; make gpu-bundle DALI=1 cuts them)
+#   bash benchmarks/gpu.sh [OUT]                  # there, carrying .gpu-bundle/core: steps below, OUT/results.md
+#   bash benchmarks/gpu.sh --receive-dali N       # there, one command per part, while the machine stays up: keep
+#                                                 # DALI's part N (carry .gpu-bundle/dali/part-NN and
+#                                                 # .gpu-bundle/dali/SHA256; make gpu-bundle DALI=1 cuts them)
 #   bash benchmarks/gpu.sh --rehearse [OUT]       # here, on the CPU at tiny sizes (make test runs it)
 #
 # Steps, each time-boxed, all within DEADLINE seconds (default 540): 1. pytest with CUDA visible (the gpu tests
@@ -18,9 +19,9 @@ cd "$(dirname "$0")/.."
 DALI_DIR=${DALI_DIR:-/tmp/densessl-dali}
 
 if [ "${1:-}" = --receive-dali ]; then
-  part=$(printf '.gpu-bundle/dali/part-%02d' "${2:?usage: gpu.sh --receive-dali N}")
-  [ -f "$part" ] || { echo "gpu.sh: $part was not carried"; exit 1; }
-  mkdir -p "$DALI_DIR" && cp "$part" .gpu-bundle/dali/SHA256 "$DALI_DIR"/
+  part=$(printf '.gpu-bundle/dali/part-%02d' "$((10#${2:?usage: gpu.sh --receive-dali N}))")
+  [ -f "$part" ] && [ -f .gpu-bundle/dali/SHA256 ] || { echo "gpu.sh: carry $part and .gpu-bundle/dali/SHA256"; exit 1; }
+  mkdir -p "$DALI_DIR" && cp "$part" .gpu-bundle/dali/SHA256 "$DALI_DIR"/ || exit 1
   echo "gpu.sh: DALI parts here: $(cd "$DALI_DIR" && ls part-* | tr '\n' ' ')($(cat "$DALI_DIR/SHA256"))"
   exit 0
 fi
@@ -50,6 +51,7 @@ if [ -f "$DALI_DIR/SHA256" ]; then
     echo "gpu.sh: DALI parts incomplete or damaged in $DALI_DIR: running without DALI"
   fi
 fi
+[ $dali = no ] && $py -c "import nvidia.dali" 2>/dev/null && dali=yes  # installed already (make gpu-check)
 : >"$results"
 log "# benchmarks/gpu.sh $(date -u +%Y-%m-%dT%H:%MZ)${rehearse:+ (rehearsal on the CPU)}"
 log ""
@@ -68,8 +70,9 @@ step() {  # step NAME BOX_SECONDS COMMAND...: run within min(BOX, time left), it
   if [ "$box" -lt 20 ]; then log ""; log "## $name: skipped, ${left}s left"; return; fi
   local t0=$SECONDS
   timeout --kill-after=10 "$box" "$@" >"$out/$name.log" 2>&1; local rc=$?
-  local verdict=ok; [ $rc = 124 ] && verdict="TIMED OUT at ${box}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="FAILED (exit $rc)"
+  local verdict=ok; { [ $rc = 124 ] || [ $rc = 137 ]; } && verdict="TIMED OUT at ${box}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="FAILED (exit $rc)"
   [ "$verdict" = ok ] || failed=1
+  [ $rc != 0 ] && [ "$name" = data ] && data_failed=1
   log ""; log "## $name: $verdict, $((SECONDS - t0)) s"; log ""; log '```'; log "\$ $*"
   grep -v -e 'FutureWarning' -e '^  warnings.warn' -e '^  net = Distributed' "$out/$name.log" | tail -n 60 | tee -a "$results"
   log '```'
@@ -88,8 +91,10 @@ if [ -n "$rehearse" ]; then  # the same steps, tiny
     --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5"
   step compare 180 $py -m densessl.experiments.compare --tiny --data "$out/demo-data" --out "$out/compare"
 else
-  cores=$(nproc)
-  root=$($py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))" | tail -n 1)
+  cores=$(nproc); data_failed=
+  step data 90 $py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))"
+  root=$(tail -n 1 "$out/data.log")
+  [ -n "$data_failed" ] && root=/nonexistent  # the trainer steps then fail naming it, after the tests ran
   step pytest 150 bash -c "$py -m pytest -q -rs -p no:cacheprovider -m gpu tests/ && $py -m pytest -q -rs \
     -p no:cacheprovider tests/test_losses.py tests/test_model.py tests/test_methods.py tests/test_augment.py \
     tests/test_dali.py"  # the gpu tests, then the files whose code runs on CUDA when it is there

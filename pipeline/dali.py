@@ -212,7 +212,8 @@ def cut_all_views_op(image, windows, anchor, spec: ViewSpec) -> list:
 
 @pipeline_def(enable_checkpointing=True)
 def views_pipeline(files, indices, spec: ViewSpec, shard_id: int, num_shards: int, decode_device: str):
-    """A ``ViewSpec``'s graph: one decode of the whole image, every view cut from it."""
+    """A ``ViewSpec``'s graph: one decode (on the CPU of the union box of the windows, with ``mixed`` of the
+    whole image), every view cut from it."""
     jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
                                    shuffle_after_epoch=True, name="Reader")
     windows, seeds, shape, anchor, box = views_params_op(jpegs, spec)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
 
 try:
     from ffcv.fields import IntField, RGBImageField
@@ -31,6 +31,7 @@ try:
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.loader import Loader, OrderOption
+    from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
     from ffcv.reader import Reader
@@ -45,6 +46,33 @@ from .folder import BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
 from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import resize_crop_aa
+
+def _readonly(dtype, ndim: int) -> types.Array:
+    return types.Array(dtype, ndim, "C", readonly=True)
+
+
+# FFCV 1.0.2's memory managers declare their state read-only by setting ``mutable = False`` on Numba's shared,
+# interned array types (``nb.uint8[::1]`` is the one ``array(uint8, 1d, C)`` of the process). That turns every such
+# array read-only, in every later compilation, and changes the type's hash: DALI's numba operators then failed to
+# compile (``Cannot modify readonly array`` in ``resize_crop_aa``, depending on what the process had compiled
+# before), and Numba's dispatcher finaliser raised KeyError as a benchmark ended. The same state types, built as
+# their own read-only types (a writable array converts to one safely):
+OSCacheManager.state_type = property(
+    lambda self: types.Tuple([_readonly(types.uint8, 1), types.uint64[::1], types.uint64[::1]]))
+
+
+def _os_cache_reader(self):
+    """The OS-cache manager's reader (a sample's bytes from the memory-mapped file, by its address), declared
+    with the read-only types above: FFCV's declares its result as the shared type it had marked read-only."""
+    def read(address, state):
+        return state[0][address:address + state[2][np.searchsorted(state[1], address)]]
+    return Compiler.compile(read, _readonly(types.uint8, 1)(types.uint64, self.state_type))
+
+
+OSCacheManager.compile_reader = _os_cache_reader
+ProcessCacheManager.state_type = property(
+    lambda self: types.Tuple([_readonly(types.uint8, 2), _readonly(types.uint64, 1), _readonly(types.uint64, 1),
+                              _readonly(types.uint32, 1)]))
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -157,13 +185,6 @@ def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crop
     return windows, seeds
 
 
-# The compiled imdecode of every decoder built, kept until the interpreter exits: when one is collected earlier,
-# Numba's dispatcher finaliser fails on it ("Exception ignored ... KeyError: (Array(uint8, 1, 'C', True, ...)")
-# at the end of a benchmark or between tests; at exit the finaliser knows the interpreter is shutting down and
-# does nothing. One small dispatcher per loader built.
-_KEEP_TO_EXIT: list = []
-
-
 class ViewsDecoder(SimpleRGBImageDecoder):
     """Decodes an ``RGBImageField`` once per sample and cuts every view of a ``ViewSpec`` from it, into one flat
     ``uint8`` row per sample (FFCV's pipelines have one fixed-shape output per field; views of several sizes go
@@ -191,7 +212,6 @@ class ViewsDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        _KEEP_TO_EXIT.append(imdecode_c)
         jpg = IMAGE_MODES["jpg"]
         seed, first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = \
             self.sampler_args()

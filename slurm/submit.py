@@ -93,23 +93,23 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     @staticmethod
     def _heal_or_fail(env, restarts: healing.Restarts, err: Exception) -> None:
-        """A crash this rank survived (``healing``): requeue the job, once per crash, and leave; or raise (a
-        deterministic failure, retries used up, not on Slurm), and the job ends FAILED with the reason."""
-        step = healing.failed_step(err)
-        verdict = restarts.verdict(err, step)
-        if verdict is not None and verdict.startswith("gave up"):
-            raise RuntimeError(verdict) from err
-        if verdict is not None or env.cluster != "slurm":
-            return  # the caller re-raises the error itself
+        """A crash on Slurm (``healing``): the rank that claims it requeues the job and leaves, the other
+        survivors wait for Slurm to end them; or the job fails with the reason. Off Slurm the caller re-raises."""
+        if env.cluster != "slurm":
+            return
         attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
-        number = restarts.claim(env.job_id, attempt, env.global_rank, err, step)
-        if number is not None:
-            print(f"rank {env.global_rank}: {healing.first_line(err)} at step {step}; restart {number} of at most "
-                  f"{restarts.limit}: requeueing job {env.job_id}", flush=True)
-            subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
+        action, value = restarts.handle(env.job_id, attempt, env.global_rank, err, healing.failed_step(err))
+        cause = f"rank {env.global_rank}: {healing.first_line(err)} at step {healing.failed_step(err)}"
+        if action == "fail":
+            raise RuntimeError(value) from err
+        if action == "requeue":
+            print(f"{cause}; restart {value} of at most {restarts.limit}: requeueing job {env.job_id}", flush=True)
+            done = subprocess.run(["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                restarts.release(env.job_id, attempt)
+                raise RuntimeError(f"could not requeue job {env.job_id} ({done.stderr.strip()}) after {cause}") from err
         else:
-            print(f"rank {env.global_rank}: {healing.first_line(err)}; another rank requeues job {env.job_id}",
-                  flush=True)
+            print(f"{cause}; another rank requeues job {env.job_id}", flush=True)
             time.sleep(60)  # Slurm ends this task when it requeues the job; exiting first could end the job
         sys.stderr.flush()
         os._exit(1)  # no result file (the requeued job writes it) and no teardown of a broken process group

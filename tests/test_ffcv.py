@@ -118,3 +118,16 @@ def test_damaged_beton_stops_the_epoch_with_an_error_not_a_hang(synthetic_root, 
         read_stored_image(beton, 5)
     with pytest.raises(RuntimeError, match="loader thread stopped"):
         list(ffcv_loader(beton, order="sequential"))
+
+
+@pytest.mark.parametrize("os_cache", [True, False])
+def test_ffcv_leaves_numbas_shared_array_types_writable(raw_beton, os_cache):
+    """FFCV 1.0.2 marked Numba's interned array types read-only (``nb.uint8[::1].mutable = False``), and every
+    later kernel in the process that made such an array could no longer write to it (DALI's view cutter failed
+    to compile in the suite). pipeline.ffcv builds those state types as its own."""
+    import numba
+
+    from densessl.pipeline.ffcv import FfcvViewPairLoader
+    shared = [numba.types.uint8[::1], numba.types.uint8[:, ::1], numba.types.uint64[::1], numba.types.uint32[::1]]
+    next(iter(FfcvViewPairLoader(raw_beton, SPEC, batch_size=4, workers=2, os_cache=os_cache)))
+    assert all(t.mutable for t in shared), [t for t in shared if not t.mutable]

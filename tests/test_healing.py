@@ -14,7 +14,7 @@ import pytest
 from densessl.model.checkpoint import CheckpointError
 from densessl.train.config import ConfigError
 from densessl.train.healing import Restarts, first_line
-from test_train import REPO, losses, run_train, tiny_args
+from runs import REPO, losses, run_train, tiny_args
 
 
 def _children(pid: int) -> list[int]:
@@ -80,32 +80,43 @@ def _crash(message="a collective operation failed on rank 1 (Connection closed b
 
 def test_deterministic_failures_are_not_retried(tmp_path):
     restarts = Restarts(tmp_path, limit=3)
-    for err in (ConfigError("data.path='x': no images"), CheckpointError("truncated"),
-                FloatingPointError("loss is not finite at step 5"),
-                RuntimeError("more than data.max_bad_images=10 unreadable images were skipped")):
-        assert restarts.verdict(err, 5).startswith("not restarted: a deterministic failure"), err
-    assert restarts.verdict(_crash(), 5) is None
+    for k, err in enumerate((ConfigError("data.path='x': no images"), CheckpointError("truncated"),
+                             FloatingPointError("loss is not finite at step 5"),
+                             RuntimeError("more than data.max_bad_images=10 unreadable images were skipped"))):
+        action, reason = restarts.handle("7", str(k), 0, err, 5)
+        assert action == "fail" and reason.startswith("not restarted: a deterministic failure"), err
+    assert restarts.done() == []
+    assert restarts.handle("7", "9", 0, _crash(), 5) == ("requeue", 1)
 
 
-def test_a_crash_is_recorded_once_per_job_attempt_and_retries_run_out(tmp_path):
+def test_a_crash_is_claimed_once_per_job_attempt_and_retries_run_out(tmp_path):
     restarts = Restarts(tmp_path, limit=2)
-    assert restarts.claim("7", "0", 1, _crash(), 4) == 1
-    assert restarts.claim("7", "0", 2, _crash(), 4) is None  # another survivor of the same crash
-    assert restarts.verdict(_crash("... rank 0 silent for 9 s"), 11) is None  # another step: retried
-    assert restarts.claim("7", "1", 0, _crash(), 11) == 2
-    verdict = restarts.verdict(_crash(), 17)
-    assert verdict.startswith("gave up after 2 restart(s) (run.max_restarts=2); last cause at step 17: "
-                              "RuntimeError: a collective operation failed"), verdict
-    assert [r["step"] for r in Restarts(tmp_path, 2).done()] == [4, 11]
+    assert restarts.handle("7", "0", 1, _crash(), 4) == ("requeue", 1)
+    assert restarts.handle("7", "0", 2, _crash(), 4) == ("defer", None)  # another survivor of the same crash
+    assert restarts.handle("7", "1", 0, _crash("... rank 0 silent for 9 s"), 11) == ("requeue", 2)
+    action, reason = restarts.handle("7", "2", 1, _crash(), 17)
+    assert action == "fail" and reason.startswith(
+        "gave up after 2 restart(s) (run.max_restarts=2); last cause at step 17: RuntimeError: a collective "
+        "operation failed"), reason
+    assert restarts.handle("7", "2", 2, _crash(), 17)[0] == "fail"  # the claim was released; the same verdict
+    assert [r["step"] for r in Restarts(tmp_path, 2).done()][:2] == [4, 11]
+    assert first_line(ValueError("a\nb")) == "ValueError: a"
+
+
+def test_a_rank_that_failed_deterministically_stops_the_survivors_requeue(tmp_path):
+    restarts = Restarts(tmp_path, limit=3)
+    assert restarts.handle("8", "0", 0, ConfigError("model.arch='x'"), 1)[0] == "fail"
+    action, reason = restarts.handle("8", "0", 1, _crash(), 1)
+    assert action == "fail" and reason == "not restarted: rank 0 failed deterministically (ConfigError: model.arch='x')"
+    assert restarts.done() == []
 
 
 def test_the_same_error_at_the_same_step_twice_is_not_retried(tmp_path):
     restarts = Restarts(tmp_path, limit=5)
-    restarts.claim("9", "0", 0, IndexError("index 12 is out of bounds"), 6)
-    assert restarts.verdict(IndexError("index 12 is out of bounds"), 6).startswith(
-        "not restarted: the same error at the same step 6")
-    assert restarts.verdict(IndexError("index 12 is out of bounds"), 7) is None
-    assert first_line(ValueError("a\nb")) == "ValueError: a"
+    assert restarts.handle("9", "0", 0, IndexError("index 12 is out of bounds"), 6) == ("requeue", 1)
+    action, reason = restarts.handle("9", "1", 0, IndexError("index 12 is out of bounds"), 6)
+    assert action == "fail" and reason.startswith("not restarted: the same error at the same step 6"), reason
+    assert restarts.handle("9", "2", 0, IndexError("index 12 is out of bounds"), 7) == ("requeue", 2)
 
 
 _BACKENDS_IN_ORDER = """

@@ -8,7 +8,8 @@
   requeue``, as submitit does on a time-out); the requeued job resumes from the newest checkpoint
   (``run.resume=auto``). At most ``run.max_restarts`` times. A deterministic failure is not retried: a
   configuration or checkpoint error, a non-finite loss, the bad-image cap, or the same error at the same step as
-  the restart before. ``slurm.submit.TrainJob`` applies the rule; ``Restarts`` keeps the count.
+  the restart before, or a rank's deterministic failure that the others only see as a broken collective.
+  ``Restarts`` decides and keeps the count; ``slurm.submit.TrainJob`` acts on it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class RestartingLoader:
         return len(self.loader)
 
     def __getattr__(self, name):  # epoch, batch, set_epoch, state_dict, ...
+        if "loader" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["loader"], name)
 
     def __iter__(self):
@@ -78,8 +81,7 @@ class RestartingLoader:
                                f"(run.max_loader_restarts={self.limit}); last: {first_line(err)}") from err
         self.restarts += 1
         state = self.loader.state_dict()
-        del self.loader  # its DataLoader iterator shuts the other workers down
-        self.loader = self.build(state)
+        self.loader = self.build(state)  # the old one's workers end when it is collected
         self.log(f"loader rebuilt at epoch {epoch}, batch {batch} after {first_line(err)} (restart {self.restarts} "
                  f"of at most {self.limit} this epoch)")
 
@@ -111,46 +113,72 @@ def failed_step(err: BaseException) -> int | None:
 DETERMINISTIC = ("ConfigError", "CheckpointError", "RefusedCheckpoint", "FloatingPointError")
 
 
+def deterministic(err: BaseException) -> bool:
+    """A failure a restart would meet again: the configuration, a checkpoint, a non-finite loss, the bad-image
+    cap."""
+    return type(err).__name__ in DETERMINISTIC or "max_bad_images" in first_line(err)
+
+
 class Restarts:
-    """The restarts of one run, in ``run_dir/restarts/``: one JSON file per restart, named by the job and its
-    Slurm restart count, so that the ranks that survive one crash record it once."""
+    """The restarts of one run, in ``run_dir/restarts/`` (delete the folder to start counting again): one JSON
+    file per requeue, named by the job and its Slurm restart count, so that the ranks that survive one crash
+    record it once; and ``fatal.*`` files, written by a rank that failed deterministically, so that the ranks
+    that only see their collective break do not requeue."""
 
     def __init__(self, run_dir: str | Path, limit: int):
         self.folder, self.limit = Path(run_dir) / "restarts", limit
 
     def done(self) -> list[dict]:
+        """The requeues so far, oldest first."""
         if not self.folder.is_dir():
             return []
-        records = [json.loads(p.read_text()) for p in self.folder.glob("*.json")]
-        return sorted(records, key=lambda r: r["time"])
+        return sorted((json.loads(p.read_text()) for p in self.folder.glob("job*.json")), key=lambda r: r["time"])
 
-    def verdict(self, err: BaseException, step: int | None) -> str | None:
-        """Why ``err`` must not be retried (``None``: requeue). Deterministic causes, or the retries used up."""
-        cause = first_line(err)
-        if type(err).__name__ in DETERMINISTIC or "max_bad_images" in cause:
-            return f"not restarted: a deterministic failure ({cause})"
-        done = self.done()
-        if done and done[-1]["step"] == step and _shape(done[-1]["cause"]) == _shape(cause):
-            return (f"not restarted: the same error at the same step {step} as before restart {len(done)} "
-                    f"({cause})")
-        if len(done) >= self.limit:
-            return (f"gave up after {len(done)} restart(s) (run.max_restarts={self.limit}); last cause at step "
-                    f"{step}: {cause}")
-        return None
+    def handle(self, job: str, attempt: str, rank: int, err: BaseException, step: int | None) -> tuple[str, object]:
+        """What this rank does about ``err``: ``("fail", reason)``, ``("requeue", restart number)`` for the one
+        rank that claims this job attempt's crash, or ``("defer", None)`` for the other survivors."""
+        record = {"job": job, "attempt": attempt, "rank": rank, "step": step, "cause": first_line(err),
+                  "time": time.time()}
+        if deterministic(err):
+            self._create(f"fatal.job{job}.{attempt}.json", record)
+            return "fail", f"not restarted: a deterministic failure ({record['cause']})"
+        claim = f"job{job}.{attempt}.json"
+        if not self._create(claim, record):
+            return "defer", None
+        earlier = [r for r in self.done() if (r["job"], r["attempt"]) != (job, attempt)]
+        fatal = self.folder / f"fatal.job{job}.{attempt}.json"
+        reason = None
+        if fatal.exists():
+            other = json.loads(fatal.read_text())
+            reason = f"not restarted: rank {other['rank']} failed deterministically ({other['cause']})"
+        elif earlier and earlier[-1]["step"] == step and _shape(earlier[-1]["cause"]) == _shape(record["cause"]):
+            reason = (f"not restarted: the same error at the same step {step} as before restart {len(earlier)} "
+                      f"({record['cause']})")
+        elif len(earlier) >= self.limit:
+            reason = (f"gave up after {len(earlier)} restart(s) (run.max_restarts={self.limit}); last cause at "
+                      f"step {step}: {record['cause']}")
+        if reason is not None:
+            self.release(job, attempt)
+            return "fail", reason
+        return "requeue", len(earlier) + 1
 
-    def claim(self, job: str, attempt: str, rank: int, err: BaseException, step: int | None) -> int | None:
-        """Record this crash once per job attempt; the restart's number for the rank that recorded it, ``None``
-        for the others."""
+    def release(self, job: str, attempt: str) -> None:
+        """Take back a claim that did not become a requeue."""
+        (self.folder / f"job{job}.{attempt}.json").unlink(missing_ok=True)
+
+    def _create(self, name: str, record: dict) -> bool:
+        """Write ``name`` whole, unless it exists (a temporary file linked into place: readers never see it
+        half-written, and exactly one writer wins)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"job{job}.{attempt}.json"
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.folder / name)
+            return True
         except FileExistsError:
-            return None
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job": job, "attempt": attempt, "rank": rank, "step": step, "cause": first_line(err),
-                       "time": time.time()}, f)
-        return len(self.done())
+            return False
+        finally:
+            tmp.unlink()
 
 
 def _shape(cause: str) -> str:
