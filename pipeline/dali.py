@@ -72,9 +72,7 @@ def _views_setup(spec: PairSpec):
 
 def _cut_views(view1, view2, image, params):
     """A DALI numba_function body (CPU graphs): ``resize.cut_pair``'s two calls on an image that holds only the
-    union box of the two windows (``decode_op``), so each window moves by the box's corner. Written out because
-    a kernel that calls another dispatcher, when first compiled inside DALI's numba plugin, is typed there with
-    its scratch arrays read-only and fails (seen with an empty Numba cache)."""
+    union box of the two windows (``decode_op``), so each window moves by the box's corner."""
     top, left, _, _ = window_union(params)
     resize_crop_aa(image, params[0] - top, params[1] - left, params[2], params[3], params[4] != 0, view1)
     resize_crop_aa(image, params[5] - top, params[6] - left, params[7], params[8], params[9] != 0, view2)
@@ -157,10 +155,9 @@ _MAX_OUTPUTS = 6  # DALI's numba_function takes at most six outputs
 def _cut_groups_body(counts: list[int]):
     """A DALI numba_function body with one ``[count, h, w, 3]`` output per group: ``resize_crop_aa`` of each
     view's window, moved by the decoded box's corner (``views_params_op``), into its index of its group's output.
-    Generated for the groups because numba_function takes a fixed argument list. (Outputs by group, not one row
-    for all views: a body that passes arrays it made itself, such as a view's slice of a flat row reshaped, to
-    the resize kernel was typed with them read-only inside DALI's numba plugin, depending on what the process
-    compiled before.)"""
+    Generated for the groups because numba_function takes a fixed argument list. (Kernels compiled here once
+    failed with their own scratch arrays typed read-only: FFCV had marked Numba's shared array types read-only
+    in the same process; ``pipeline.ffcv`` prevents that.)"""
     outs = ", ".join(f"group{g}" for g in range(len(counts)))
     lines = [f"def run({outs}, image, windows, anchor):",
              "    top, left = np.int64(anchor[1]), np.int64(anchor[0])"]
