@@ -16,6 +16,7 @@ if not os.environ.get("DENSESSL_REQUIRE_BACKENDS"):
     pytest.importorskip("submitit")  # a core dependency; missing only where the project is not installed
 
 from densessl.slurm.submit import slurm_state, submit, wait  # noqa: E402
+from densessl.train.healing import Restarts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
@@ -193,7 +194,9 @@ def test_retries_run_out_and_a_configuration_error_does_not_loop(cluster, synthe
         wait(job, timeout_s=300)
     assert "Restarts=0" in subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True,
                                           text=True).stdout
-    assert not (Path(run_dir) / "restarts").exists()
+    assert Restarts(run_dir, 3).done() == []  # no requeue recorded; each rank left its deterministic failure
+    fatal = [json.loads(p.read_text()) for p in (Path(run_dir) / "restarts").glob("fatal.*.json")]
+    assert fatal and fatal[0]["cause"].startswith("ConfigError: data.path="), fatal
 
 
 def test_local_executor_runs_two_tasks(synthetic_root, tmp_path):
