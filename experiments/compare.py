@@ -48,6 +48,9 @@ ABLATIONS = {
     "negatives: same image (r=2)": {"method.negatives": "image", "method.exclusion_radius": 2.0},
     "queue 1,024": {"method.queue_size": 1024},
     "no momentum encoder": {"method.momentum": 0.0},
+    "no momentum encoder, in-batch negatives (SimCLR-style)": {"method.momentum": 0.0, "method.negatives": "batch"},
+    "Table 3: unmatched positives": {"method.positives": "unmatched"},
+    "Table 3: same view": {"views.same_window": True},
     "8 matches per pair": {"views.num_matches": 8},
     "init MoCo v2": {"model.init_encoder": "mocov2"},
 }

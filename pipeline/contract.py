@@ -36,6 +36,7 @@ class PairSpec:
     (``scale``, ``ratio``, torchvision's semantics) flipped with probability ``flip_p``. The feature grid has
     ``size / stride`` cells; a pair is redrawn (up to ``max_tries`` times, then view 2 reuses view 1's window)
     until its views share at least ``min_matches`` cells, and ``num_matches`` of those are sampled as matches.
+    ``same_window``: view 2 always takes view 1's window, with its own flip (VADeR's Table 3 "same view").
     """
 
     size: int | tuple[int, int] = (224, 224)
@@ -46,6 +47,7 @@ class PairSpec:
     num_matches: int = 32
     min_matches: int = 32
     max_tries: int = 50
+    same_window: bool = False
 
     # the flat keys of densessl 0.1's training configuration that are this spec's fields under other names
     legacy: ClassVar[dict[str, str]] = {"view_size": "size", "crop_scale": "scale", "crop_ratio": "ratio",
@@ -96,7 +98,7 @@ class PairSpec:
     def sampler_args(self) -> tuple:
         """The arguments of ``geometry.view_pair_params`` after (seed, height, width), in its order."""
         return (self.size[0], self.size[1], *self.scale, *self.ratio, self.flip_p, self.min_matches, self.stride,
-                self.max_tries)
+                0 if self.same_window else self.max_tries)
 
 
 @dataclass(frozen=True)

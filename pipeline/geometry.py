@@ -111,12 +111,13 @@ def view_pair_params(seed, height, width, out_h, out_w, scale_lo, scale_hi, rati
     """The view-pair sampler as a Numba function, callable from other compiled loaders (FFCV decoders).
 
     Returns int64[12]: top, left, h, w, flip of view 1 and of view 2, the draws needed (0: fallback), and the
-    stream's next state (the seed for this pair's matches; reinterpret as uint64).
+    stream's next state (the seed for this pair's matches; reinterpret as uint64). ``max_tries=0``: one draw,
+    then the fallback always (``PairSpec.same_window``).
     """
     state = np.uint64(seed)
     out = np.zeros(12, np.int64)
     gh, gw = out_h // stride, out_w // stride
-    for attempt in range(1, max_tries + 1):
+    for attempt in range(1, max(max_tries, 1) + 1):
         state, t1, l1, h1, w1 = _crop_window(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
         state, u1 = _uniform(state)
         state, t2, l2, h2, w2 = _crop_window(state, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
@@ -124,7 +125,7 @@ def view_pair_params(seed, height, width, out_h, out_w, scale_lo, scale_hi, rati
         f1, f2 = u1 < flip_p, u2 < flip_p
         a1 = _crop_matrix(t1, l1, h1, w1, f1, out_h, out_w)
         a2 = _crop_matrix(t2, l2, h2, w2, f2, out_h, out_w)
-        if count_valid(a1, a2, gh, gw, float(stride)) >= min_matches:
+        if max_tries > 0 and count_valid(a1, a2, gh, gw, float(stride)) >= min_matches:
             out[10] = attempt
             break
     else:  # view 2 reuses view 1's window (full overlap) with its own flip

@@ -118,8 +118,9 @@ class ViewSpec:
         names = [g.name for g in self.groups]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"groups {names}: give at least one group, each name once")
-        if self.stride < 1 or self.max_tries < 1:
-            raise ValueError(f"stride={self.stride} and max_tries={self.max_tries} must be >= 1")
+        if self.stride < 1 or self.max_tries < 0:
+            raise ValueError(f"stride={self.stride} must be >= 1 and max_tries={self.max_tries} >= 0 (0: every view "
+                             "takes its fallback window)")
         for g in self.groups:
             if g.size[0] % self.stride or g.size[1] % self.stride:
                 raise ValueError(f"group {g.name}: size={g.size} is not a multiple of the feature stride "
@@ -149,7 +150,7 @@ class ViewSpec:
         """The two-view case: one group of two views, their overlap rule and matches."""
         return cls((ViewGroup("views", 2, spec.size, spec.scale, spec.ratio, spec.flip_p),),
                    (PairRule(("views", "views"), spec.min_matches, 0.0, spec.num_matches),), spec.stride,
-                   spec.max_tries)
+                   spec.sampler_args()[-1])
 
     @classmethod
     def multicrop(cls, text: str = "2x224,6x96", global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
@@ -326,7 +327,8 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
                       stride, max_tries):
     """The multi-view sampler (see the module docstring). Returns int64 ``[N,6]`` (top, left, h, w, flip,
     tries) per view and uint64 ``[P]`` match seeds per constrained pair. With one group of two views and one
-    rule this is ``geometry.view_pair_params``, draw for draw."""
+    rule this is ``geometry.view_pair_params``, draw for draw. ``max_tries=0``: every view is drawn once and takes
+    its fallback window (``PairSpec.same_window``)."""
     n_views = sizes.shape[0]
     windows = np.zeros((n_views, 6), np.int64)
     state = np.uint64(seed)
@@ -334,10 +336,10 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
         lo, hi = first[g], first[g] + counts[g]
         if joint[g]:  # drawn whole until every rule of the group holds
             ok = False
-            for attempt in range(1, max_tries + 1):
+            for attempt in range(1, max(max_tries, 1) + 1):
                 for v in range(lo, hi):
                     state = _draw(state, windows, crops, v, height, width)
-                ok = True
+                ok = max_tries > 0
                 for v in range(lo, hi):
                     if not _view_holds(windows, sizes, pair_views, cells, area, v, hi, height, width, stride):
                         ok = False
@@ -353,9 +355,9 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
         else:  # each view on its own, against the groups drawn before it
             for v in range(lo, hi):
                 ok = False
-                for attempt in range(1, max_tries + 1):
+                for attempt in range(1, max(max_tries, 1) + 1):
                     state = _draw(state, windows, crops, v, height, width)
-                    if _view_holds(windows, sizes, pair_views, cells, area, v, lo, height, width, stride):
+                    if max_tries > 0 and _view_holds(windows, sizes, pair_views, cells, area, v, lo, height, width, stride):
                         windows[v, 5] = attempt
                         ok = True
                         break

@@ -139,3 +139,46 @@ def test_vader_loss_with_negatives_from_the_same_image(seed, reverse):
             logits = torch.tensor(logits, dtype=torch.float64)
             terms.append(float(torch.logsumexp(logits, 0) - logits[0]))
     assert float(got) == pytest.approx(10.0 * sum(terms) / len(terms), rel=1e-8)
+
+
+def _vader(**kw):
+    from densessl.model.methods.vader import Vader, VaderConfig
+    return Vader(VaderConfig(queue_size=13 * 4, **kw))
+
+
+def test_in_batch_negatives_read_no_queue_fill_none_and_match_the_reference():
+    """negatives='batch' (SimCLR-style): each query's negatives are the step's other positive keys."""
+    q_emb, k_emb, matches, xy, queue = random_case(3)
+    method = _vader(negatives="batch")
+    losses = []
+    for q in (queue, torch.zeros_like(queue)):  # the queue's contents do not matter
+        loss, _, enqueued = method.loss({1: {"dense": q_emb}}, {2: {"dense": k_emb}}, {"queue_dense": q},
+                                        matches, xy, 0)
+        losses.append(float(loss))
+        assert enqueued == {}
+    _, keys = vader_loss(q_emb, k_emb, matches, xy, queue, T, 10.0)
+    w = q_emb.shape[-1]
+    qs = torch.stack([unit(q_emb[b, :, int(c) // w, int(c) % w]) for b in range(q_emb.shape[0])
+                      for c in matches[b, :, 0]])
+    ref = 0.0
+    for i in range(len(qs)):  # row i: positive keys[i], negatives every other key
+        logits = [float(qs[i] @ keys[j]) / T for j in range(len(keys))]
+        ref += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    assert losses[0] == losses[1] == pytest.approx(10.0 * ref / len(qs), rel=1e-10)
+    assert losses[0] != pytest.approx(float(vader_loss(q_emb, k_emb, matches, xy, queue, T, 10.0)[0]), rel=1e-6)
+
+
+def test_unmatched_positives_move_the_queries_and_nothing_else():
+    """positives='unmatched' (Table 3): queries at random cells of view 1; the keys, and so the queue, are the
+    matched run's."""
+    q_emb, k_emb, matches, xy, queue = random_case(4)
+    batch = ({1: {"dense": q_emb}}, {2: {"dense": k_emb}}, {"queue_dense": queue}, matches, xy, 0)
+    matched_loss, _, matched_keys = _vader().loss(*batch)
+    torch.manual_seed(11)
+    loss, _, keys = _vader(positives="unmatched").loss(*batch)
+    torch.manual_seed(11)
+    cells = torch.randint(0, q_emb.shape[-2] * q_emb.shape[-1], matches.shape[:-1])
+    shuffled = torch.cat([cells[..., None], matches[..., 1:]], -1)
+    torch.testing.assert_close(keys["queue_dense"], matched_keys["queue_dense"])
+    assert float(loss) == pytest.approx(float(vader_loss(q_emb, k_emb, shuffled, xy, queue, T, 10.0)[0]), rel=1e-10)
+    assert float(loss) != pytest.approx(float(matched_loss), rel=1e-6)

@@ -55,8 +55,8 @@ METHOD_HOMES = {"model/methods", "experiments"}
 BACKEND_HOMES = {"pipeline/factory.py", "pipeline/dali.py", "pipeline/ffcv.py", "pipeline/loader.py", "benchmarks"}
 # "mocov2:PATH" and "torchvision/mocov2 weights" in evaluation name a checkpoint format (MoCo v2's files), not the
 # method: a name followed by ":" or after "/" is a format
-METHOD_WORDS = re.compile(r"(?<!/)\b(vader|densecl|mocov2|dense_weight|loss_scale|symmetric|negatives|exclusion_radius)"
-                          r"\b(?!:)")
+METHOD_WORDS = re.compile(r"(?<!/)\b(vader|densecl|mocov2|dense_weight|loss_scale|symmetric|negatives|"
+                          r"exclusion_radius|positives)\b(?!:)")
 BACKEND_WORDS = re.compile(r"\b(dali|ffcv)\b|backend\s*==", re.IGNORECASE)
 
 

@@ -21,14 +21,30 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = ViewSpec.multicrop("2x64,4x32", min_cells=16, num_matches=8)
 
 
+@pytest.mark.parametrize("same_window", [False, True])
 @settings(max_examples=300)
-@given(st.integers(0, 2**62), st.integers(16, 900), st.integers(16, 900))
-def test_the_two_view_case_is_the_pair_sampler_draw_for_draw(seed, h, w):
-    spec = PairSpec(size=(64, 64), num_matches=8, min_matches=120)
+@given(seed=st.integers(0, 2**62), h=st.integers(16, 900), w=st.integers(16, 900))
+def test_the_two_view_case_is_the_pair_sampler_draw_for_draw(seed, h, w, same_window):
+    spec = PairSpec(size=(64, 64), num_matches=8, min_matches=120, same_window=same_window)
     windows, seeds = view_params(seed, h, w, ViewSpec.from_pair_spec(spec))
     p = pair_params(seed, h, w, spec)
     assert windows[:, :5].reshape(-1).tolist() == p[:10].tolist()
     assert windows[0, 5] == windows[1, 5] == p[10] and np.int64(seeds[0]) == p[11]
+
+
+def test_same_window_gives_view_2_view_1s_window_and_changes_nothing_else():
+    """views.same_window (VADeR's Table 3 "same view"): view 2 takes view 1's window with its own flip; view 1,
+    both flips and the matches' seed are the ordinary sampler's first draw."""
+    spec, same = PairSpec(size=64, num_matches=8, min_matches=8), PairSpec(size=64, num_matches=8, min_matches=8,
+                                                                          same_window=True)
+    flips_differ = 0
+    for seed in range(200):
+        p, q = pair_params(seed, 300, 400, spec), pair_params(seed, 300, 400, same)
+        assert q[5:9].tolist() == q[0:4].tolist() and q[10] == 0
+        if p[10] == 1:  # the ordinary pair held at its first draw: the same stream was consumed
+            assert q[[0, 1, 2, 3, 4, 9, 11]].tolist() == p[[0, 1, 2, 3, 4, 9, 11]].tolist()
+        flips_differ += int(q[4] != q[9])
+    assert 60 < flips_differ < 140
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -161,6 +177,19 @@ def agrees_with_the_ramp(batches, spec):
     assert seen_views >= 16 * 6 and pair_err
     assert_ramp_agrees(np.concatenate(geometry_err))
     assert_ramp_agrees(np.concatenate(pair_err))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_serves_same_window_pairs(synthetic_root, backend, tmp_path_factory):
+    spec = PairSpec(size=64, num_matches=8, min_matches=8, same_window=True)
+    batch = next(iter(build_loader(backend, data_for(backend, synthetic_root / "train", tmp_path_factory), spec,
+                                   batch_size=4, workers=1, seed=3)))
+    g1, g2 = batch["geometry1"].double(), batch["geometry2"].double()
+    flipped = torch.sign(g1[:, 0, 0]) != torch.sign(g2[:, 0, 0])
+    torch.testing.assert_close(g1[:, 0, 0].abs(), g2[:, 0, 0].abs())  # the same window, each with its own flip
+    torch.testing.assert_close(g1[:, 1], g2[:, 1])
+    torch.testing.assert_close(g1[~flipped, 0], g2[~flipped, 0])
+    assert (batch["tries"] == 0).all()
 
 
 def _digest(batches):

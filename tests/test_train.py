@@ -353,6 +353,10 @@ def test_ablations_run_at_tiny_size(tmp_path):
     runs = {p.name: parse(["--config", str(p / "config.yaml")]) for p in (out / "runs").iterdir()}
     assert runs["negatives__same_image__r_2__seed0"].method.negatives == "image"
     assert runs["no_momentum_encoder_seed0"].method.momentum == 0
+    simclr = runs["no_momentum_encoder__in_batch_negatives__simclr_style__seed0"]
+    assert simclr.method.momentum == 0 and simclr.method.negatives == "batch"
+    assert runs["table_3__unmatched_positives_seed0"].method.positives == "unmatched"
+    assert runs["table_3__same_view_seed0"].views.same_window is True
     assert runs["8_matches_per_pair_seed0"].views.num_matches == 8
     assert runs["queue_1_024_seed0"].method.queue_size == 1024
     assert Path(runs["init_moco_v2_seed0"].model.init_encoder).parent.parent.name == "moco_v2_seed0"

@@ -2,8 +2,10 @@
 
 The query is view 1's FPN embedding (stride 4) at each matched cell; the positive key is view 2's key-network
 embedding bilinearly sampled at the exact corresponding point; negatives are a queue of pixel keys, or, with
-``negatives="image"``, the other cells of the same key map (the reviewers' ablation). Loss: ``loss_scale`` x
-InfoNCE at T=0.07.
+``negatives="image"``, the other cells of the same key map, or, with ``negatives="batch"``, the step's other
+positive keys (SimCLR-style; with ``momentum=0`` there is no momentum encoder either). ``positives="unmatched"``
+is the paper's Table 3 control: queries at random cells of view 1, keys still at the matched points. Loss:
+``loss_scale`` x InfoNCE at T=0.07.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ class VaderConfig(MethodConfig):
     temperature: float = 0.07
     loss_scale: float = 10.0  # the paper multiplies its loss by 10
     symmetric: bool = False  # also query from view 2's points, keys at view 1's cells
-    negatives: str = "queue"  # 'queue' of pixel keys, or 'image': the same image's other cells
+    negatives: str = "queue"  # 'queue' of pixel keys; 'image': the same image's other cells; 'batch': the step's
+    # other positive keys (the queue is neither read nor filled)
     exclusion_radius: float = 2.0  # negatives='image': cells this near the positive are not negatives
+    positives: str = "matched"  # 'unmatched': queries at random cells of view 1 (Table 3's control)
 
     def __post_init__(self):
         super().__post_init__()
         if not self.loss_scale > 0:
             raise ValueError(f"loss_scale={self.loss_scale} must be > 0")
-        if self.negatives not in ("queue", "image"):
-            raise ValueError(f"negatives={self.negatives!r}: choose queue or image")
+        if self.negatives not in ("queue", "image", "batch"):
+            raise ValueError(f"negatives={self.negatives!r}: choose queue, image or batch")
+        if self.positives not in ("matched", "unmatched"):
+            raise ValueError(f"positives={self.positives!r}: choose matched or unmatched")
         if self.exclusion_radius < 0:
             raise ValueError(f"exclusion_radius={self.exclusion_radius} must be >= 0 (cells)")
 
@@ -61,30 +67,46 @@ class Vader(Method):
                              "views only")
         return sum(rule.num_matches for _, _, rule in views.pairs())
 
+    def _negatives(self, queue: torch.Tensor):
+        """``vader_loss``'s queue (``None``: in-batch negatives) and exclusion radius, per ``negatives``."""
+        cfg = self.cfg
+        return (None if cfg.negatives == "batch" else queue), (cfg.exclusion_radius if cfg.negatives == "image"
+                                                                 else None)
+
+    def _queries_at(self, matches: torch.Tensor, q_emb: torch.Tensor) -> torch.Tensor:
+        """The matched cells, or with ``positives="unmatched"`` random cells of the query map (global RNG)."""
+        if self.cfg.positives == "matched":
+            return matches
+        cells = torch.randint(0, q_emb.shape[-2] * q_emb.shape[-1], matches.shape[:-1], device=matches.device)
+        return torch.cat([cells[..., None], matches[..., 1:]], -1)
+
+    def _enqueued(self, new: torch.Tensor) -> dict:
+        return {} if self.cfg.negatives == "batch" else {"queue_dense": new}
+
     def loss(self, queries, keys, queues, matches, match_xy2, step):
         cfg = self.cfg
-        radius = cfg.exclusion_radius if cfg.negatives == "image" else None
-        loss, new = vader_loss(queries[1]["dense"], keys[2]["dense"], matches, match_xy2, queues["queue_dense"],
-                               cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
+        queue, radius = self._negatives(queues["queue_dense"])
+        loss, new = vader_loss(queries[1]["dense"], keys[2]["dense"], self._queries_at(matches, queries[1]["dense"]),
+                               match_xy2, queue, cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
         if cfg.symmetric:  # view 2's points query, keys at view 1's cells
-            loss2, new2 = vader_loss(queries[2]["dense"], keys[1]["dense"], matches, match_xy2,
-                                     queues["queue_dense"], cfg.temperature, cfg.loss_scale, reverse=True,
+            loss2, new2 = vader_loss(queries[2]["dense"], keys[1]["dense"], self._queries_at(matches, keys[1]["dense"]),
+                                     match_xy2, queue, cfg.temperature, cfg.loss_scale, reverse=True,
                                      exclusion_radius=radius)
             loss, new = (loss + loss2) / 2, torch.cat([new, new2])
-        return loss, {}, {"queue_dense": new}
+        return loss, {}, self._enqueued(new)
 
     def loss_views(self, queries, keys, queues, pairs, step):
         """The mean of every matched pair's loss: each view's own stride-4 embedding queries at its matched
         cells; the keys are the pair's global view's, sampled at the exact corresponding points."""
         cfg = self.cfg
-        radius = cfg.exclusion_radius if cfg.negatives == "image" else None
+        queue, radius = self._negatives(queues["queue_dense"])
         losses, new = [], []
         for (i, j), (matches, match_xy) in pairs.items():
-            loss, k = vader_loss(queries[i]["dense"], keys[j]["dense"], matches, match_xy, queues["queue_dense"],
-                                 cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
+            loss, k = vader_loss(queries[i]["dense"], keys[j]["dense"], self._queries_at(matches, queries[i]["dense"]),
+                                 match_xy, queue, cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
             losses.append(loss)
             new.append(k)
-        return torch.stack(losses).mean(), {}, {"queue_dense": torch.cat(new)}
+        return torch.stack(losses).mean(), {}, self._enqueued(torch.cat(new))
 
 
 def vader_loss(q_emb, k_emb, matches, match_xy2, queue, temperature: float = 0.07, scale: float = 10.0,
@@ -93,7 +115,8 @@ def vader_loss(q_emb, k_emb, matches, match_xy2, queue, temperature: float = 0.0
     embedding bilinearly sampled at the exact corresponding point, negatives a queue of pixel keys.
     ``reverse=True`` (symmetric VADeR) queries from view 2's point and takes the key at view 1's cell.
     ``exclusion_radius`` (cells; the reviewers' ablation): negatives are instead every cell of the same key
-    map farther than that from the positive's position, and the queue is not read.
+    map farther than that from the positive's position, and the queue is not read. ``queue=None``: in-batch
+    negatives, every other query's positive key of the step.
 
     Returns (loss, keys ``[B*K, D]`` to enqueue).
     """
@@ -108,6 +131,9 @@ def vader_loss(q_emb, k_emb, matches, match_xy2, queue, temperature: float = 0.0
                               centres if reverse else match_xy2, exclusion_radius, temperature)
         return scale * loss, F.normalize(k.flatten(0, 1), dim=1)
     q, k = F.normalize(q.flatten(0, 1), dim=1), F.normalize(k.flatten(0, 1), dim=1)
+    if queue is None:
+        logits = q @ k.T / temperature  # the positive on the diagonal
+        return scale * F.cross_entropy(logits, torch.arange(len(q), device=q.device)), k
     return scale * info_nce(q, k, queue, temperature), k
 
 
