@@ -70,7 +70,8 @@ step() {  # step NAME BOX_SECONDS COMMAND...: run within min(BOX, time left), it
   if [ "$box" -lt 20 ]; then log ""; log "## $name: skipped, ${left}s left"; return; fi
   local t0=$SECONDS
   timeout --kill-after=10 "$box" "$@" >"$out/$name.log" 2>&1; local rc=$?
-  local verdict=ok; { [ $rc = 124 ] || [ $rc = 137 ]; } && verdict="TIMED OUT at ${box}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="FAILED (exit $rc)"
+  local verdict=ok
+  case $rc in 0) ;; 124|137) verdict="TIMED OUT at ${box}s" ;; *) verdict="FAILED (exit $rc)" ;; esac
   [ "$verdict" = ok ] || failed=1
   [ $rc != 0 ] && [ "$name" = data ] && data_failed=1
   log ""; log "## $name: $verdict, $((SECONDS - t0)) s"; log ""; log '```'; log "\$ $*"

@@ -357,7 +357,8 @@ def multi_view_params(seed, height, width, first, counts, sizes, crops, pair_vie
                 ok = False
                 for attempt in range(1, max(max_tries, 1) + 1):
                     state = _draw(state, windows, crops, v, height, width)
-                    if max_tries > 0 and _view_holds(windows, sizes, pair_views, cells, area, v, lo, height, width, stride):
+                    if max_tries > 0 and _view_holds(windows, sizes, pair_views, cells, area, v, lo, height, width,
+                                                     stride):
                         windows[v, 5] = attempt
                         ok = True
                         break
