@@ -1,13 +1,15 @@
-"""The embedded set's three protocols for one feature extractor in one call: segmentation and depth probes
-and mask propagation, with each probe's trivial baseline and state. ``python -m densessl.evaluation all``,
+"""The embedded set's protocols for one feature extractor in one call: segmentation and depth probes, mask
+propagation and a pooled-feature classification (k-NN), with each probe's trivial baseline and state. ``python -m densessl.evaluation all``,
 ``make compare`` and ``make demo`` all report these scores."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import datasets
+from .classify import knn_probe
 from .probe import linear_probe, warn_if_unreliable
 from .propagation import evaluate_videos
 
@@ -30,16 +32,20 @@ class EmbeddedTasks:
 
 
 def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZE, steps: int = 300) -> dict:
-    """One extractor through the three protocols: mIoU, RMSE, delta1, J&F, J, F, the trivial probes' mIoU, RMSE
-    and delta1, both probes' final losses and whether both converged (1.0 or 0.0). Warns, naming ``label``,
-    when a probe had not converged or loses to its trivial baseline."""
+    """One extractor through the protocols: mIoU, RMSE, delta1, J&F, J, F, top-1 (``classify``), the trivial
+    probes' mIoU, RMSE, delta1 and top-1, both linear probes' final losses and whether both converged (1.0 or
+    0.0). Warns, naming ``label``, when a probe had not converged or loses to its trivial baseline."""
     s = linear_probe(features_fn, *tasks.segmentation, size, steps)
+    c = knn_probe(features_fn, *tasks.segmentation, size)
     d = linear_probe(features_fn, *tasks.depth, size, steps)
     v = evaluate_videos(features_fn, tasks.videos)
     warn_if_unreliable(s, "mIoU", f"{label} segmentation")
     warn_if_unreliable(d, "RMSE", f"{label} depth")
+    if c["top-1"] <= c["trivial"]["top-1"]:
+        print(f"warning: {label} classification: k-NN top-1 {c['top-1']:.3f} does not beat the trivial baseline's "
+              f"{c['trivial']['top-1']:.3f}", file=sys.stderr)
     return {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"], "F": v["F"],
-            "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
+            "top-1": c["top-1"], "trivial top-1": c["trivial"]["top-1"], "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
             "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
             "depth probe loss": d["probe loss"],
             "probes converged": float(s["probe converged"] and d["probe converged"])}

@@ -41,18 +41,22 @@ NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_mul
 # (task, metric, higher is better): the table's columns and the plot's panels
 SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "delta1", True),
           ("propagation", "J&F", True))
-# The reviewers' questions, each one configuration key against the VADeR baseline ('init MoCo v2' reads the
+# The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the
 # encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
 ABLATIONS = {
-    "VADeR": {},
-    "negatives: same image (r=2)": {"method.negatives": "image", "method.exclusion_radius": 2.0},
-    "queue 1,024": {"method.queue_size": 1024},
-    "no momentum encoder": {"method.momentum": 0.0},
-    "no momentum encoder, in-batch negatives (SimCLR-style)": {"method.momentum": 0.0, "method.negatives": "batch"},
-    "Table 3: unmatched positives": {"method.positives": "unmatched"},
-    "Table 3: same view": {"views.same_window": True},
-    "8 matches per pair": {"views.num_matches": 8},
-    "init MoCo v2": {"model.init_encoder": "mocov2"},
+    "VADeR": ("vader", {}),
+    "negatives: same image (r=2)": ("vader", {"method.negatives": "image", "method.exclusion_radius": 2.0}),
+    "queue 1,024": ("vader", {"method.queue_size": 1024}),
+    "no momentum encoder": ("vader", {"method.momentum": 0.0}),
+    "no momentum encoder, in-batch negatives (SimCLR-style)": ("vader", {"method.momentum": 0.0,
+                                                                         "method.negatives": "batch"}),
+    "Table 3: unmatched positives": ("vader", {"method.positives": "unmatched"}),
+    "Table 3: same view": ("vader", {"views.same_window": True}),
+    "8 matches per pair": ("vader", {"views.num_matches": 8}),
+    "init MoCo v2": ("vader", {"model.init_encoder": "mocov2"}),
+    # R2: MoCo v2 for VADeR's extra steps from the same start; R3: instance-level MoCo v2 on VADeR's crops
+    "R2: MoCo v2 continued from MoCo v2": ("mocov2", {"model.init_encoder": "mocov2"}),
+    "R3: MoCo v2 on VADeR multi-crop's crops": ("mocov2_multicrop", {}),
 }
 
 
@@ -66,11 +70,13 @@ def multicrop_views(view_size: int) -> MultiCropViews:
 def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     """The CPU budget (the demo's too): resnet18, ``args``' steps, batch, views and device, a queue of 8
     batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps.
-    ``vader_multicrop`` is VADeR on ``multicrop_views``, with the same budget."""
+    ``<method>_multicrop`` is the method on ``multicrop_views``, with the same budget."""
     extra = {"warmup_steps": args.steps // 10} if method == "densecl" else {}
-    views = multicrop_views(args.view_size) if method == "vader_multicrop" else PairSpec(size=args.view_size)
-    method = "vader" if method == "vader_multicrop" else method
-    keys = 32 if isinstance(views, PairSpec) else sum(rule.num_matches for _, _, rule in views.spec.pairs())
+    crops = method.endswith("_multicrop")
+    views = multicrop_views(args.view_size) if crops else PairSpec(size=args.view_size)
+    method = method.removesuffix("_multicrop")
+    keys = 32 if not crops else sum(rule.num_matches for _, _, rule in views.spec.pairs())  # VADeR's, to size the
+    # queue alike for every method (a multiple of what any of them enqueues: one key per matched pair, or its matches)
     return TrainConfig(
         data=DataConfig(path=str(data / "train"), workers=args.workers), views=views,
         model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
@@ -126,7 +132,7 @@ def verdict(rows: dict[str, dict]) -> list[dict]:
     out = []
     trained = [n for n, r in rows.items() if not r["random"]]
     baselines = [n for n, r in rows.items() if r["random"]]
-    for metric, higher in (("mIoU", True), ("J&F", True), ("RMSE", False)):
+    for metric, higher in (("mIoU", True), ("J&F", True), ("RMSE", False), ("top-1", True)):
         if not trained or not baselines:
             continue
         pick = max if higher else min
@@ -144,20 +150,22 @@ def table(rows: dict[str, dict], header: str) -> str:
     def fmt(r, k):  # one seed has no spread to show
         return f"{r['mean'][k]:.3f}" + (f" ± {r['std'][k]:.3f}" if len(r["seeds"]) > 1 else "")
 
-    cols = ["seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "probes converged",
-            "train steps (s)", "pairs/s"]
+    cols = ["seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "k-NN top-1",
+            "(trivial)", "probes converged", "train steps (s)", "pairs/s"]
     cells = {}
     for name, r in rows.items():
         cost = (["-", "-"] if r["random"] else
                 [f"{np.mean(r['wall_s']):.0f}", f"{np.mean(r['pairs_per_s']):.1f}"])
         cells[name] = [fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"),
                        f"{r['mean']['trivial RMSE']:.3f}", fmt(r, "delta1"), fmt(r, "J&F"), fmt(r, "J"), fmt(r, "F"),
-                       f"{r['mean']['probes converged']:.0%}", *cost]
+                       fmt(r, "top-1"), f"{r['mean']['trivial top-1']:.3f}", f"{r['mean']['probes converged']:.0%}",
+                       *cost]
     lines = [header, "", markdown_table(cols, cells, "model [features]")]
     beaten = [f"{n} ({m})" for n, r in rows.items() for m, t, higher in
-              (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False))
+              (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False), ("top-1", "trivial top-1", True))
               if (r["mean"][m] <= r["mean"][t]) == higher]
-    lines += ["", "Every probe beats its trivial baseline (majority class; training-mean depth)." if not beaten else
+    lines += ["", "Every probe beats its trivial baseline (majority class; training-mean depth; commonest label)."
+              if not beaten else
               f"Probes NOT beating their trivial baseline: {', '.join(beaten)}.", "",
               "Verdict (means over seeds):", *(v["line"] for v in verdict(rows))]
     return "\n".join(lines)
@@ -216,8 +224,8 @@ def main(argv=None) -> int:
     if args.ablations:
         for seed in args.seeds:
             plans.append(("MoCo v2", "mocov2", seed, base_config(data, args, "mocov2")))  # read by init
-            for label, overrides in ABLATIONS.items():
-                plans.append((label, "vader", seed, with_overrides(base, overrides)))
+            for label, (objective, overrides) in ABLATIONS.items():
+                plans.append((label, objective, seed, with_overrides(base_config(data, args, objective), overrides)))
     else:
         plans = [(NAMES[o], o, seed, base_config(data, args, o)) for seed in args.seeds for o in args.objectives]
 
@@ -237,7 +245,7 @@ def main(argv=None) -> int:
         trained = pretrain(cfg)
         model = trained.pop("model")
         device = next(model.parameters()).device
-        if args.ablations and key == "mocov2":
+        if args.ablations and label == "MoCo v2":  # the runs 'init MoCo v2' start from (make compare reports it)
             continue
         print(f"== {label}, seed {seed}: evaluating ({trained['pairs_per_s']:.1f} pairs/s in pretraining)",
               flush=True)

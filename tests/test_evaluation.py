@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch.nn import functional as F
 from PIL import Image
 
 from densessl.evaluation import datasets
@@ -433,3 +434,25 @@ def test_unreliable_probes_are_warned_about(capsys):
     depth = {"RMSE": 0.9, "trivial": {"RMSE": 0.8}, "probe converged": True, "probe loss": 0.2}
     warn_if_unreliable(depth, "RMSE", "m depth")  # lower is better: 0.9 loses to 0.8
     assert "m depth: probe RMSE 0.900 does not beat the trivial baseline's 0.800" in capsys.readouterr().err
+
+
+def test_knn_classification_reads_the_largest_shape_and_beats_its_trivial_baseline_only_with_informative_features(
+        synthetic_root):
+    """R4's probe: pooled features that encode each image's label classify every validation image; features that
+    carry no label do no better than chance; the trivial baseline is the training set's commonest label."""
+    from densessl.evaluation.classify import knn_probe, largest_classes
+    from densessl.evaluation.datasets import synthetic
+    train, val = synthetic(synthetic_root, "train"), synthetic(synthetic_root, "val")
+    labels = torch.cat([largest_classes(train), largest_classes(val)])
+    assert labels.min() >= 1 and len(set(labels.tolist())) > 1  # every scene has a shape; several classes
+    stream = iter(labels.tolist())
+
+    def informative(x):  # extract() reads train, then val, in order
+        return F.one_hot(torch.tensor([next(stream) for _ in range(len(x))]), 16).float()[:, :, None, None] + 0.01
+
+    good = knn_probe(informative, train, val, (32, 32), k=3)
+    assert good["top-1"] == 1.0
+    counts = torch.bincount(largest_classes(train))
+    assert good["trivial"]["top-1"] == pytest.approx(float((largest_classes(val) == counts.argmax()).float().mean()))
+    blind = knn_probe(lambda x: torch.ones(len(x), 4, 2, 2), train, val, (32, 32), k=3)
+    assert blind["top-1"] < 1.0

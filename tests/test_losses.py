@@ -182,3 +182,22 @@ def test_unmatched_positives_move_the_queries_and_nothing_else():
     torch.testing.assert_close(keys["queue_dense"], matched_keys["queue_dense"])
     assert float(loss) == pytest.approx(float(vader_loss(q_emb, k_emb, shuffled, xy, queue, T, 10.0)[0]), rel=1e-10)
     assert float(loss) != pytest.approx(float(matched_loss), rel=1e-6)
+
+
+def test_mocov2_on_multicrop_views_averages_one_global_infonce_per_matched_pair():
+    """R3's control: MoCo v2 fed VADeR's crops; each matched pair (i, j) is view i's query against view j's key."""
+    from densessl.model.methods.mocov2 import MoCoV2, MoCoV2Config, global_loss
+    from densessl.pipeline.multicrop import MultiCropViews
+    g = torch.Generator().manual_seed(5)
+    method = MoCoV2(MoCoV2Config(queue_size=90))
+    spec = MultiCropViews("2x64,4x32").spec
+    assert method.keys_per_sample(spec) == 9  # global0-global1 and each of 4 locals with each of 2 globals
+    names = ["global0", "global1", "local0", "local1", "local2", "local3"]
+    queries = {n: {"global": torch.randn(3, 8, generator=g)} for n in names}
+    keys = {n: {"global": torch.randn(3, 8, generator=g)} for n in ("global0", "global1")}
+    queue = F.normalize(torch.randn(8, 90, generator=g), dim=0)
+    pairs = {("global0", "global1"): None, ("local0", "global0"): None, ("local3", "global1"): None}
+    loss, _, new = method.loss_views(queries, keys, {"queue_global": queue}, pairs, 0)
+    ref = [global_loss(queries[i], keys[j], queue, 0.2) for i, j in pairs]
+    assert float(loss) == pytest.approx(sum(float(r[0]) for r in ref) / 3, rel=1e-12)
+    torch.testing.assert_close(new["queue_global"], torch.cat([r[1] for r in ref]))

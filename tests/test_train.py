@@ -347,9 +347,10 @@ def test_ablations_run_at_tiny_size(tmp_path):
     initialisation reads the MoCo v2 run of the same seed, and each gets a row."""
     from densessl.experiments.compare import ABLATIONS, main
     out = tmp_path / "ablations"
-    assert main(["--tiny", "--ablations", "--kinds", "dense", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--ablations", "--kinds", "c5", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert set(rows) == {f"{label} [dense]" for label in ABLATIONS} | {"random init [dense]"}
+    assert set(rows) == {f"{label} [c5]" for label in ABLATIONS} | {"random init [c5]"}  # c5: every model has it
+    assert all(0 <= row["mean"]["top-1"] <= 1 for row in rows.values())
     runs = {p.name: parse(["--config", str(p / "config.yaml")]) for p in (out / "runs").iterdir()}
     assert runs["negatives__same_image__r_2__seed0"].method.negatives == "image"
     assert runs["no_momentum_encoder_seed0"].method.momentum == 0
@@ -357,6 +358,9 @@ def test_ablations_run_at_tiny_size(tmp_path):
     assert simclr.method.momentum == 0 and simclr.method.negatives == "batch"
     assert runs["table_3__unmatched_positives_seed0"].method.positives == "unmatched"
     assert runs["table_3__same_view_seed0"].views.same_window is True
+    r2, r3 = runs["r2__moco_v2_continued_from_moco_v2_seed0"], runs["r3__moco_v2_on_vader_multi_crop_s_crops_seed0"]
+    assert r2.method.name == "mocov2" and Path(r2.model.init_encoder).parent.parent.name == "moco_v2_seed0"
+    assert r3.method.name == "mocov2" and r3.views.crops == "2x64,4x32"  # VADeR multi-crop's crops in make compare
     assert runs["8_matches_per_pair_seed0"].views.num_matches == 8
     assert runs["queue_1_024_seed0"].method.queue_size == 1024
     assert Path(runs["init_moco_v2_seed0"].model.init_encoder).parent.parent.name == "moco_v2_seed0"

@@ -1,10 +1,13 @@
 """MoCo v2 (Chen et al., 2020), the instance-level baseline: view 1's globally pooled, projected query against
-view 2's key, with a queue of global keys as negatives (InfoNCE, T=0.2)."""
+view 2's key, with a queue of global keys as negatives (InfoNCE, T=0.2). With multi-crop views (reviewer R3's
+control: an instance-level method fed the same crops as VADeR) every constrained pair of views is one such
+query and key, the key from the pair's global view."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.nn import functional as F
 
 from ..losses import info_nce
@@ -33,3 +36,15 @@ class MoCoV2(Method):
     def loss(self, queries, keys, queues, matches, match_xy2, step):
         loss, new = global_loss(queries[1], keys[2], queues["queue_global"], self.cfg.temperature)
         return loss, {}, {"queue_global": new}
+
+    def keys_per_sample(self, views) -> int:
+        """Multi-crop: one key per matched pair of views."""
+        if getattr(views, "groups", None) is None:
+            return super().keys_per_sample(views)
+        return sum(1 for _, _, rule in views.pairs() if rule.num_matches)
+
+    def loss_views(self, queries, keys, queues, pairs, step):
+        """The mean over the matched pairs ``(i, j)`` of view ``i``'s query against view ``j``'s key."""
+        losses, new = zip(*(global_loss(queries[i], keys[j], queues["queue_global"], self.cfg.temperature)
+                            for i, j in pairs))
+        return torch.stack(losses).mean(), {}, {"queue_global": torch.cat(new)}
