@@ -78,7 +78,7 @@ class RestartingLoader:
             self.restarts, self.restarts_epoch = 0, epoch
         if self.restarts >= self.limit:
             raise GaveUp(f"a loader worker died {self.restarts + 1} time(s) in epoch {epoch} "
-                               f"(run.max_loader_restarts={self.limit}); last: {first_line(err)}") from err
+                         f"(run.max_loader_restarts={self.limit}); last: {first_line(err)}") from err
         self.restarts += 1
         state = self.loader.state_dict()
         self.loader = self.build(state)  # the old one's workers end when it is collected

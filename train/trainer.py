@@ -241,7 +241,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     root = cfg.data.prepare(run_dir, write=rank == 0, progress=cfg.run.progress)
     distributed.barrier(world)
     loader_state = saved_loader_state(resumed and resumed[0], rank, world)
-    def build(state):
+
+    def build(state):  # the loader at a position (RestartingLoader rebuilds it there when a worker dies)
         return build_loader(cfg.data.backend, root, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
                             workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world, device=device,
                             state=state, skip_log=str(run_dir / "skipped.txt"), order=cfg.data.order)
