@@ -103,7 +103,8 @@ def make_trainer(objective: str, args, device: torch.device, batch: dict) -> tup
                       method=method_config(objective, queue_size=args.batch * keys * 16),
                       optim=OptimConfig(batch_size=args.batch),
                       run=RunConfig(dir=tempfile.mkdtemp(prefix="train_step-"), progress=False, compile=False,
-                                    sync_every=args.sync_every, tensorboard=False))
+                                    sync_every=args.sync_every, tensorboard=False,
+                                    channels_last=not args.contiguous))
     cfg.validate()
     trainer = Trainer(cfg, build_model(cfg, device, world=1), 0, 1, device, total=10 ** 6)
     trainer.wrap()
@@ -186,13 +187,15 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="", help="comma-separated loaders to feed the first objective: torch, "
                                                    "dali, ffcv (default: none, the model alone)")
     p.add_argument("--no-anchor", action="store_true", help="skip the ResNet-50 supervised anchor")
+    p.add_argument("--contiguous", action="store_true", help="run.channels_last=false: NCHW activations")
     p.add_argument("--profile", metavar="DIR", help="write a profiler trace per objective to DIR")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_tflops(device)
     print(f"train step (Trainer.step): {args.arch}, {args.size}px views, batch {args.batch}, {args.steps} timed "
-          f"steps after {args.warmup}, compile={args.compile}, sync_every={args.sync_every}; {machine()}; "
+          f"steps after {args.warmup}, compile={args.compile}, sync_every={args.sync_every}, "
+          f"channels_last={not args.contiguous}; {machine()}; "
           f"bf16 peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
     anchor_tflops = None
     if not args.no_anchor:
