@@ -1,6 +1,6 @@
 """The embedded set's protocols for one feature extractor in one call: segmentation and depth probes, mask
-propagation and a pooled-feature classification (k-NN), with each probe's trivial baseline and state. ``python -m densessl.evaluation all``,
-``make compare`` and ``make demo`` all report these scores."""
+propagation and a pooled-feature classification (k-NN), with each probe's trivial baseline and state.
+``python -m densessl.evaluation all``, ``make compare`` and ``make demo`` all report these scores."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZ
         print(f"warning: {label} classification: k-NN top-1 {c['top-1']:.3f} does not beat the trivial baseline's "
               f"{c['trivial']['top-1']:.3f}", file=sys.stderr)
     return {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"], "F": v["F"],
-            "top-1": c["top-1"], "trivial top-1": c["trivial"]["top-1"], "trivial mIoU": s["trivial"]["mIoU"], "trivial RMSE": d["trivial"]["RMSE"],
+            "top-1": c["top-1"], "trivial top-1": c["trivial"]["top-1"], "trivial mIoU": s["trivial"]["mIoU"],
+            "trivial RMSE": d["trivial"]["RMSE"],
             "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
             "depth probe loss": d["probe loss"],
             "probes converged": float(s["probe converged"] and d["probe converged"])}

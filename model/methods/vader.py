@@ -74,7 +74,8 @@ class Vader(Method):
                                                                  else None)
 
     def _queries_at(self, matches: torch.Tensor, q_emb: torch.Tensor) -> torch.Tensor:
-        """The matched cells, or with ``positives="unmatched"`` random cells of the query map (global RNG)."""
+        """The matched cells of view 1, or with ``positives="unmatched"`` random cells (torch's global RNG, which
+        checkpoints keep; with ``symmetric`` the view-1 end of the reversed direction is random too)."""
         if self.cfg.positives == "matched":
             return matches
         cells = torch.randint(0, q_emb.shape[-2] * q_emb.shape[-1], matches.shape[:-1], device=matches.device)
