@@ -1,5 +1,3 @@
-import gc
-
 import numpy as np
 import pytest
 import torch
@@ -22,15 +20,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def collect_garbage_between_tests():
-    """Each FFCV decoder compiles a Numba dispatcher whose finaliser raises KeyError when it is collected
-    (Numba's, printed as "Exception ignored"). Collected in the middle of a C call of a later test, that error
-    surfaced once as a SystemError from ast.parse; collecting here keeps it between tests."""
-    yield
-    gc.collect()
 
 
 @pytest.fixture(scope="session")
