@@ -25,11 +25,12 @@ def largest_classes(data: DenseSet) -> torch.Tensor:
     return torch.tensor(labels)
 
 
-def knn_probe(features_fn, train: DenseSet, val: DenseSet, size: tuple[int, int], k: int = 10) -> dict:
+def knn_probe(features_fn, train: DenseSet, val: DenseSet, size: tuple[int, int], k: int = 10,
+              cache: dict | None = None) -> dict:
     """Top-1 accuracy of a ``k``-NN vote (each neighbour weighted by its cosine similarity) over pooled
-    features, and the trivial baseline's (the training set's commonest label)."""
+    features, and the trivial baseline's (the training set's commonest label). ``cache``: as ``extract``'s."""
     y_train, y_val = largest_classes(train), largest_classes(val)
-    pooled = [F.normalize(extract(features_fn, d, size).mean((2, 3)), dim=1) for d in (train, val)]
+    pooled = [F.normalize(extract(features_fn, d, size, cache=cache).mean((2, 3)), dim=1) for d in (train, val)]
     sims = pooled[1] @ pooled[0].T  # [val, train]
     top, idx = sims.topk(min(k, len(train)), dim=1)
     votes = torch.zeros(len(val), int(max(y_train.max(), y_val.max())) + 1).scatter_add_(1, y_train[idx], top)

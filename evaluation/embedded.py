@@ -34,10 +34,13 @@ class EmbeddedTasks:
 def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZE, steps: int = 300) -> dict:
     """One extractor through the protocols: mIoU, RMSE, delta1, J&F, J, F, top-1 (``classify``), the trivial
     probes' mIoU, RMSE, delta1 and top-1, both linear probes' final losses and whether both converged (1.0 or
-    0.0). Warns, naming ``label``, when a probe had not converged or loses to its trivial baseline."""
-    s = linear_probe(features_fn, *tasks.segmentation, size, steps)
-    c = knn_probe(features_fn, *tasks.segmentation, size)
-    d = linear_probe(features_fn, *tasks.depth, size, steps)
+    0.0). Warns, naming ``label``, when a probe had not converged or loses to its trivial baseline. The scenes'
+    features are extracted once for the three probes (segmentation and depth label the same images)."""
+    cache = {}
+    s = linear_probe(features_fn, *tasks.segmentation, size, steps, cache=cache)
+    c = knn_probe(features_fn, *tasks.segmentation, size, cache=cache)
+    d = linear_probe(features_fn, *tasks.depth, size, steps, cache=cache)
+    del cache
     v = evaluate_videos(features_fn, tasks.videos)
     warn_if_unreliable(s, "mIoU", f"{label} segmentation")
     warn_if_unreliable(d, "RMSE", f"{label} depth")

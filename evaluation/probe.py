@@ -38,14 +38,23 @@ def _resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16) -> torch.Tensor:
+def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16,
+            cache: dict | None = None) -> torch.Tensor:
     """Frozen features ``[N, C, h, w]`` (on the CPU) of images resized to ``size``. ``features_fn`` runs where
-    its weights are (``features.Extractor`` moves its inputs there)."""
+    its weights are (``features.Extractor`` moves its inputs there). With a ``cache`` (one dict per
+    extractor), the features of the same images at the same size are computed once and then read back: the
+    embedded set's segmentation, depth and classification probes all read the same scenes."""
+    key = (tuple(map(str, data.images)), tuple(size))
+    if cache is not None and key in cache:
+        return cache[key]
     feats = []
     for i in progress(range(0, len(data), batch), f"features: {data.name}", unit="batch"):
         x = torch.stack([load_image(p, size) for p in data.images[i:i + batch]])
         feats.append(features_fn(x).float().cpu())
-    return torch.cat(feats)
+    feats = torch.cat(feats)
+    if cache is not None:
+        cache[key] = feats
+    return feats
 
 
 def resized_targets(data: DenseSet, size: tuple[int, int]) -> torch.Tensor:
@@ -173,16 +182,18 @@ def evaluate_probe(probe: Probe, feats, test: DenseSet) -> dict:
     return mean_errors(per_image)
 
 
-def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), steps: int = 300) -> dict:
+def linear_probe(features_fn, train: DenseSet, test: DenseSet, size=(128, 160), steps: int = 300,
+                 cache: dict | None = None) -> dict:
     """Fit on ``train`` at ``size``, report on ``test`` at its own resolution: {'mIoU', 'IoU'} or the depth
     metrics (``metrics.DEPTH_METRICS``), with the probe's final training loss (``probe loss``), whether it had
-    flattened (``probe converged``), and the same metrics of the trivial probe (``trivial``)."""
+    flattened (``probe converged``), and the same metrics of the trivial probe (``trivial``). ``cache``: as
+    ``extract``'s."""
     if train.task != test.task:
         raise ValueError(f"train is {train.task}, test is {test.task}")
-    feats, targets = extract(features_fn, train, size), resized_targets(train, size)
+    feats, targets = extract(features_fn, train, size, cache=cache), resized_targets(train, size)
     probe = fit_probe(feats, targets, train.task, train.num_classes, steps)
     del feats
-    test_feats = extract(features_fn, test, size)
+    test_feats = extract(features_fn, test, size, cache=cache)
     trivial = trivial_probe(targets, train.task, test_feats.shape[1], train.num_classes)
     return {**evaluate_probe(probe, test_feats, test), "probe loss": probe.losses[-1],
             "probe converged": probe.converged, "trivial": evaluate_probe(trivial, test_feats, test)}

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import OptimConfig, RunConfig, TrainConfig, with_overrides
 from densessl.train.trainer import run
 
+ARCH = "resnet18"  # the CPU budget's encoder
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop"}
 # (task, metric, higher is better): the table's columns and the plot's panels
@@ -79,7 +81,7 @@ def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     # queue alike for every method (a multiple of what any of them enqueues: one key per matched pair, or its matches)
     return TrainConfig(
         data=DataConfig(path=str(data / "train"), workers=args.workers), views=views,
-        model=ModelConfig(arch="resnet18"), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
+        model=ModelConfig(arch=ARCH), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
         optim=OptimConfig(batch_size=args.batch, steps=args.steps, lr=0.3, decoder_lr=0.3,
                           warmup_steps=min(20, args.steps // 10)),
         run=RunConfig(checkpoint_every=max(1, args.steps // 2), resume="auto", device=args.device, progress=False,
@@ -92,18 +94,44 @@ def pretrain(cfg: TrainConfig) -> dict:
     model, batch = run(cfg).model.eval(), cfg.optim.batch_size
     with open(Path(cfg.run.dir) / "metrics.csv", newline="") as f:
         seconds = [batch / max(float(r["images_per_s"]), 1e-3) for r in csv.DictReader(f)]
-    return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * batch / sum(seconds)}
+    final = checkpoint_path(cfg.run.dir, cfg.optim.steps)  # names the trained weights (a retrained run rescores)
+    return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * batch / sum(seconds),
+            "checkpoint": f"{final.name} ({final.stat().st_mtime_ns})"}
 
 
-def evaluate(model, data: Path, device, kinds) -> dict[str, dict[str, float]]:
-    """Every kind of the model's features through every protocol (``evaluation.embedded``): {kind: scores}."""
-    tasks = EmbeddedTasks.load(data)
-    out = {}
-    for kind, fn in model_extractors(model, kinds).items():
-        out[kind] = score_embedded(fn.to(device), tasks, kind)
-        print(f"  [{kind}] mIoU {out[kind]['mIoU']:.3f}  RMSE {out[kind]['RMSE']:.3f}  J&F {out[kind]['J&F']:.3f}",
+def checkpoint_path(run_dir, steps: int) -> Path:
+    """A run's checkpoint after ``steps`` steps (its last one: ``base_config`` checkpoints at the end)."""
+    return Path(run_dir) / "checkpoints" / f"step_{steps:08d}.pt"
+
+
+def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: bool = False) -> tuple[dict, float]:
+    """Every kind of the model's features through every protocol (``evaluation.embedded``): {kind: scores},
+    and the seconds those evaluations took.
+
+    The scores are kept in ``folder/scores.json`` under what they were computed from (``of``: the final
+    checkpoint, or the random init's arch and seed; the data; the probe size), with the seconds each took, and
+    read back from there when asked again (unless ``rescore``): the comparison, the ablations, the curve and a
+    table built in pieces evaluate each model once."""
+    cache = folder / "scores.json"
+    key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE)})
+    kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
+    kept = kept if kept.get("key") == key else {"key": key, "scores": {}}
+    tasks = None
+    extractors = model_extractors(model, kinds)  # the kinds this model has (MoCo v2 has no dense output)
+    for kind, fn in extractors.items():
+        if kind in kept["scores"]:
+            print(f"  [{kind}] scores read back from {cache}", flush=True)
+        else:
+            tasks, t0 = tasks or EmbeddedTasks.load(data), time.monotonic()
+            kept["scores"][kind] = score_embedded(fn.to(device), tasks, kind)
+            kept.setdefault("seconds", {})[kind] = time.monotonic() - t0
+            folder.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(kept, indent=1))
+        s = kept["scores"][kind]
+        print(f"  [{kind}] mIoU {s['mIoU']:.3f}  RMSE {s['RMSE']:.3f}  J&F {s['J&F']:.3f}  top-1 {s['top-1']:.3f}",
               flush=True)
-    return out
+    return ({kind: kept["scores"][kind] for kind in extractors},
+            sum(kept.get("seconds", {}).get(kind, 0) for kind in extractors))
 
 
 def summarise(results: list[dict]) -> dict[str, dict]:
@@ -203,21 +231,27 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
     p.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
+    p.add_argument("--curve", type=int, nargs="+", metavar="STEPS",
+                   help="VADeR's margin over random init against pretraining steps, one full run per count")
     p.add_argument("--runs", help="where the pretraining runs live (default OUT/runs); a finished run found there "
                                   "is reused, so ablations can share the comparison's VADeR and MoCo v2 runs")
+    p.add_argument("--rescore", action="store_true", help="evaluate every model again instead of reading back "
+                                                           "the scores kept in its run folder")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 3 rows, 1 seed, 4 steps")
     args = p.parse_args(argv)
     if args.tiny:
         args.seeds, args.steps, args.batch, args.view_size = [0], 4, 8, 64
         args.objectives = ["vader", "mocov2", "vader_multicrop"]
+    started = time.monotonic()
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
 
     # --- data: the embedded set (tiny: a few scenes and one short clip)
     data = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny)
-    base = base_config(data, args)
+    if args.curve:
+        return curve(args, data, runs, out, started)
 
     # --- what to train: objectives, or VADeR under each ablation (MoCo v2 runs first where one is read)
     plans = []
@@ -228,19 +262,81 @@ def main(argv=None) -> int:
                 plans.append((label, objective, seed, with_overrides(base_config(data, args, objective), overrides)))
     else:
         plans = [(NAMES[o], o, seed, base_config(data, args, o)) for seed in args.seeds for o in args.objectives]
+    results, device = train_and_score(plans, args, data, runs)
 
-    # --- pretrain and evaluate each, then the random baselines of the same seeds (random init seed s is the
-    # initial network of the VADeR run of seed s)
+    # --- report
+    rows = summarise(results)
+    what = "ablations of VADeR" if args.ablations else "objectives"
+    header = (f"# Comparison of {what} on the embedded set\n\n{ARCH}, {args.steps} steps, batch {args.batch}, "
+              f"{args.view_size} px views, seeds {args.seeds}, "
+              f"device {device}; probes at {PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
+    text = table(rows, header) + "\n\n" + costs(results, time.monotonic() - started)
+    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows}, indent=1, default=str))
+    (out / "table.md").write_text(text + "\n")
+    plot(rows, out / "compare.png")
+    print(text)
+    print(f"written to {out}/table.md, results.json and compare.png")
+    return 0
+
+
+def curve(args, data: Path, runs: Path, out: Path, started: float) -> int:
+    """``--curve N ...``: VADeR trained for N steps (each its own full schedule, ``args.seeds``) and the random
+    baselines, evaluated as the comparison does: per step count and metric, the best trained read-out against the
+    strongest random one. Writes ``curve.md``, ``curve.json`` and ``curve.png`` (margin against steps)."""
+    import matplotlib.pyplot as plt
+
+    points, results = [], []
+    for steps in sorted(args.curve):
+        at = argparse.Namespace(**{**vars(args), "steps": steps})
+        plans = [("VADeR", "vader", seed, base_config(data, at, "vader")) for seed in args.seeds]
+        found, device = train_and_score(plans, at, data, runs)
+        results += found
+        trained = [r for r in found if not r["random"]]
+        points.append({"steps": steps, "train_s": float(np.mean([r["wall_s"] for r in trained])),
+                       "verdict": verdict(summarise(found))})
+    metrics = [v["metric"] for v in points[0]["verdict"]]
+    cells = {f"{p['steps']}": [f"{p['train_s']:.0f}"] + [
+        f"{v['margin']:+.3f} ({v['best'].split(' [')[1][:-1]} vs {v['baseline'].split(' [')[1][:-1]})"
+        for v in p["verdict"]] for p in points}
+    text = "\n".join([
+        f"# VADeR's margin over the strongest random baseline against pretraining steps\n",
+        f"{ARCH}, batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device {device}; the margin is the "
+        "best trained read-out minus the strongest random one (positive: better; RMSE: lower is better).\n",
+        markdown_table(["training steps (s)", *(f"{m} margin" for m in metrics)], cells, "steps"), "",
+        costs(results, time.monotonic() - started)])
+    (out / "curve.json").write_text(json.dumps(points, indent=1))
+    (out / "curve.md").write_text(text + "\n")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
+    for ax, (i, metric) in zip(axes, enumerate(metrics)):
+        ax.plot([p["steps"] for p in points], [p["verdict"][i]["margin"] for p in points], "o-")
+        ax.axhline(0, color="0.6", lw=1)
+        ax.set(title=f"{metric}: margin over random", xlabel="pretraining steps", xscale="log")
+        ax.set_xticks([p["steps"] for p in points], [str(p["steps"]) for p in points])
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=100)
+    plt.close(fig)
+    print(text)
+    print(f"written to {out}/curve.md, curve.json and curve.png")
+    return 0
+
+def budget(args) -> str:
+    """The folder name of one pretraining budget: runs of different budgets never resume into each other."""
+    return f"{ARCH}_{args.steps}steps_batch{args.batch}_{args.view_size}px"
+
+
+def train_and_score(plans, args, data: Path, runs: Path) -> tuple[list[dict], object]:
+    """Pretrain (or reuse) and evaluate (or read back) each planned run, then the random baselines of the same
+    seeds (random init seed s is the initial network of the VADeR run of seed s): the results and the device."""
     def run_dir(label: str, seed: int) -> Path:
-        return runs / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
+        return runs / budget(args) / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
 
     device = None
     results = []
     for label, key, seed, cfg in plans:
         cfg = with_overrides(cfg, {"run.seed": seed, "run.dir": str(run_dir(label, seed))})
         if cfg.model.init_encoder == "mocov2":
-            cfg = with_overrides(cfg, {"model.init_encoder": str(run_dir("MoCo v2", seed) / "checkpoints" /
-                                                                 f"step_{args.steps:08d}.pt")})
+            cfg = with_overrides(cfg, {"model.init_encoder": str(checkpoint_path(run_dir("MoCo v2", seed),
+                                                                                 args.steps))})
         print(f"== {label}, seed {seed}: pretraining {cfg.optim.steps} steps -> {cfg.run.dir}", flush=True)
         trained = pretrain(cfg)
         model = trained.pop("model")
@@ -249,29 +345,27 @@ def main(argv=None) -> int:
             continue
         print(f"== {label}, seed {seed}: evaluating ({trained['pairs_per_s']:.1f} pairs/s in pretraining)",
               flush=True)
+        scores, eval_s = evaluate(model, data, device, args.kinds, Path(cfg.run.dir), trained["checkpoint"],
+                                  args.rescore)
         results.append({"model": label, "objective": key, "seed": seed, "random": False, **trained,
-                        "scores": evaluate(model, data, device, args.kinds)})
+                        "eval_s": eval_s, "scores": scores})
+    arch = ARCH
     for seed in args.seeds:
         print(f"== random init, seed {seed}: evaluating", flush=True)
-        results.append({"model": "random init", "objective": None, "seed": seed, "random": True,
-                        "scores": evaluate(random_model(base.model.arch, seed).to(device), data, device,
-                                           args.kinds)})
+        scores, eval_s = evaluate(random_model(arch, seed).to(device), data, device, args.kinds,
+                                  runs / f"random_init_{arch}_seed{seed}", f"random {arch} seed {seed}", args.rescore)
+        results.append({"model": "random init", "objective": None, "seed": seed, "random": True, "eval_s": eval_s,
+                        "scores": scores})
+    return results, device
 
-    # --- report
-    rows = summarise(results)
-    what = "ablations of VADeR" if args.ablations else "objectives"
-    header = (f"# Comparison of {what} on the embedded set\n\n{base.model.arch}, {args.steps} steps, "
-              f"batch {args.batch}, "
-              f"{args.view_size} px views, seeds {args.seeds}, device {device}; probes at {PROBE_SIZE[0]}x"
-              f"{PROBE_SIZE[1]}, mean ± std over seeds.")
-    text = table(rows, header)
-    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows}, indent=1, default=str))
-    (out / "table.md").write_text(text + "\n")
-    plot(rows, out / "compare.png")
-    print(text)
-    print(f"written to {out}/table.md, results.json and compare.png")
-    return 0
 
+def costs(results: list[dict], command_s: float) -> str:
+    """What the table cost, measured: the training steps and evaluations of every run in it (whenever they ran:
+    a table built in resumable pieces sums its pieces) and this command's own wall time."""
+    train = sum(r.get("wall_s", 0) for r in results)
+    evals = sum(r["eval_s"] for r in results)
+    return (f"Cost: {len(results)} models; training steps {train / 60:.1f} min, evaluations {evals / 60:.1f} min "
+            f"(summed over the runs, whichever command ran them); this command took {command_s / 60:.1f} min.")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -456,3 +456,26 @@ def test_knn_classification_reads_the_largest_shape_and_beats_its_trivial_baseli
     assert good["trivial"]["top-1"] == pytest.approx(float((largest_classes(val) == counts.argmax()).float().mean()))
     blind = knn_probe(lambda x: torch.ones(len(x), 4, 2, 2), train, val, (32, 32), k=3)
     assert blind["top-1"] < 1.0
+
+
+def test_a_feature_cache_extracts_each_image_set_once_and_changes_no_score(synthetic_root):
+    """score_embedded's probes share one cache: segmentation and depth read the same scenes, so the cached
+    features are the very tensors an uncached extraction computes, and the network sees each image set once."""
+    from densessl.evaluation.datasets import synthetic
+    from densessl.evaluation.probe import extract, linear_probe
+    seg, depth = synthetic(synthetic_root, "train"), synthetic(synthetic_root, "train", "depth")
+    calls = []
+
+    def features(x):
+        calls.append(len(x))
+        return F.avg_pool2d(x, 4)
+
+    cache = {}
+    first = extract(features, seg, (32, 32), cache=cache)
+    assert torch.equal(extract(features, depth, (32, 32), cache=cache), first)
+    assert sum(calls) == len(seg)  # the depth set's images (the same scenes) were not run again
+    extract(features, seg, (64, 64), cache=cache)
+    assert sum(calls) == 2 * len(seg)  # another size is another entry
+    val = synthetic(synthetic_root, "val", "depth")
+    cached, plain = (linear_probe(features, depth, val, (32, 32), cache=c) for c in ({}, None))
+    assert cached["RMSE"] == plain["RMSE"] and cached["probe loss"] == plain["probe loss"]

@@ -316,17 +316,24 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
-def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
+def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     """``make compare`` in seconds: VADeR, MoCo v2, VADeR multi-crop and random init, a row per model and feature
-    kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot."""
+    kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot. Called
+    again, it trains and evaluates nothing: the table is rebuilt from what the run folders keep."""
     from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
+    assert "read back" not in capsys.readouterr().out
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("scores read back") == 7  # every model and kind, random init included
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    assert "Cost: 4 models" in (out / "table.md").read_text()
     assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
                          "VADeR multi-crop [hypercolumn]", "VADeR multi-crop [dense]",
                          "random init [hypercolumn]", "random init [dense]"}  # MoCo v2 has no dense output
-    multicrop = parse(["--config", str(out / "runs" / "vader_multi_crop_seed0" / "config.yaml")])
+    runs = out / "runs" / "resnet18_4steps_batch8_64px"  # one folder per budget: no run resumes into another
+    multicrop = parse(["--config", str(runs / "vader_multi_crop_seed0" / "config.yaml")])
     assert multicrop.views.crops == "2x64,4x32" and multicrop.method.name == "vader"
     for name, row in rows.items():
         assert all(math.isfinite(v) for v in row["mean"].values()), name
@@ -335,11 +342,20 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path):
     assert all(f"| {name} |" in table for name in rows) and "strongest random baseline" in table
     assert (out / "compare.png").stat().st_size > 10_000
     # a finished run is reused, not retrained, and reports the costs its steps had
-    run_dir = out / "runs" / "vader_seed0"
+    run_dir = runs / "vader_seed0"
     final = run_dir / "checkpoints" / "step_00000004.pt"
     written = final.stat().st_mtime_ns
     again = pretrain(parse(["--config", str(run_dir / "config.yaml")]))
     assert final.stat().st_mtime_ns == written and [again["wall_s"]] == rows["VADeR [dense]"]["wall_s"]
+    # the margin-against-steps curve: its 4-step point is the comparison's VADeR run, read back
+    capsys.readouterr()
+    assert main(["--tiny", "--curve", "4", "2", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert "scores read back" in capsys.readouterr().out and final.stat().st_mtime_ns == written
+    points = json.loads((out / "curve.json").read_text())
+    assert [p["steps"] for p in points] == [2, 4] and (out / "runs" / "resnet18_2steps_batch8_64px").is_dir()
+    assert {v["metric"] for v in points[0]["verdict"]} == {"mIoU", "J&F", "RMSE", "top-1"}
+    assert all(math.isfinite(v["margin"]) for p in points for v in p["verdict"])
+    assert (out / "curve.png").stat().st_size > 10_000 and "| 4 |" in (out / "curve.md").read_text()
 
 
 def test_ablations_run_at_tiny_size(tmp_path):
@@ -351,7 +367,8 @@ def test_ablations_run_at_tiny_size(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert set(rows) == {f"{label} [c5]" for label in ABLATIONS} | {"random init [c5]"}  # c5: every model has it
     assert all(0 <= row["mean"]["top-1"] <= 1 for row in rows.values())
-    runs = {p.name: parse(["--config", str(p / "config.yaml")]) for p in (out / "runs").iterdir()}
+    runs = {p.name: parse(["--config", str(p / "config.yaml")])
+            for p in (out / "runs" / "resnet18_4steps_batch8_64px").iterdir()}
     assert runs["negatives__same_image__r_2__seed0"].method.negatives == "image"
     assert runs["no_momentum_encoder_seed0"].method.momentum == 0
     simclr = runs["no_momentum_encoder__in_batch_negatives__simclr_style__seed0"]
