@@ -1,18 +1,25 @@
 """`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
 
-    python -m densessl.experiments.compare --out runs/compare     # 3 objectives x 3 seeds, then every evaluation
-    python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # ablations
+    python -m densessl.experiments.compare --out runs/compare     # 4 objectives x 3 seeds, then every evaluation
+    python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # 2 seeds
+    python -m densessl.experiments.compare --curve 200 400 800 1600 --out runs/curve --runs runs/compare/runs
+    python -m densessl.experiments.compare --preset gpu ...       # the larger budget, 3 seeds everywhere
     python -m densessl.experiments.compare --tiny                 # seconds: 3 rows, 1 seed (the test)
 
-Every model is pretrained with the same budget (steps, batch, view size, seed set), and every model is read
-the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output where it
-has one), then scored by the same protocols: a segmentation probe on lighting-shifted scenes, a depth probe,
-and label propagation through clips whose lighting changes every frame. Random initialisations with the same
-seeds are the baselines, read the same ways. Runs resume where they stopped; a finished run is not retrained.
+Every model is pretrained with the same budget (``PRESETS``: steps, batch, view size, seed set), and every model
+is read the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output
+where it has one), then scored by the same protocols: a segmentation probe on lighting-shifted scenes, a depth
+probe, label propagation through clips whose lighting changes every frame, and a k-NN vote on pooled features.
+Random initialisations with the same seeds are the baselines, read the same ways.
 
-Writes to ``--out``: ``results.json`` (every score of every seed, wall time and pairs/s of each run),
-``table.md`` (mean ± std over seeds, the trivial baselines, the verdict against the strongest random
-baseline), and ``compare.png`` (the same numbers as bars with error bars).
+Nothing is done twice: runs live in ``RUNS/<budget>/<model>_seed<s>`` and resume where they stopped (a finished
+run is not retrained), and each model's scores are kept beside it (``scores.json``), so the comparison, the
+ablations and the curve share runs and a table can be built in pieces, across commands.
+
+Writes to ``--out``: ``results.json`` (every score of every seed, the time each run's training steps and
+evaluation took), ``table.md`` (mean ± std over seeds, the trivial baselines, the verdict against the strongest
+random baseline, the costs) and ``compare.png`` (the same numbers as bars with error bars); with ``--curve``,
+``curve.md``, ``curve.json`` and ``curve.png`` (each metric's margin against steps).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +53,14 @@ SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "d
           ("propagation", "J&F", True))
 # The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the
 # encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
+# The budgets: 'cpu' is the one chosen for a 2-core machine from the margin-against-steps curve (README; it runs
+# on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
+PRESETS = {
+    "cpu": {"steps": 400, "view_size": 64, "workers": 2, "device": "auto",
+            "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
+    "gpu": {"steps": 1600, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
+             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
+}
 ABLATIONS = {
     "VADeR": ("vader", {}),
     "negatives: same image (r=2)": ("vader", {"method.negatives": "image", "method.exclusion_radius": 2.0}),
@@ -224,11 +240,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--data", default="data/synthetic")
     p.add_argument("--objectives", nargs="+", default=list(NAMES), choices=list(NAMES))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="the budget and seeds below as a set (cpu: make compare's; gpu: the GPU preset)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: the preset's (ablations and curve: their own)")
+    p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--view-size", type=int, default=96)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--view-size", type=int)
+    p.add_argument("--workers", type=int)
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
     p.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
     p.add_argument("--curve", type=int, nargs="+", metavar="STEPS",
@@ -237,9 +255,14 @@ def main(argv=None) -> int:
                                   "is reused, so ablations can share the comparison's VADeR and MoCo v2 runs")
     p.add_argument("--rescore", action="store_true", help="evaluate every model again instead of reading back "
                                                            "the scores kept in its run folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 3 rows, 1 seed, 4 steps")
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    mode = "ablations" if args.ablations else "curve" if args.curve else "compare"
+    for key, value in {**preset, "seeds": preset["seeds"][mode]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.tiny:
         args.seeds, args.steps, args.batch, args.view_size = [0], 4, 8, 64
         args.objectives = ["vader", "mocov2", "vader_multicrop"]

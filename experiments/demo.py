@@ -24,7 +24,7 @@ from densessl.evaluation.visualize import plot_pca
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import with_overrides
 
-from .compare import TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
+from .compare import PRESETS, TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
 
 KINDS = ("hypercolumn", "dense")
 
@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data", default="data/synthetic")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=PRESETS["cpu"]["steps"], help="default: make compare's budget")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--view-size", type=int, default=96)
+    p.add_argument("--view-size", type=int, default=PRESETS["cpu"]["view_size"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where training and the probes run (auto: the GPU when there is one)")
@@ -65,10 +65,11 @@ def main(argv=None) -> int:
     device = next(model.parameters()).device  # where training ran: the features are computed there too
     seed = cfg.run.seed
     baseline = random_model(cfg.model.arch, seed).to(device)  # the network this run started from
-    results = [{"model": "VADeR", "seed": seed, "random": False, **trained,
-                "scores": evaluate(model, root, device, KINDS)},
-               {"model": "random init", "seed": seed, "random": True,
-                "scores": evaluate(baseline, root, device, KINDS)}]
+    scores, eval_s = evaluate(model, root, device, KINDS, out, trained["checkpoint"])
+    random_scores, random_s = evaluate(baseline, root, device, KINDS, out / "random_init",
+                                       f"random {cfg.model.arch} seed {seed}")
+    results = [{"model": "VADeR", "seed": seed, "random": False, **trained, "eval_s": eval_s, "scores": scores},
+               {"model": "random init", "seed": seed, "random": True, "eval_s": random_s, "scores": random_scores}]
     rows = summarise(results)
     plot_loss(out / "metrics.csv", out / "loss.png")
     extractors = {**{f"VADeR [{k}]": f for k, f in model_extractors(model, KINDS).items()},
