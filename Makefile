@@ -12,8 +12,10 @@ APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config libavdevice59 libavfi
                 libavutil57 libswscale6 libswresample4
 EXTRAS  ?= dev,dali,ffcv,bench
 DATA    ?= data/synthetic
+# make curve/compare/ablations: the budget and seeds (PRESETS in experiments/compare.py); gpu: the larger GPU one
+PRESET  ?= cpu
 
-.PHONY: setup apt test demo eval compare ablations data bench gpu-bundle gpu-check clean
+.PHONY: setup apt test demo eval curve compare ablations data bench gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -52,14 +54,21 @@ demo: setup
 eval: setup
 	$(PY) -m densessl.evaluation all --checkpoint runs/demo --root $(DATA) --out runs/demo/eval
 
-# VADeR vs DenseCL vs MoCo v2 vs random init, 3 pretraining seeds each, same budget and protocols (experiments/compare.py).
-compare: setup
-	$(PY) -m densessl.experiments.compare --data $(DATA) --out runs/compare
+# VADeR's margin over random init against pretraining steps (the curve the budget was chosen from), 1 seed.
+curve: setup
+	$(PY) -m densessl.experiments.compare --curve 200 400 800 1600 --preset $(PRESET) --data $(DATA) --out runs/curve \
+	  --runs runs/compare/runs
 
-# VADeR's ablations (negatives from the same image, queue size, no momentum encoder, matches, MoCo v2 init),
-# reusing make compare's VADeR and MoCo v2 runs where they exist.
+# VADeR vs DenseCL vs MoCo v2 (and VADeR on multi-crop views) vs random init, 3 pretraining seeds each, same
+# budget and protocols (experiments/compare.py).
+compare: setup
+	$(PY) -m densessl.experiments.compare --preset $(PRESET) --data $(DATA) --out runs/compare
+
+# The reviewers' questions (ABLATIONS in experiments/compare.py), 2 seeds (PRESET=gpu: 3), reusing make
+# compare's VADeR and MoCo v2 runs and every model's kept scores.
 ablations: setup
-	$(PY) -m densessl.experiments.compare --ablations --data $(DATA) --out runs/ablations --runs runs/compare/runs
+	$(PY) -m densessl.experiments.compare --ablations --preset $(PRESET) --data $(DATA) --out runs/ablations \
+	  --runs runs/compare/runs
 
 bench: setup data
 	$(PY) -m densessl.benchmarks.correspondence

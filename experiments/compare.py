@@ -56,7 +56,7 @@ SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "d
 # The budgets: 'cpu' is the one chosen for a 2-core machine from the margin-against-steps curve (README; it runs
 # on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
 PRESETS = {
-    "cpu": {"steps": 400, "view_size": 64, "workers": 2, "device": "auto",
+    "cpu": {"steps": 200, "view_size": 64, "workers": 2, "device": "auto",
             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
     "gpu": {"steps": 1600, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
              "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
