@@ -13,7 +13,8 @@
 # and the tests whose code runs on CUDA when it is there); 2. the step benchmark, the ResNet-50 anchor then VADeR,
 # DenseCL and MoCo v2, eager and compiled; 3. the trainer end to end on 4,096 files, compiled, with the torch
 # loader (and DALI's when it was carried), against the model-only step; 4. make demo's run and evaluation all on
-# the GPU; 5. the comparison's GPU preset with what time is left. Every step's output goes to OUT/results.md.
+# the GPU; 5. make compare and make ablations with the GPU preset (PRESET=gpu) in the time left. Every step's
+# output goes to OUT/results.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DALI_DIR=${DALI_DIR:-/tmp/densessl-dali}
@@ -90,7 +91,8 @@ if [ -n "$rehearse" ]; then  # the same steps, tiny
   step demo_and_evaluation 180 bash -c "$py -m densessl.experiments.demo --tiny --data '$out/demo-data' \
     --out '$out/demo' --steps 2 --batch 8 --view-size 64 && $py -m densessl.evaluation all --checkpoint '$out/demo' \
     --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5"
-  step compare 180 $py -m densessl.experiments.compare --tiny --data "$out/demo-data" --out "$out/compare"
+  step compare 180 $py -m densessl.experiments.compare --tiny --preset gpu --device cpu --data "$out/demo-data" \
+    --out "$out/compare"
 else
   cores=$(nproc); data_failed=
   step data 90 $py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))"
@@ -115,8 +117,9 @@ print('$backend: steps 51+: median', statistics.median(float(x['images_per_s']) 
   step demo_and_evaluation 100 bash -c "$py -m densessl.experiments.demo --device cuda --data '$out/data' \
     --out '$out/demo' --workers $((cores - 2)) && $py -m densessl.evaluation all --checkpoint '$out/demo' \
     --root '$out/data' --out '$out/demo/eval'"
-  step compare 600 $py -m densessl.experiments.compare --device cuda --data "$out/data" --out "$out/compare" \
-    --steps 800 --seeds 0 1 2 --workers $((cores - 2))
+  step compare 600 bash -c "$py -m densessl.experiments.compare --preset gpu --data '$out/data' \
+    --out '$out/compare' && $py -m densessl.experiments.compare --ablations --preset gpu --data '$out/data' \
+    --out '$out/ablations' --runs '$out/compare/runs'"  # what is cut short resumes in a later call
 fi
 log ""; log "total $((SECONDS - start)) s of the ${deadline} s allowed"
 rm -rf "$site"

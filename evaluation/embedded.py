@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import datasets
 from .classify import knn_probe
 from .probe import linear_probe, warn_if_unreliable
@@ -53,3 +55,16 @@ def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZ
             "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
             "depth probe loss": d["probe loss"],
             "probes converged": float(s["probe converged"] and d["probe converged"])}
+
+
+def position_depth(tasks: EmbeddedTasks, size=PROBE_SIZE) -> dict:
+    """The depth probe fitted on where each pixel is and nothing it shows: features are the row and column
+    coordinates (and their squares) on a stride-4 grid. The embedded set's ground plane recedes with the row and
+    its shapes' depths are drawn independently of how they look, so this probe bounds what depth can measure
+    here: features beat it only by finding the shapes. Returns ``linear_probe``'s depth result."""
+    def where(x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        rows, cols = torch.meshgrid(torch.linspace(0, 1, h // 4), torch.linspace(0, 1, w // 4), indexing="ij")
+        return torch.stack([rows, cols, rows ** 2, cols ** 2])[None].expand(n, -1, -1, -1)
+
+    return linear_probe(where, *tasks.depth, size)

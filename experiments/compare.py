@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, score_embedded
+from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth, score_embedded
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.evaluation.report import markdown_table
 from densessl.model.builder import ModelConfig
@@ -293,8 +293,12 @@ def main(argv=None) -> int:
     header = (f"# Comparison of {what} on the embedded set\n\n{ARCH}, {args.steps} steps, batch {args.batch}, "
               f"{args.view_size} px views, seeds {args.seeds}, "
               f"device {device}; probes at {PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
-    text = table(rows, header) + "\n\n" + costs(results, time.monotonic() - started)
-    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows}, indent=1, default=str))
+    where = position_depth(EmbeddedTasks.load(data))
+    text = "\n\n".join([table(rows, header), f"Depth from position alone (the probe sees each pixel's row and "
+                         f"column, nothing of the image): RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.",
+                         costs(results, time.monotonic() - started)])
+    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows, "position depth": where},
+                                                 indent=1, default=str))
     (out / "table.md").write_text(text + "\n")
     plot(rows, out / "compare.png")
     print(text)

@@ -479,3 +479,11 @@ def test_a_feature_cache_extracts_each_image_set_once_and_changes_no_score(synth
     val = synthetic(synthetic_root, "val", "depth")
     cached, plain = (linear_probe(features, depth, val, (32, 32), cache=c) for c in ({}, None))
     assert cached["RMSE"] == plain["RMSE"] and cached["probe loss"] == plain["probe loss"]
+
+
+def test_depth_from_position_alone_reads_the_ground_plane(synthetic_root):
+    """The embedded set's depth is mostly its ground plane, which recedes with the row: a probe that sees only
+    where each pixel is beats the mean-depth baseline by far, and the image's content is not read at all."""
+    from densessl.evaluation.embedded import EmbeddedTasks, position_depth
+    where = position_depth(EmbeddedTasks.load(synthetic_root))
+    assert where["RMSE"] < 0.7 * where["trivial"]["RMSE"] and where["delta1"] > where["trivial"]["delta1"]
