@@ -119,7 +119,7 @@ print('$backend: steps 51+: median', statistics.median(float(x['images_per_s']) 
     --root '$out/data' --out '$out/demo/eval'"
   step compare 600 bash -c "$py -m densessl.experiments.compare --preset gpu --data '$out/data' \
     --out '$out/compare' && $py -m densessl.experiments.compare --ablations --preset gpu --data '$out/data' \
-    --out '$out/ablations' --runs '$out/compare/runs'"  # what is cut short resumes in a later call
+    --out '$out/ablations' --runs '$out/compare/runs'"  # cut short: the table so far, marked Partial
 fi
 log ""; log "total $((SECONDS - start)) s of the ${deadline} s allowed"
 rm -rf "$site"

@@ -16,6 +16,7 @@ from .probe import linear_probe, warn_if_unreliable
 from .propagation import evaluate_videos
 
 PROBE_SIZE = (128, 160)  # probe input (H, W): the embedded set's frame size
+PROTOCOL = 1  # raised whenever score_embedded's protocols or outputs change: scores kept from before are stale
 
 
 @dataclass(frozen=True)

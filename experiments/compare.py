@@ -3,10 +3,10 @@
     python -m densessl.experiments.compare --out runs/compare     # 4 objectives x 3 seeds, then every evaluation
     python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # 2 seeds
     python -m densessl.experiments.compare --curve 200 400 800 1600 --out runs/curve --runs runs/compare/runs
-    python -m densessl.experiments.compare --preset gpu ...       # the larger budget, 3 seeds everywhere
-    python -m densessl.experiments.compare --tiny                 # seconds: 3 rows, 1 seed (the test)
+    python -m densessl.experiments.compare --preset gpu ...       # the larger budget (ablations: 3 seeds)
+    python -m densessl.experiments.compare --tiny                 # seconds: 3 models, 1 seed (the test)
 
-Every model is pretrained with the same budget (``PRESETS``: steps, batch, view size, seed set), and every model
+Every model is pretrained with the same budget (``PRESETS``: steps, batch, view size, seeds), and every model
 is read the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output
 where it has one), then scored by the same protocols: a segmentation probe on lighting-shifted scenes, a depth
 probe, label propagation through clips whose lighting changes every frame, and a k-NN vote on pooled features.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -33,8 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth, score_embedded
+from densessl.evaluation.embedded import PROBE_SIZE, PROTOCOL, EmbeddedTasks, position_depth, score_embedded
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.evaluation.report import markdown_table
 from densessl.model.builder import ModelConfig
@@ -42,25 +44,27 @@ from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.multicrop import MultiCropViews
 from densessl.pipeline.synthetic import SyntheticConfig, generate
-from densessl.train.config import OptimConfig, RunConfig, TrainConfig, with_overrides
+from densessl.train.config import ConfigError, OptimConfig, RunConfig, TrainConfig, parse, to_dict, with_overrides
 from densessl.train.trainer import run
 
 ARCH = "resnet18"  # the CPU budget's encoder
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
+# --tiny (the tests, seconds): these where no flag is given, on TINY_DATA
+TINY = {"seeds": [0], "steps": 4, "batch": 8, "view_size": 64, "objectives": ["vader", "mocov2", "vader_multicrop"]}
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop"}
 # (task, metric, higher is better): the table's columns and the plot's panels
 SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "delta1", True),
           ("propagation", "J&F", True))
-# The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the
-# encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
 # The budgets: 'cpu' is the one chosen for a 2-core machine from the margin-against-steps curve (README; it runs
 # on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
 PRESETS = {
-    "cpu": {"steps": 200, "view_size": 64, "workers": 2, "device": "auto",
+    "cpu": {"steps": 200, "batch": 32, "view_size": 64, "workers": 2, "device": "auto",
             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
-    "gpu": {"steps": 1600, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
+    "gpu": {"steps": 1600, "batch": 32, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
              "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
 }
+# The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the
+# encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
 ABLATIONS = {
     "VADeR": ("vader", {}),
     "negatives: same image (r=2)": ("vader", {"method.negatives": "image", "method.exclusion_radius": 2.0}),
@@ -86,7 +90,7 @@ def multicrop_views(view_size: int) -> MultiCropViews:
 
 
 def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
-    """The CPU budget (the demo's too): resnet18, ``args``' steps, batch, views and device, a queue of 8
+    """One run of the comparison (and the demo): resnet18, ``args``' steps, batch, views and device, a queue of 8
     batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps.
     ``<method>_multicrop`` is the method on ``multicrop_views``, with the same budget."""
     extra = {"warmup_steps": args.steps // 10} if method == "densecl" else {}
@@ -106,13 +110,37 @@ def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Train (or finish, or reuse) one run: the model, and the run's training time and pairs/s read back from
-    its metrics.csv (each step's own time), so a resumed or reused run reports what its steps took."""
-    model, batch = run(cfg).model.eval(), cfg.optim.batch_size
+    its metrics.csv (each step's own time), so a resumed or reused run reports what its steps took. A run folder
+    that holds a run with other settings is refused, not resumed into; a run that stops early is an error."""
+    held = Path(cfg.run.dir) / "config.yaml"
+    if held.is_file():
+        differ = different_training(parse(["--config", str(held)]), cfg)
+        if differ:
+            raise ConfigError(f"{cfg.run.dir} holds a run trained with other settings ({', '.join(differ)}): "
+                              "give another --out or --runs, or delete that folder")
+    result = run(cfg)
+    if result.step < result.total:
+        raise RuntimeError(f"{cfg.run.dir}: training stopped at step {result.step} of {result.total} (a stop "
+                           "request, or a non-finite loss: see its log); run the command again to resume it")
+    model, batch = result.model.eval(), cfg.optim.batch_size
     with open(Path(cfg.run.dir) / "metrics.csv", newline="") as f:
         seconds = [batch / max(float(r["images_per_s"]), 1e-3) for r in csv.DictReader(f)]
     final = checkpoint_path(cfg.run.dir, cfg.optim.steps)  # names the trained weights (a retrained run rescores)
     return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * batch / sum(seconds),
             "checkpoint": f"{final.name} ({final.stat().st_mtime_ns})"}
+
+
+def different_training(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """The keys in which two configurations train differently: every data, views, model, method and optim key
+    but the loader's worker count, and the seed; not where and how a run reports."""
+    da, db = to_dict(a), to_dict(b)
+    for d in (da, db):  # a path is the same path however it was written
+        for section, k in (("data", "path"), ("model", "init_encoder")):
+            d[section][k] = d[section][k] and str(Path(d[section][k]).resolve())
+    keys = [(section, k) for section in ("data", "views", "model", "method", "optim")
+            for k in sorted(set(da[section]) | set(db[section]))] + [("run", "seed")]
+    return [f"{section}.{k}" for section, k in keys
+            if (section, k) != ("data", "workers") and da[section].get(k) != db[section].get(k)]
 
 
 def checkpoint_path(run_dir, steps: int) -> Path:
@@ -125,12 +153,18 @@ def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: b
     and the seconds those evaluations took.
 
     The scores are kept in ``folder/scores.json`` under what they were computed from (``of``: the final
-    checkpoint, or the random init's arch and seed; the data; the probe size), with the seconds each took, and
+    checkpoint, or the random init's arch and seed; the data set's path and contents; the probe size and
+    ``evaluation.embedded.PROTOCOL``), with the seconds each took, and
     read back from there when asked again (unless ``rescore``): the comparison, the ablations, the curve and a
     table built in pieces evaluate each model once."""
     cache = folder / "scores.json"
-    key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE)})
-    kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
+    key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE),
+                      "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16],
+                      "protocol": PROTOCOL})
+    try:
+        kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
+    except json.JSONDecodeError:  # cut short while written: evaluated again
+        kept = {}
     kept = kept if kept.get("key") == key else {"key": key, "scores": {}}
     tasks = None
     extractors = model_extractors(model, kinds)  # the kinds this model has (MoCo v2 has no dense output)
@@ -142,7 +176,8 @@ def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: b
             kept["scores"][kind] = score_embedded(fn.to(device), tasks, kind)
             kept.setdefault("seconds", {})[kind] = time.monotonic() - t0
             folder.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(kept, indent=1))
+            cache.with_suffix(".tmp").write_text(json.dumps(kept, indent=1))
+            os.replace(cache.with_suffix(".tmp"), cache)
         s = kept["scores"][kind]
         print(f"  [{kind}] mIoU {s['mIoU']:.3f}  RMSE {s['RMSE']:.3f}  J&F {s['J&F']:.3f}  top-1 {s['top-1']:.3f}",
               flush=True)
@@ -184,6 +219,7 @@ def verdict(rows: dict[str, dict]) -> list[dict]:
         base = pick(baselines, key=lambda n: rows[n]["mean"][metric])
         margin = (rows[best]["mean"][metric] - rows[base]["mean"][metric]) * (1 if higher else -1)
         out.append({"metric": metric, "best": best, "baseline": base, "margin": margin,
+                    "values": (rows[best]["mean"][metric], rows[base]["mean"][metric]),
                     "line": f"- {metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
                             f"baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
                             f"({'better' if margin > 0 else 'not better'})"})
@@ -239,33 +275,33 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--data", default="data/synthetic")
-    p.add_argument("--objectives", nargs="+", default=list(NAMES), choices=list(NAMES))
+    p.add_argument("--objectives", nargs="+", choices=list(NAMES), help="default: all")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
-                   help="the budget and seeds below as a set (cpu: make compare's; gpu: the GPU preset)")
-    p.add_argument("--seeds", type=int, nargs="+", help="default: the preset's (ablations and curve: their own)")
+                   help="the steps, view size, workers, device and seeds below as a set (cpu: make compare's "
+                        "budget for a 2-core machine; gpu: the larger GPU one); a flag given wins")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: the preset's for the mode")
     p.add_argument("--steps", type=int)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int)
     p.add_argument("--view-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
-    p.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
-    p.add_argument("--curve", type=int, nargs="+", metavar="STEPS",
-                   help="VADeR's margin over random init against pretraining steps, one full run per count")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
+    mode.add_argument("--curve", type=int, nargs="+", metavar="STEPS",
+                      help="VADeR's margin over random init against pretraining steps, one full run per count")
     p.add_argument("--runs", help="where the pretraining runs live (default OUT/runs); a finished run found there "
                                   "is reused, so ablations can share the comparison's VADeR and MoCo v2 runs")
     p.add_argument("--rescore", action="store_true", help="evaluate every model again instead of reading back "
                                                            "the scores kept in its run folder")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 3 rows, 1 seed, 4 steps")
+    p.add_argument("--tiny", action="store_true", help="seconds: tiny data, 1 seed, 4 steps, batch 8 (the tests)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     mode = "ablations" if args.ablations else "curve" if args.curve else "compare"
-    for key, value in {**preset, "seeds": preset["seeds"][mode]}.items():
+    for key, value in {**preset, "seeds": preset["seeds"][mode], "objectives": list(NAMES),
+                       **(TINY if args.tiny else {})}.items():  # what no flag gave: tiny's, else the preset's
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.tiny:
-        args.seeds, args.steps, args.batch, args.view_size = [0], 4, 8, 64
-        args.objectives = ["vader", "mocov2", "vader_multicrop"]
     started = time.monotonic()
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out / "runs"
@@ -273,8 +309,9 @@ def main(argv=None) -> int:
 
     # --- data: the embedded set (tiny: a few scenes and one short clip)
     data = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny)
+    randoms = score_random(args, data, runs)
     if args.curve:
-        return curve(args, data, runs, out, started)
+        return curve(args, data, runs, out, randoms, started)
 
     # --- what to train: objectives, or VADeR under each ablation (MoCo v2 runs first where one is read)
     plans = []
@@ -285,52 +322,61 @@ def main(argv=None) -> int:
                 plans.append((label, objective, seed, with_overrides(base_config(data, args, objective), overrides)))
     else:
         plans = [(NAMES[o], o, seed, base_config(data, args, o)) for seed in args.seeds for o in args.objectives]
-    results, device = train_and_score(plans, args, data, runs)
 
-    # --- report
-    rows = summarise(results)
+    # --- train and score each, rewriting the report after each one (a long table shows what it has so far)
+    where = position_depth(EmbeddedTasks.load(data))
     what = "ablations of VADeR" if args.ablations else "objectives"
     header = (f"# Comparison of {what} on the embedded set\n\n{ARCH}, {args.steps} steps, batch {args.batch}, "
-              f"{args.view_size} px views, seeds {args.seeds}, "
-              f"device {device}; probes at {PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
-    where = position_depth(EmbeddedTasks.load(data))
-    text = "\n\n".join([table(rows, header), f"Depth from position alone (the probe sees each pixel's row and "
-                         f"column, nothing of the image): RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.",
-                         costs(results, time.monotonic() - started)])
-    (out / "results.json").write_text(json.dumps({"runs": results, "rows": rows, "position depth": where},
-                                                 indent=1, default=str))
-    (out / "table.md").write_text(text + "\n")
-    plot(rows, out / "compare.png")
-    print(text)
+              f"{args.view_size} px views, seeds {args.seeds}, device {device_of(args)}; probes at "
+              f"{PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
+
+    def report(results: list[dict], final: bool = False) -> str:
+        rows = summarise(results + randoms)
+        text = "\n\n".join([
+            table(rows, header), f"Depth from position alone (the probe sees each pixel's row and column, nothing "
+                                 f"of the image): RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.",
+            costs(results + randoms, time.monotonic() - started)
+            + ("" if final else f" Partial: {len(results)} of {len(plans)} runs so far.")])
+        (out / "results.json").write_text(json.dumps({"runs": results + randoms, "rows": rows,
+                                                      "position depth": where}, indent=1, default=str))
+        (out / "table.md").write_text(text + "\n")
+        plot(rows, out / "compare.png")
+        return text
+
+    results = train_and_score(plans, args, data, runs, on_result=report)
+    print(report(results, final=True))
     print(f"written to {out}/table.md, results.json and compare.png")
     return 0
 
 
-def curve(args, data: Path, runs: Path, out: Path, started: float) -> int:
-    """``--curve N ...``: VADeR trained for N steps (each its own full schedule, ``args.seeds``) and the random
-    baselines, evaluated as the comparison does: per step count and metric, the best trained read-out against the
-    strongest random one. Writes ``curve.md``, ``curve.json`` and ``curve.png`` (margin against steps)."""
+def curve(args, data: Path, runs: Path, out: Path, randoms: list[dict], started: float) -> int:
+    """``--curve N ...``: VADeR trained for N steps (each its own full schedule, ``args.seeds``), evaluated as the
+    comparison does: per step count and metric, the best trained read-out against the strongest random one.
+    Writes ``curve.md``, ``curve.json`` and ``curve.png`` (margin against steps)."""
     import matplotlib.pyplot as plt
 
     points, results = [], []
     for steps in sorted(args.curve):
         at = argparse.Namespace(**{**vars(args), "steps": steps})
-        plans = [("VADeR", "vader", seed, base_config(data, at, "vader")) for seed in args.seeds]
-        found, device = train_and_score(plans, at, data, runs)
+        found = train_and_score([("VADeR", "vader", seed, base_config(data, at, "vader")) for seed in args.seeds],
+                                at, data, runs)
         results += found
-        trained = [r for r in found if not r["random"]]
-        points.append({"steps": steps, "train_s": float(np.mean([r["wall_s"] for r in trained])),
-                       "verdict": verdict(summarise(found))})
+        points.append({"steps": steps, "train_s": float(np.mean([r["wall_s"] for r in found])),
+                       "verdict": verdict(summarise(found + randoms))})
     metrics = [v["metric"] for v in points[0]["verdict"]]
-    cells = {f"{p['steps']}": [f"{p['train_s']:.0f}"] + [
-        f"{v['margin']:+.3f} ({v['best'].split(' [')[1][:-1]} vs {v['baseline'].split(' [')[1][:-1]})"
-        for v in p["verdict"]] for p in points}
+
+    def cell(v):  # "+0.062 (0.394 [hypercolumn] vs 0.332 [hypercolumn])"
+        kinds = [name[name.index("["):] for name in (v["best"], v["baseline"])]
+        return f"{v['margin']:+.3f} ({v['values'][0]:.3f} {kinds[0]} vs {v['values'][1]:.3f} {kinds[1]})"
+
+    cells = {f"{p['steps']}": [f"{p['train_s']:.0f}"] + [cell(v) for v in p["verdict"]] for p in points}
     text = "\n".join([
-        f"# VADeR's margin over the strongest random baseline against pretraining steps\n",
-        f"{ARCH}, batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device {device}; the margin is the "
-        "best trained read-out minus the strongest random one (positive: better; RMSE: lower is better).\n",
+        "# VADeR's margin over the strongest random baseline against pretraining steps\n",
+        f"{ARCH}, batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device {device_of(args)}; the "
+        "margin is the best trained read-out minus the strongest random one (positive: better; RMSE: lower is "
+        "better).\n",
         markdown_table(["training steps (s)", *(f"{m} margin" for m in metrics)], cells, "steps"), "",
-        costs(results, time.monotonic() - started)])
+        costs(results + randoms, time.monotonic() - started)])
     (out / "curve.json").write_text(json.dumps(points, indent=1))
     (out / "curve.md").write_text(text + "\n")
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
@@ -351,13 +397,32 @@ def budget(args) -> str:
     return f"{ARCH}_{args.steps}steps_batch{args.batch}_{args.view_size}px"
 
 
-def train_and_score(plans, args, data: Path, runs: Path) -> tuple[list[dict], object]:
-    """Pretrain (or reuse) and evaluate (or read back) each planned run, then the random baselines of the same
-    seeds (random init seed s is the initial network of the VADeR run of seed s): the results and the device."""
+def device_of(args) -> torch.device:
+    """Where the models run: ``args.device``, 'auto' being the GPU when there is one."""
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+def score_random(args, data: Path, runs: Path) -> list[dict]:
+    """The random baselines, one per seed (random init seed s is the initial network of the VADeR run of seed
+    s), scored once for every budget: they live beside the budgets' folders."""
+    device, results = device_of(args), []
+    for seed in args.seeds:
+        folder = runs / f"random_init_{ARCH}_seed{seed}"
+        print(f"== random init, seed {seed}: evaluating", flush=True)
+        scores, eval_s = evaluate(random_model(ARCH, seed).to(device), data, device, args.kinds, folder,
+                                  f"random {ARCH} seed {seed}", args.rescore)
+        results.append({"model": "random init", "objective": None, "seed": seed, "random": True,
+                        "run": str(folder), "eval_s": eval_s, "scores": scores})
+    return results
+
+
+def train_and_score(plans, args, data: Path, runs: Path, on_result=None) -> list[dict]:
+    """Pretrain (or reuse) and evaluate (or read back) each planned run, calling ``on_result`` with the results
+    so far after each one."""
     def run_dir(label: str, seed: int) -> Path:
         return runs / budget(args) / f"{''.join(c if c.isalnum() else '_' for c in label).lower()}_seed{seed}"
 
-    device = None
     results = []
     for label, key, seed, cfg in plans:
         cfg = with_overrides(cfg, {"run.seed": seed, "run.dir": str(run_dir(label, seed))})
@@ -367,32 +432,29 @@ def train_and_score(plans, args, data: Path, runs: Path) -> tuple[list[dict], ob
         print(f"== {label}, seed {seed}: pretraining {cfg.optim.steps} steps -> {cfg.run.dir}", flush=True)
         trained = pretrain(cfg)
         model = trained.pop("model")
-        device = next(model.parameters()).device
         if args.ablations and label == "MoCo v2":  # the runs 'init MoCo v2' start from (make compare reports it)
             continue
         print(f"== {label}, seed {seed}: evaluating ({trained['pairs_per_s']:.1f} pairs/s in pretraining)",
               flush=True)
+        device = next(model.parameters()).device
         scores, eval_s = evaluate(model, data, device, args.kinds, Path(cfg.run.dir), trained["checkpoint"],
                                   args.rescore)
-        results.append({"model": label, "objective": key, "seed": seed, "random": False, **trained,
-                        "eval_s": eval_s, "scores": scores})
-    arch = ARCH
-    for seed in args.seeds:
-        print(f"== random init, seed {seed}: evaluating", flush=True)
-        scores, eval_s = evaluate(random_model(arch, seed).to(device), data, device, args.kinds,
-                                  runs / f"random_init_{arch}_seed{seed}", f"random {arch} seed {seed}", args.rescore)
-        results.append({"model": "random init", "objective": None, "seed": seed, "random": True, "eval_s": eval_s,
-                        "scores": scores})
-    return results, device
+        results.append({"model": label, "objective": key, "seed": seed, "random": False, "run": cfg.run.dir,
+                        **trained, "eval_s": eval_s, "scores": scores})
+        if on_result:
+            on_result(results)
+    return results
 
 
 def costs(results: list[dict], command_s: float) -> str:
     """What the table cost, measured: the training steps and evaluations of every run in it (whenever they ran:
     a table built in resumable pieces sums its pieces) and this command's own wall time."""
-    train = sum(r.get("wall_s", 0) for r in results)
-    evals = sum(r["eval_s"] for r in results)
-    return (f"Cost: {len(results)} models; training steps {train / 60:.1f} min, evaluations {evals / 60:.1f} min "
-            f"(summed over the runs, whichever command ran them); this command took {command_s / 60:.1f} min.")
+    unique = {r["run"]: r for r in results}.values()  # a curve reads its random baselines at every point
+    train = sum(r.get("wall_s", 0) for r in unique)
+    evals = sum(r["eval_s"] for r in unique)
+    return (f"Cost: {len(unique)} runs (trained or random, per seed); training steps {train / 60:.1f} min, "
+            f"evaluations {evals / 60:.1f} min (summed over the runs, whichever command ran them); this command "
+            f"took {command_s / 60:.1f} min.")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from densessl.model import checkpoint
 from densessl.pipeline import PairSpec
-from densessl.train.config import ConfigError, TrainConfig, parse, to_yaml
+from densessl.train.config import ConfigError, TrainConfig, parse, to_yaml, with_overrides
 
 from runs import REPO, losses, run_train, tiny_args
 
@@ -339,14 +339,17 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys):
         assert row["random"] or (row["wall_s"][0] > 0 and row["pairs_per_s"][0] > 0), name
     table = (out / "table.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "strongest random baseline" in table
-    assert "Depth from position alone" in table and "Cost: 4 models" in table
+    assert "Depth from position alone" in table and "Cost: 4 runs" in table and "Partial" not in table
     assert (out / "compare.png").stat().st_size > 10_000
     # a finished run is reused, not retrained, and reports the costs its steps had
     run_dir = runs / "vader_seed0"
     final = run_dir / "checkpoints" / "step_00000004.pt"
     written = final.stat().st_mtime_ns
-    again = pretrain(parse(["--config", str(run_dir / "config.yaml")]))
+    held = parse(["--config", str(run_dir / "config.yaml")])
+    again = pretrain(held)
     assert final.stat().st_mtime_ns == written and [again["wall_s"]] == rows["VADeR [dense]"]["wall_s"]
+    with pytest.raises(ConfigError, match=r"holds a run trained with other settings \(optim.lr\)"):
+        pretrain(with_overrides(held, {"optim.lr": 0.1, "data.workers": 0, "run.progress": True}))
     # the margin-against-steps curve: its 4-step point is the comparison's VADeR run, read back
     capsys.readouterr()
     assert main(["--tiny", "--curve", "4", "2", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
