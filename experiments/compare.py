@@ -230,13 +230,13 @@ def table(rows: dict[str, dict], header: str) -> str:
     def fmt(r, k):  # one seed has no spread to show
         return f"{r['mean'][k]:.3f}" + (f" ± {r['std'][k]:.3f}" if len(r["seeds"]) > 1 else "")
 
-    cols = ["seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "k-NN top-1",
+    cols = ["seeds", "seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "k-NN top-1",
             "(trivial)", "probes converged", "train steps (s)", "pairs/s"]
     cells = {}
     for name, r in rows.items():
         cost = (["-", "-"] if r["random"] else
                 [f"{np.mean(r['wall_s']):.0f}", f"{np.mean(r['pairs_per_s']):.1f}"])
-        cells[name] = [fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"),
+        cells[name] = [str(len(r["seeds"])), fmt(r, "mIoU"), f"{r['mean']['trivial mIoU']:.3f}", fmt(r, "RMSE"),
                        f"{r['mean']['trivial RMSE']:.3f}", fmt(r, "delta1"), fmt(r, "J&F"), fmt(r, "J"), fmt(r, "F"),
                        fmt(r, "top-1"), f"{r['mean']['trivial top-1']:.3f}", f"{r['mean']['probes converged']:.0%}",
                        *cost]
@@ -250,6 +250,30 @@ def table(rows: dict[str, dict], header: str) -> str:
               "Verdict (means over seeds):", *(v["line"] for v in verdict(rows))]
     return "\n".join(lines)
 
+
+def against(rows: dict[str, dict], reference: str) -> str:
+    """Each trained model's best read-out against ``reference``'s best, per metric (as ``verdict`` reads them):
+    the difference of means (positive: better than the reference) and the larger of the two spreads. A difference
+    no larger than its spread is marked 'within spread', and is no answer either way."""
+    metrics = (("mIoU", True), ("J&F", True), ("RMSE", False), ("top-1", True))
+
+    def best(model, metric, higher):
+        found = [r for r in rows.values() if r["model"] == model]
+        return (max if higher else min)(found, key=lambda r: r["mean"][metric])
+
+    cells = {}
+    for model in dict.fromkeys(r["model"] for r in rows.values() if not r["random"] and r["model"] != reference):
+        cells[model] = []
+        for metric, higher in metrics:
+            a, b = best(model, metric, higher), best(reference, metric, higher)
+            diff = (a["mean"][metric] - b["mean"][metric]) * (1 if higher else -1)
+            if min(len(a["seeds"]), len(b["seeds"])) < 2:
+                cells[model].append(f"{diff:+.3f} (1 seed: no spread)")
+                continue
+            spread = max(a["std"][metric], b["std"][metric])
+            cells[model].append(f"{diff:+.3f} ± {spread:.3f}" + ("" if abs(diff) > spread else " (within spread)"))
+    return "\n".join([f"Against {reference} (each model's best read-out; positive: better; ± the larger std):", "",
+                      markdown_table([f"{m}" for m, _ in metrics], cells, "model")])
 
 def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
@@ -333,7 +357,8 @@ def main(argv=None) -> int:
     def report(results: list[dict], final: bool = False) -> str:
         rows = summarise(results + randoms)
         text = "\n\n".join([
-            table(rows, header), f"Depth from position alone (the probe sees each pixel's row and column, nothing "
+            table(rows, header), *([against(rows, "VADeR")] if args.ablations else []),
+            f"Depth from position alone (the probe sees each pixel's row and column, nothing "
                                  f"of the image): RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.",
             costs(results + randoms, time.monotonic() - started)
             + ("" if final else f" Partial: {len(results)} of {len(plans)} runs so far.")])

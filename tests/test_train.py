@@ -385,6 +385,27 @@ def test_ablations_run_at_tiny_size(tmp_path):
     assert runs["queue_1_024_seed0"].method.queue_size == 1024
     assert Path(runs["init_moco_v2_seed0"].model.init_encoder).parent.parent.name == "moco_v2_seed0"
     assert runs["moco_v2_seed0"].method.name == "mocov2" and runs["moco_v2_seed0"].method.temperature == 0.2
+    assert "Against VADeR" in (out / "table.md").read_text() and "1 seed: no spread" in (out / "table.md").read_text()
+
+
+def test_ablation_differences_within_their_spread_are_marked():
+    """The ablation table's 'against VADeR' part: best read-out against best read-out, RMSE's sign flipped so
+    that positive is better, and a difference no larger than the larger std marked as no answer."""
+    from densessl.experiments.compare import against
+
+    def row(model, kind, miou, jf, rmse, std, random=False):
+        mean = {"mIoU": miou, "J&F": jf, "RMSE": rmse, "top-1": 0.5}
+        return {"model": model, "kind": kind, "random": random, "seeds": {0: {}, 1: {}}, "mean": mean,
+                "std": {k: std for k in mean}}
+
+    rows = {"VADeR [hypercolumn]": row("VADeR", "hypercolumn", 0.40, 0.60, 0.50, 0.01),
+            "VADeR [dense]": row("VADeR", "dense", 0.30, 0.80, 0.70, 0.01),
+            "other [hypercolumn]": row("other", "hypercolumn", 0.35, 0.805, 0.45, 0.02),
+            "random init [hypercolumn]": row("random init", "hypercolumn", 0.9, 0.9, 0.1, 0.0, random=True)}
+    line = next(x for x in against(rows, "VADeR").splitlines() if x.startswith("| other |"))
+    cells = [c.strip() for c in line.strip("|").split("|")][1:]
+    assert cells == ["-0.050 ± 0.020", "+0.005 ± 0.020 (within spread)", "+0.050 ± 0.020",
+                     "+0.000 ± 0.020 (within spread)"]
 
 
 @pytest.mark.gpu
