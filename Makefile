@@ -59,8 +59,8 @@ curve: setup
 	$(PY) -m densessl.experiments.compare --curve 200 400 800 1600 --preset $(PRESET) --data $(DATA) --out runs/curve \
 	  --runs runs/compare/runs
 
-# VADeR vs DenseCL vs MoCo v2 (and VADeR on multi-crop views) vs random init, 3 pretraining seeds each, same
-# budget and protocols (experiments/compare.py).
+# VADeR vs DenseCL vs MoCo v2 (PRESET=gpu: and VADeR on multi-crop views) vs random init, 3 pretraining seeds
+# each, same budget and protocols (experiments/compare.py).
 compare: setup
 	$(PY) -m densessl.experiments.compare --preset $(PRESET) --data $(DATA) --out runs/compare
 

@@ -1,9 +1,9 @@
 """`make compare`: VADeR vs DenseCL vs MoCo v2 vs random init on the embedded set, on equal footing.
 
-    python -m densessl.experiments.compare --out runs/compare     # 4 objectives x 3 seeds, then every evaluation
+    python -m densessl.experiments.compare --out runs/compare     # 3 objectives x 3 seeds, then every evaluation
     python -m densessl.experiments.compare --ablations --out runs/ablations --runs runs/compare/runs  # 2 seeds
     python -m densessl.experiments.compare --curve 200 400 800 1600 --out runs/curve --runs runs/compare/runs
-    python -m densessl.experiments.compare --preset gpu ...       # the larger budget (ablations: 3 seeds)
+    python -m densessl.experiments.compare --preset gpu ...       # the larger budget, VADeR multi-crop too
     python -m densessl.experiments.compare --tiny                 # seconds: 3 models, 1 seed (the test)
 
 Every model is pretrained with the same budget (``PRESETS``: steps, batch, view size, seeds), and every model
@@ -59,9 +59,11 @@ SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "d
 # on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
 PRESETS = {
     "cpu": {"steps": 200, "batch": 32, "view_size": 64, "workers": 2, "device": "auto",
+            "objectives": ["vader", "densecl", "mocov2"],  # VADeR multi-crop's step is ~20x slower here: its
+            # queue holds 8 batches of its 288 keys per image (RESULTS.md)
             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
     "gpu": {"steps": 1600, "batch": 32, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
-             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
+            "objectives": list(NAMES), "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
 }
 # The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the
 # encoder of this comparison's own MoCo v2 run of the same seed: the paper starts VADeR from MoCo v2 weights).
@@ -299,10 +301,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--data", default="data/synthetic")
-    p.add_argument("--objectives", nargs="+", choices=list(NAMES), help="default: all")
+    p.add_argument("--objectives", nargs="+", choices=list(NAMES), help="default: the preset's")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
-                   help="the steps, view size, workers, device and seeds below as a set (cpu: make compare's "
-                        "budget for a 2-core machine; gpu: the larger GPU one); a flag given wins")
+                   help="the objectives, steps, view size, workers, device and seeds below as a set (cpu: "
+                        "make compare's budget for a 2-core machine; gpu: the larger GPU one); a flag given wins")
     p.add_argument("--seeds", type=int, nargs="+", help="default: the preset's for the mode")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     mode = "ablations" if args.ablations else "curve" if args.curve else "compare"
-    for key, value in {**preset, "seeds": preset["seeds"][mode], "objectives": list(NAMES),
+    for key, value in {**preset, "seeds": preset["seeds"][mode],
                        **(TINY if args.tiny else {})}.items():  # what no flag gave: tiny's, else the preset's
         if getattr(args, key) is None:
             setattr(args, key, value)
