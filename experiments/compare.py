@@ -209,7 +209,8 @@ def summarise(results: list[dict]) -> dict[str, dict]:
 
 def verdict(rows: dict[str, dict]) -> list[dict]:
     """Per score, the best trained row against the strongest random baseline (means over seeds): the margin
-    is positive when the trained row is better (higher, or lower for RMSE)."""
+    is positive when the trained row is better (higher, or lower for RMSE). With seeds on both sides, a margin
+    no larger than the larger of their stds is called within spread, not better or worse."""
     out = []
     trained = [n for n, r in rows.items() if not r["random"]]
     baselines = [n for n, r in rows.items() if r["random"]]
@@ -220,11 +221,14 @@ def verdict(rows: dict[str, dict]) -> list[dict]:
         best = pick(trained, key=lambda n: rows[n]["mean"][metric])
         base = pick(baselines, key=lambda n: rows[n]["mean"][metric])
         margin = (rows[best]["mean"][metric] - rows[base]["mean"][metric]) * (1 if higher else -1)
+        seeded = min(len(rows[best]["seeds"]), len(rows[base]["seeds"])) > 1
+        spread = max(rows[best]["std"][metric], rows[base]["std"][metric]) if seeded else 0.0
+        word = ("within spread" if seeded and abs(margin) <= spread else "better" if margin > 0 else "not better")
         out.append({"metric": metric, "best": best, "baseline": base, "margin": margin,
                     "values": (rows[best]["mean"][metric], rows[base]["mean"][metric]),
                     "line": f"- {metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
                             f"baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
-                            f"({'better' if margin > 0 else 'not better'})"})
+                            + (f"± {spread:.3f} " if seeded else "") + f"({word})"})
     return out
 
 

@@ -406,6 +406,12 @@ def test_ablation_differences_within_their_spread_are_marked():
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
     assert cells == ["-0.050 ± 0.020", "+0.005 ± 0.020 (within spread)", "+0.050 ± 0.020",
                      "+0.000 ± 0.020 (within spread)"]
+    # the verdict against random init reads spreads the same way
+    from densessl.experiments.compare import verdict
+    rows["random init [hypercolumn]"] = row("random init", "hypercolumn", 0.39, 0.70, 0.44, 0.02, random=True)
+    lines = {v["metric"]: v["line"] for v in verdict(rows)}
+    assert lines["mIoU"].endswith("+0.010 ± 0.020 (within spread)") and lines["J&F"].endswith("(better)")
+    assert lines["RMSE"].endswith("-0.010 ± 0.020 (within spread)")
 
 
 @pytest.mark.gpu
