@@ -24,7 +24,7 @@ import torch
 from densessl.model import checkpoint as checkpoints
 
 from . import datasets
-from .embedded import EmbeddedTasks, score_embedded
+from .embedded import EmbeddedTasks, flat_scores, score_embedded
 from .features import KINDS, feature_extractors
 from .metrics import DEPTH_METRICS
 from .probe import linear_probe, warn_if_unreliable
@@ -61,8 +61,8 @@ def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
 
 
 def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kinds=("hypercolumn", "dense")) -> dict:
-    """Segmentation mIoU, depth RMSE, propagation J/F and pooled-feature k-NN top-1 on the embedded set:
-    checkpoint vs random init, each read as every feature kind asked for."""
+    """Segmentation mIoU, depth RMSE, propagation J/F and the shape classifier's top-1 (``classify``) on the
+    embedded set: checkpoint vs random init, each read as every feature kind asked for."""
     path = checkpoints.find(checkpoint)
     arch = checkpoints.read(path)["model_config"]["arch"]
     out.mkdir(parents=True, exist_ok=True)
@@ -70,12 +70,12 @@ def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kin
     tasks = EmbeddedTasks.load(data)
     rows = {}
     for name, fn in extractors.items():
-        r = score_embedded(fn, tasks, name, size, steps)
+        r = flat_scores(score_embedded(fn, tasks, name, size, steps))
         rows[name] = {"seg mIoU": r["mIoU"], "depth RMSE (m)": r["RMSE"], "depth delta1": r["delta1"], "J": r["J"],
-                      "F": r["F"], "J&F": r["J&F"], "k-NN top-1": r["top-1"]}
+                      "F": r["F"], "J&F": r["J&F"], "shape top-1": r["top-1"]}
     plot_pca(extractors, tasks.segmentation[1].images[:6], out / "pca.png", size)
     plot_retrieval(extractors, tasks.segmentation[1].images[:5], out / "retrieval.png", size)
-    _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F", "k-NN top-1"], out,
+    _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F", "shape top-1"], out,
             f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init")
     return rows
 

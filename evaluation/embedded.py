@@ -1,22 +1,25 @@
 """The embedded set's protocols for one feature extractor in one call: segmentation and depth probes, mask
-propagation and a pooled-feature classification (k-NN), with each probe's trivial baseline and state.
+propagation and a classification probe on pooled features, with each probe's trivial baseline and state.
 ``python -m densessl.evaluation all``, ``make compare`` and ``make demo`` all report these scores."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import datasets
-from .classify import knn_probe
+from .classify import shape_probe
 from .probe import linear_probe, warn_if_unreliable
 from .propagation import evaluate_videos
 
 PROBE_SIZE = (128, 160)  # probe input (H, W): the embedded set's frame size
-PROTOCOL = 1  # raised whenever score_embedded's protocols or outputs change: scores kept from before are stale
+# Each probe's protocol version, raised whenever that probe's protocol or outputs change: the scores it gave
+# before are stale and computed again, the other probes' are kept (``experiments.compare.evaluate``).
+# classification 2: a linear probe on features pooled over the largest shape (1: a k-NN vote on globally pooled
+# features, at chance for every model).
+PROBES = {"segmentation": 1, "depth": 1, "propagation": 1, "classification": 2}
 
 
 @dataclass(frozen=True)
@@ -34,28 +37,48 @@ class EmbeddedTasks:
                    datasets.synthetic_videos(root))
 
 
-def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZE, steps: int = 300) -> dict:
-    """One extractor through the protocols: mIoU, RMSE, delta1, J&F, J, F, top-1 (``classify``), the trivial
-    probes' mIoU, RMSE, delta1 and top-1, both linear probes' final losses and whether both converged (1.0 or
-    0.0). Warns, naming ``label``, when a probe had not converged or loses to its trivial baseline. The scenes'
-    features are extracted once for the three probes (segmentation and depth label the same images)."""
-    cache = {}
-    s = linear_probe(features_fn, *tasks.segmentation, size, steps, cache=cache)
-    c = knn_probe(features_fn, *tasks.segmentation, size, cache=cache)
-    d = linear_probe(features_fn, *tasks.depth, size, steps, cache=cache)
-    del cache
-    v = evaluate_videos(features_fn, tasks.videos)
-    warn_if_unreliable(s, "mIoU", f"{label} segmentation")
-    warn_if_unreliable(d, "RMSE", f"{label} depth")
-    if c["top-1"] <= c["trivial"]["top-1"]:
-        print(f"warning: {label} classification: k-NN top-1 {c['top-1']:.3f} does not beat the trivial baseline's "
-              f"{c['trivial']['top-1']:.3f}", file=sys.stderr)
-    return {"mIoU": s["mIoU"], "RMSE": d["RMSE"], "delta1": d["delta1"], "J&F": v["J&F"], "J": v["J"], "F": v["F"],
-            "top-1": c["top-1"], "trivial top-1": c["trivial"]["top-1"], "trivial mIoU": s["trivial"]["mIoU"],
-            "trivial RMSE": d["trivial"]["RMSE"],
-            "trivial delta1": d["trivial"]["delta1"], "seg probe loss": s["probe loss"],
-            "depth probe loss": d["probe loss"],
-            "probes converged": float(s["probe converged"] and d["probe converged"])}
+def score_embedded(features_fn, tasks: EmbeddedTasks, label: str, size=PROBE_SIZE, steps: int = 300,
+                   probes=tuple(PROBES)) -> dict[str, dict]:
+    """One extractor through the asked ``probes`` (``PROBES``' names), each probe's scores under its name:
+    segmentation mIoU, depth RMSE and delta1, propagation J&F, J and F, classification top-1 (``classify``);
+    with each fitted probe's trivial baseline, final loss and whether it converged (1.0 or 0.0). Warns, naming
+    ``label``, when a probe had not converged or loses to its trivial baseline. The scenes' features are
+    extracted once for the three probes that read them (segmentation and depth label the same images).
+    ``flat_scores`` makes one row of the result."""
+    unknown = set(probes) - set(PROBES)
+    if unknown:
+        raise ValueError(f"unknown probes {sorted(unknown)}: choose from {', '.join(PROBES)}")
+    cache, out = {}, {}
+    if "segmentation" in probes:
+        s = linear_probe(features_fn, *tasks.segmentation, size, steps, cache=cache)
+        warn_if_unreliable(s, "mIoU", f"{label} segmentation")
+        out["segmentation"] = {"mIoU": s["mIoU"], "trivial mIoU": s["trivial"]["mIoU"],
+                               "seg probe loss": s["probe loss"], "seg probe converged": float(s["probe converged"])}
+    if "classification" in probes:
+        c = shape_probe(features_fn, *tasks.segmentation, size, steps, cache=cache)
+        warn_if_unreliable(c, "top-1", f"{label} classification")
+        out["classification"] = {"top-1": c["top-1"], "trivial top-1": c["trivial"]["top-1"],
+                                 "classification probe loss": c["probe loss"],
+                                 "classification probe converged": float(c["probe converged"])}
+    if "depth" in probes:
+        d = linear_probe(features_fn, *tasks.depth, size, steps, cache=cache)
+        warn_if_unreliable(d, "RMSE", f"{label} depth")
+        out["depth"] = {"RMSE": d["RMSE"], "delta1": d["delta1"], "trivial RMSE": d["trivial"]["RMSE"],
+                        "trivial delta1": d["trivial"]["delta1"], "depth probe loss": d["probe loss"],
+                        "depth probe converged": float(d["probe converged"])}
+    del cache  # the scenes' features are freed before propagation reads the clips
+    if "propagation" in probes:
+        v = evaluate_videos(features_fn, tasks.videos)
+        out["propagation"] = {"J&F": v["J&F"], "J": v["J"], "F": v["F"]}
+    return out
+
+
+def flat_scores(by_probe: dict[str, dict]) -> dict:
+    """One row from ``score_embedded``'s scores: every probe's metrics, and ``probes converged``: 1.0 when every
+    fitted probe among them converged."""
+    row = {k: v for scores in by_probe.values() for k, v in scores.items()}
+    row["probes converged"] = float(all(v for k, v in row.items() if k.endswith("probe converged")))
+    return row
 
 
 def position_depth(tasks: EmbeddedTasks, size=PROBE_SIZE) -> dict:

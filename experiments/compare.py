@@ -9,7 +9,8 @@
 Every model is pretrained with the same budget (``PRESETS``: steps, batch, view size, seeds), and every model
 is read the same ways (``evaluation.features.KINDS``: its encoder's hypercolumn for all, its own dense output
 where it has one), then scored by the same protocols: a segmentation probe on lighting-shifted scenes, a depth
-probe, label propagation through clips whose lighting changes every frame, and a k-NN vote on pooled features.
+probe, label propagation through clips whose lighting changes every frame, and a linear classifier on
+features pooled over each scene's largest shape.
 Random initialisations with the same seeds are the baselines, read the same ways.
 
 Nothing is done twice: runs live in ``RUNS/<budget>/<model>_seed<s>`` and resume where they stopped (a finished
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densessl.evaluation.embedded import PROBE_SIZE, PROTOCOL, EmbeddedTasks, position_depth, score_embedded
+from densessl.evaluation.embedded import (PROBE_SIZE, PROBES, EmbeddedTasks, flat_scores, position_depth,
+                                         score_embedded)
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.evaluation.report import markdown_table
 from densessl.model.builder import ModelConfig
@@ -152,39 +154,46 @@ def checkpoint_path(run_dir, steps: int) -> Path:
 
 def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: bool = False) -> tuple[dict, float]:
     """Every kind of the model's features through every protocol (``evaluation.embedded``): {kind: scores},
-    and the seconds those evaluations took.
+    and the seconds spent computing them.
 
     The scores are kept in ``folder/scores.json`` under what they were computed from (``of``: the final
-    checkpoint, or the random init's arch and seed; the data set's path and contents; the probe size and
-    ``evaluation.embedded.PROTOCOL``), with the seconds each took, and
-    read back from there when asked again (unless ``rescore``): the comparison, the ablations, the curve and a
-    table built in pieces evaluate each model once."""
+    checkpoint, or the random init's arch and seed; the data set's path and contents; the probe size), each
+    probe's with its protocol version (``evaluation.embedded.PROBES``), and read back from there when asked again
+    (unless ``rescore``): the comparison, the ablations, the curve and a table built in pieces evaluate each model
+    once, and a probe whose protocol changed is run again alone."""
     cache = folder / "scores.json"
     key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE),
-                      "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16],
-                      "protocol": PROTOCOL})
+                      "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16]})
     try:
         kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
     except json.JSONDecodeError:  # cut short while written: evaluated again
         kept = {}
-    kept = kept if kept.get("key") == key else {"key": key, "scores": {}}
+    kept = kept if kept.get("key") == key else {"key": key}
+    for part in ("scores", "versions", "seconds"):
+        kept.setdefault(part, {})
     tasks = None
     extractors = model_extractors(model, kinds)  # the kinds this model has (MoCo v2 has no dense output)
     for kind, fn in extractors.items():
-        if kind in kept["scores"]:
+        versions = kept["versions"].setdefault(kind, {})
+        stale = [p for p, version in PROBES.items() if versions.get(p) != version]
+        if not stale:
             print(f"  [{kind}] scores read back from {cache}", flush=True)
         else:
+            if len(stale) < len(PROBES):
+                print(f"  [{kind}] {', '.join(stale)}: protocol changed, scored again (the rest read back)",
+                      flush=True)
             tasks, t0 = tasks or EmbeddedTasks.load(data), time.monotonic()
-            kept["scores"][kind] = score_embedded(fn.to(device), tasks, kind)
-            kept.setdefault("seconds", {})[kind] = time.monotonic() - t0
+            kept["scores"].setdefault(kind, {}).update(score_embedded(fn.to(device), tasks, kind, probes=stale))
+            versions.update({p: PROBES[p] for p in stale})
+            kept["seconds"][kind] = kept["seconds"].get(kind, 0) + time.monotonic() - t0
             folder.mkdir(parents=True, exist_ok=True)
             cache.with_suffix(".tmp").write_text(json.dumps(kept, indent=1))
             os.replace(cache.with_suffix(".tmp"), cache)
-        s = kept["scores"][kind]
+        s = flat_scores(kept["scores"][kind])
         print(f"  [{kind}] mIoU {s['mIoU']:.3f}  RMSE {s['RMSE']:.3f}  J&F {s['J&F']:.3f}  top-1 {s['top-1']:.3f}",
               flush=True)
-    return ({kind: kept["scores"][kind] for kind in extractors},
-            sum(kept.get("seconds", {}).get(kind, 0) for kind in extractors))
+    return ({kind: flat_scores(kept["scores"][kind]) for kind in extractors},
+            sum(kept["seconds"].get(kind, 0) for kind in extractors))
 
 
 def summarise(results: list[dict]) -> dict[str, dict]:
@@ -236,8 +245,8 @@ def table(rows: dict[str, dict], header: str) -> str:
     def fmt(r, k):  # one seed has no spread to show
         return f"{r['mean'][k]:.3f}" + (f" ± {r['std'][k]:.3f}" if len(r["seeds"]) > 1 else "")
 
-    cols = ["seeds", "seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F", "k-NN top-1",
-            "(trivial)", "probes converged", "train steps (s)", "pairs/s"]
+    cols = ["seeds", "seg mIoU", "(trivial)", "depth RMSE (m)", "(trivial)", "depth δ1", "J&F", "J", "F",
+            "shape top-1", "(trivial)", "probes converged", "train steps (s)", "pairs/s"]
     cells = {}
     for name, r in rows.items():
         cost = (["-", "-"] if r["random"] else

@@ -436,26 +436,46 @@ def test_unreliable_probes_are_warned_about(capsys):
     assert "m depth: probe RMSE 0.900 does not beat the trivial baseline's 0.800" in capsys.readouterr().err
 
 
-def test_knn_classification_reads_the_largest_shape_and_beats_its_trivial_baseline_only_with_informative_features(
+def test_pooling_over_the_label_averages_its_pixels_and_weights_coarse_cells_by_their_share():
+    from densessl.evaluation.classify import pooled_over_label
+    targets = torch.zeros(2, 4, 4, dtype=torch.long)
+    targets[0, :2, :2] = 3  # image 0: class 3 fills the top-left quarter
+    targets[1, :, 3] = 1  # image 1: class 1 fills the last column
+    feats = torch.arange(2 * 16, dtype=torch.float).view(2, 1, 4, 4)
+    pooled = pooled_over_label(feats, targets, torch.tensor([3, 1]))
+    assert pooled.shape == (2, 1, 1, 1)
+    assert pooled[0].item() == pytest.approx(float(feats[0, 0, :2, :2].mean()))
+    assert pooled[1].item() == pytest.approx(float(feats[1, 0, :, 3].mean()))
+    coarse = torch.tensor([[[[1.0, 5.0], [2.0, 7.0]]]])  # 2x2 cells over the 4x4 labels: half of each right cell
+    assert pooled_over_label(coarse, targets[1:], torch.tensor([1])).item() == pytest.approx((5 + 7) / 2)
+    assert pooled_over_label(feats[:1], targets[:1], torch.tensor([2])).abs().sum() == 0  # no such pixels: 0
+
+
+def test_shape_classification_reads_the_largest_shape_and_beats_its_trivial_baseline_only_with_informative_features(
         synthetic_root):
-    """R4's probe: pooled features that encode each image's label classify every validation image; features that
-    carry no label do no better than chance; the trivial baseline is the training set's commonest label."""
-    from densessl.evaluation.classify import knn_probe, largest_classes
+    """R4's probe: features that name each pixel's class (perfect segmentation features) classify every
+    validation image's largest shape; features that carry nothing score exactly the trivial baseline, the
+    training set's commonest label."""
+    from densessl.evaluation.classify import largest_classes, shape_probe
     from densessl.evaluation.datasets import synthetic
+    from densessl.evaluation.probe import resized_targets
     train, val = synthetic(synthetic_root, "train"), synthetic(synthetic_root, "val")
     labels = torch.cat([largest_classes(train), largest_classes(val)])
     assert labels.min() >= 1 and len(set(labels.tolist())) > 1  # every scene has a shape; several classes
-    stream = iter(labels.tolist())
+    size = (32, 32)
+    stream = iter(torch.cat([resized_targets(train, size), resized_targets(val, size)]))
 
-    def informative(x):  # extract() reads train, then val, in order
-        return F.one_hot(torch.tensor([next(stream) for _ in range(len(x))]), 16).float()[:, :, None, None] + 0.01
+    def informative(x):  # extract() reads train, then val, in order: the class of each stride-4 cell
+        cells = torch.stack([next(stream)[2::4, 2::4] for _ in range(len(x))])
+        return F.one_hot(cells, 8).permute(0, 3, 1, 2).float()
 
-    good = knn_probe(informative, train, val, (32, 32), k=3)
-    assert good["top-1"] == 1.0
+    good = shape_probe(informative, train, val, size)
+    assert good["top-1"] == 1.0 and good["probe converged"]
     counts = torch.bincount(largest_classes(train))
-    assert good["trivial"]["top-1"] == pytest.approx(float((largest_classes(val) == counts.argmax()).float().mean()))
-    blind = knn_probe(lambda x: torch.ones(len(x), 4, 2, 2), train, val, (32, 32), k=3)
-    assert blind["top-1"] < 1.0
+    trivial = float((largest_classes(val) == counts.argmax()).float().mean())
+    assert good["trivial"]["top-1"] == pytest.approx(trivial) and trivial < 1.0
+    blind = shape_probe(lambda x: torch.ones(len(x), 4, 8, 8), train, val, size)
+    assert blind["top-1"] == pytest.approx(trivial)
 
 
 def test_a_feature_cache_extracts_each_image_set_once_and_changes_no_score(synthetic_root):

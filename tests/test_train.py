@@ -316,10 +316,11 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
-def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys):
+def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     """``make compare`` in seconds: VADeR, MoCo v2, VADeR multi-crop and random init, a row per model and feature
     kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot. Called
     again, it trains and evaluates nothing: the table is rebuilt from what the run folders keep."""
+    from densessl.evaluation.embedded import PROBES
     from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
@@ -328,6 +329,17 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("scores read back") == 7  # every model and kind, random init included
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+    # a probe whose protocol changed is run again alone: the other probes' scores are read back
+    monkeypatch.setitem(PROBES, "classification", PROBES["classification"] + 1)
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("classification: protocol changed, scored again") == 7 and "scores read back" not in said
+    again = json.loads((out / "results.json").read_text())["rows"]
+    rescored = ("top-1", "trivial top-1", "classification probe loss", "classification probe converged")
+    for name, row in rows.items():  # the other probes' scores are the very numbers kept
+        assert {k: v for k, v in again[name]["mean"].items() if k not in rescored} == \
+            {k: v for k, v in row["mean"].items() if k not in rescored}
+        assert again[name]["wall_s"] == row["wall_s"]
     assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
                          "VADeR multi-crop [hypercolumn]", "VADeR multi-crop [dense]",
                          "random init [hypercolumn]", "random init [dense]"}  # MoCo v2 has no dense output
