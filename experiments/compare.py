@@ -35,18 +35,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from densessl.evaluation.embedded import (PROBE_SIZE, PROBES, EmbeddedTasks, flat_scores, position_depth,
                                          score_embedded)
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.evaluation.report import markdown_table
-from densessl.model.builder import ModelConfig
+from densessl.model.builder import ModelConfig, MoCo
 from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.multicrop import MultiCropViews
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import ConfigError, OptimConfig, RunConfig, TrainConfig, parse, to_dict, with_overrides
+from densessl.train.distributed import resolve_device
 from densessl.train.trainer import run
 
 ARCH = "resnet18"  # every preset's encoder
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     where = position_depth(EmbeddedTasks.load(data))
     what = "ablations of VADeR" if args.ablations else "objectives"
     header = (f"# Comparison of {what} on the embedded set\n\n{ARCH}, {args.steps} steps, batch {args.batch}, "
-              f"{args.view_size} px views, seeds {args.seeds}, device {device_of(args)}; probes at "
+              f"{args.view_size} px views, seeds {args.seeds}, device {resolve_device(args.device)}; probes at "
               f"{PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
 
     def report(results: list[dict], final: bool = False) -> str:
@@ -413,9 +413,9 @@ def curve(args, data: Path, runs: Path, out: Path, randoms: list[dict], started:
     cells = {f"{p['steps']}": [f"{p['train_s']:.0f}"] + [cell(v) for v in p["verdict"]] for p in points}
     text = "\n".join([
         "# VADeR's margin over the strongest random baseline against pretraining steps\n",
-        f"{ARCH}, batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device {device_of(args)}; the "
-        "margin is the best trained read-out minus the strongest random one (positive: better; RMSE: lower is "
-        "better).\n",
+        f"{ARCH}, batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, "
+        f"device {resolve_device(args.device)}; the margin is the best trained read-out minus the strongest random "
+        "one (positive: better; RMSE: lower is better).\n",
         markdown_table(["training steps (s)", *(f"{m} margin" for m in metrics)], cells, "steps"), "",
         costs(results + randoms, time.monotonic() - started)])
     (out / "curve.json").write_text(json.dumps(points, indent=1))
@@ -438,23 +438,24 @@ def budget(args) -> str:
     return f"{ARCH}_{args.steps}steps_batch{args.batch}_{args.view_size}px"
 
 
-def device_of(args) -> torch.device:
-    """Where the models run: ``args.device``, 'auto' being the GPU when there is one."""
-    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
+def random_baseline(arch: str, seed: int, data: Path, device, kinds, folder: Path,
+                    rescore: bool = False) -> tuple[MoCo, dict]:
+    """Random init of ``seed`` (the network a run of that seed starts from) on ``device``, and its result,
+    evaluated in (or read back from) ``folder``."""
+    model = random_model(arch, seed).to(device)
+    scores, eval_s = evaluate(model, data, device, kinds, folder, f"random {arch} seed {seed}", rescore)
+    return model, {"model": "random init", "objective": None, "seed": seed, "random": True, "run": str(folder),
+                   "eval_s": eval_s, "scores": scores}
 
 
 def score_random(args, data: Path, runs: Path) -> list[dict]:
-    """The random baselines, one per seed (random init seed s is the initial network of the VADeR run of seed
-    s), scored once for every budget: they live beside the budgets' folders."""
-    device, results = device_of(args), []
+    """The random baselines, one per seed, scored once for every budget: they live beside the budgets'
+    folders."""
+    results = []
     for seed in args.seeds:
-        folder = runs / f"random_init_{ARCH}_seed{seed}"
         print(f"== random init, seed {seed}: evaluating", flush=True)
-        scores, eval_s = evaluate(random_model(ARCH, seed).to(device), data, device, args.kinds, folder,
-                                  f"random {ARCH} seed {seed}", args.rescore)
-        results.append({"model": "random init", "objective": None, "seed": seed, "random": True,
-                        "run": str(folder), "eval_s": eval_s, "scores": scores})
+        results.append(random_baseline(ARCH, seed, data, resolve_device(args.device), args.kinds,
+                                       runs / f"random_init_{ARCH}_seed{seed}", args.rescore)[1])
     return results
 
 

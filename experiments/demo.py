@@ -19,12 +19,12 @@ import matplotlib.pyplot as plt
 
 from densessl.evaluation.datasets import synthetic
 from densessl.evaluation.embedded import PROBE_SIZE
-from densessl.evaluation.features import model_extractors, random_model
+from densessl.evaluation.features import model_extractors
 from densessl.evaluation.visualize import plot_pca
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import with_overrides
 
-from .compare import PRESETS, TINY_DATA, base_config, evaluate, pretrain, summarise, table, verdict
+from .compare import PRESETS, TINY_DATA, base_config, evaluate, pretrain, random_baseline, summarise, table, verdict
 
 KINDS = ("hypercolumn", "dense")
 
@@ -64,12 +64,11 @@ def main(argv=None) -> int:
     model = trained.pop("model")
     device = next(model.parameters()).device  # where training ran: the features are computed there too
     seed = cfg.run.seed
-    baseline = random_model(cfg.model.arch, seed).to(device)  # the network this run started from
     scores, eval_s = evaluate(model, root, device, KINDS, out, trained["checkpoint"])
-    random_scores, random_s = evaluate(baseline, root, device, KINDS, out / "random_init",
-                                       f"random {cfg.model.arch} seed {seed}")
+    # the network this run started from
+    baseline, random_result = random_baseline(cfg.model.arch, seed, root, device, KINDS, out / "random_init")
     results = [{"model": "VADeR", "seed": seed, "random": False, **trained, "eval_s": eval_s, "scores": scores},
-               {"model": "random init", "seed": seed, "random": True, "eval_s": random_s, "scores": random_scores}]
+               random_result]
     rows = summarise(results)
     plot_loss(out / "metrics.csv", out / "loss.png")
     extractors = {**{f"VADeR [{k}]": f for k, f in model_extractors(model, KINDS).items()},

@@ -20,6 +20,17 @@ from densessl.train.config import ConfigError, TrainConfig, parse, to_yaml, with
 from runs import REPO, losses, run_train, tiny_args
 
 
+def test_a_device_setting_resolves_where_torch_can_run_or_says_what_to_use():
+    from densessl.train.distributed import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device='gpu': choose auto, cuda or cpu"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here: use device=auto or device=cpu"):
+            resolve_device("cuda")
+
+
 @pytest.mark.parametrize("args,message", [
     (["method.name=simclr"], "method.name='simclr': choose one of vader, densecl, mocov2"),
     (["optim.batch_size=6"], "optim.batch_size=6 is not divisible by the world size 4"),

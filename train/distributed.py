@@ -16,15 +16,22 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device: str = "auto", timeout_s: float = 600) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device) from torchrun / Slurm variables; joins the process group (NCCL on
-    GPU, gloo on CPU) when ``WORLD_SIZE`` > 1. ``device``: ``auto`` (the GPU of ``LOCAL_RANK`` if there is
-    one), ``cuda`` or ``cpu``."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device type a ``device`` setting names: ``auto`` (the GPU if there is one), ``cuda`` or ``cpu``; an
+    unknown name, or ``cuda`` where torch sees no GPU, is an error that says what to use instead."""
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device={device!r}: choose auto, cuda or cpu")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise ValueError("device=cuda, but torch sees no CUDA device here: use device=auto or device=cpu")
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def setup(device: str = "auto", timeout_s: float = 600) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) from torchrun / Slurm variables; joins the process group (NCCL on
+    GPU, gloo on CPU) when ``WORLD_SIZE`` > 1. ``device``: as ``resolve_device``'s, a GPU being the one of
+    ``LOCAL_RANK``."""
+    cuda = resolve_device(device).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     here = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
