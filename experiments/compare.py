@@ -293,11 +293,12 @@ def against(rows: dict[str, dict], reference: str) -> str:
 def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    panels = [("mIoU", "segmentation mIoU ↑"), ("RMSE", "depth RMSE (m) ↓"), ("J&F", "propagation J&F ↑")]
+    panels = [("mIoU", "segmentation mIoU ↑"), ("RMSE", "depth RMSE (m) ↓"), ("J&F", "propagation J&F ↑"),
+              ("top-1", "shape classification top-1 ↑")]
     names = list(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.5), sharey=True)
     models = list(dict.fromkeys(r["model"] for r in rows.values() if not r["random"]))
-    colours = ["0.6" if rows[n]["random"] else f"C{models.index(rows[n]['model']) % 10}" for n in names]
+    colours = ["0.6" if rows[n]["random"] else plt.cm.tab20(models.index(rows[n]["model"]) % 20) for n in names]
     for ax, (metric, title) in zip(axes, panels):
         means = [rows[n]["mean"][metric] for n in names]
         stds = [rows[n]["std"][metric] for n in names]
@@ -426,6 +427,7 @@ def curve(args, data: Path, runs: Path, out: Path, randoms: list[dict], started:
         ax.axhline(0, color="0.6", lw=1)
         ax.set(title=f"{metric}: margin over random", xlabel="pretraining steps", xscale="log")
         ax.set_xticks([p["steps"] for p in points], [str(p["steps"]) for p in points])
+        ax.minorticks_off()  # the log axis's own labels would crowd the step counts
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=100)
     plt.close(fig)
