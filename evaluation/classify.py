@@ -2,13 +2,15 @@
 for classification?). On the embedded set an image's label is the class of its largest shape: the segmentation
 class covering most pixels besides the background.
 
-The features are average-pooled over that class's pixels, so each image gives one vector that describes one
-object, as an object-centric photo's globally pooled features do; the scenes hold up to four shapes on a textured
-ground, and pooled over the whole scene the label was lost (a k-NN vote on globally pooled features, this probe's
-first protocol, stayed at chance for every model, trained or random). A linear classifier is fitted on the
-training images' vectors with the segmentation probe's own code (``probe.fit_probe``: standardised, L-BFGS to
-convergence, the same small L2 penalty) and scored on the validation images, which are lit differently. Only the
-features differ between models. Its trivial baseline answers the training set's commonest label.
+The features are average-pooled over that class's pixels, read from the ground-truth labels on training and
+validation images alike (the region is given; only what the features say about it is scored), so each image
+gives one vector that describes one object, as an object-centric photo's globally pooled features do. The scenes
+hold up to four shapes on a textured ground, and pooled over the whole scene the label was lost (a k-NN vote on
+globally pooled features, this probe's first protocol, stayed at chance for every model, trained or random).
+A linear classifier is fitted on the training images' vectors with the segmentation probe's own code
+(``probe.fit_probe``: standardised, L-BFGS to convergence, the same small L2 penalty) and scored on the
+validation images, which are lit differently. Only the features differ between models. Its trivial baseline
+answers the training set's commonest label.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def largest_classes(data: DenseSet) -> torch.Tensor:
 def pooled_over_label(feats: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``[N, C, 1, 1]``: each image's features ``[N, C, h, w]`` averaged over the pixels of its label's class in
     ``targets`` ``[N, H, W]``, each feature cell weighted by the share of its pixels that class covers (so a
-    coarse feature map, like DenseCL's, is pooled over the same region); an image without that class gets 0."""
+    coarse feature map, like DenseCL's, is pooled over the same region); an image without pixels of its label
+    gets 0 (a scene without shapes has label 0, the background, and is pooled over it)."""
     weights = F.adaptive_avg_pool2d((targets == labels[:, None, None]).float()[:, None], feats.shape[-2:])
     return (feats * weights).sum((2, 3), keepdim=True) / weights.sum((2, 3), keepdim=True).clamp_min(1e-12)
 

@@ -152,9 +152,42 @@ def checkpoint_path(run_dir, steps: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{steps:08d}.pt"
 
 
+# scores.json as densessl kept it before each probe had its own version (one protocol number for all):
+# each of these probes' metrics, read back as version 1 of that probe; the k-NN classification is scored again
+_PROTOCOL_1 = {"segmentation": ("mIoU", "trivial mIoU", "seg probe loss"),
+               "depth": ("RMSE", "delta1", "trivial RMSE", "trivial delta1", "depth probe loss"),
+               "propagation": ("J&F", "J", "F")}
+
+
+def _kept_scores(cache: Path, key: str, rescore: bool) -> dict:
+    """What ``cache`` keeps for ``key`` ({'scores': {kind: {probe: scores}}, 'versions': {kind: {probe:
+    version}}, 'seconds': {kind: s}}), empty when it keeps nothing usable; a file of the one-protocol format is
+    read as its probes' version 1, and a probe no longer in ``PROBES`` is dropped."""
+    try:
+        kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
+    except json.JSONDecodeError:  # cut short while written: evaluated again
+        kept = {}
+    old_key = json.loads(kept.get("key", "{}"))
+    if old_key.pop("protocol", None) == 1 and json.dumps(old_key) == key:
+        flat = kept["scores"]  # {kind: every metric}; 'probes converged' was the two linear probes'
+        kept = {"key": key, "seconds": kept.get("seconds", {}),
+                "scores": {kind: {probe: {m: scores[m] for m in metrics} for probe, metrics in _PROTOCOL_1.items()}
+                           for kind, scores in flat.items()},
+                "versions": {kind: dict.fromkeys(_PROTOCOL_1, 1) for kind in flat}}
+        for kind, scores in flat.items():
+            kept["scores"][kind]["segmentation"]["seg probe converged"] = scores["probes converged"]
+            kept["scores"][kind]["depth"]["depth probe converged"] = scores["probes converged"]
+    kept = kept if kept.get("key") == key else {"key": key}
+    for part in ("scores", "versions", "seconds"):
+        kept.setdefault(part, {})
+    for kind in kept["scores"]:
+        kept["scores"][kind] = {p: v for p, v in kept["scores"][kind].items() if p in PROBES}
+    return kept
+
+
 def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: bool = False) -> tuple[dict, float]:
     """Every kind of the model's features through every protocol (``evaluation.embedded``): {kind: scores},
-    and the seconds spent computing them.
+    and the seconds spent computing them (a probe scored again adds its own).
 
     The scores are kept in ``folder/scores.json`` under what they were computed from (``of``: the final
     checkpoint, or the random init's arch and seed; the data set's path and contents; the probe size), each
@@ -164,13 +197,7 @@ def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: b
     cache = folder / "scores.json"
     key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE),
                       "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16]})
-    try:
-        kept = json.loads(cache.read_text()) if cache.is_file() and not rescore else {}
-    except json.JSONDecodeError:  # cut short while written: evaluated again
-        kept = {}
-    kept = kept if kept.get("key") == key else {"key": key}
-    for part in ("scores", "versions", "seconds"):
-        kept.setdefault(part, {})
+    kept = _kept_scores(cache, key, rescore)
     tasks = None
     extractors = model_extractors(model, kinds)  # the kinds this model has (MoCo v2 has no dense output)
     for kind, fn in extractors.items():
@@ -298,7 +325,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     names = list(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.5), sharey=True)
     models = list(dict.fromkeys(r["model"] for r in rows.values() if not r["random"]))
-    colours = ["0.6" if rows[n]["random"] else plt.cm.tab20(models.index(rows[n]["model"]) % 20) for n in names]
+    palette = [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2)) if i not in (14, 15)]  # no greys
+    colours = ["0.6" if rows[n]["random"] else palette[models.index(rows[n]["model"]) % len(palette)] for n in names]
     for ax, (metric, title) in zip(axes, panels):
         means = [rows[n]["mean"][metric] for n in names]
         stds = [rows[n]["std"][metric] for n in names]

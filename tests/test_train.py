@@ -331,7 +331,8 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     """``make compare`` in seconds: VADeR, MoCo v2, VADeR multi-crop and random init, a row per model and feature
     kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot. Called
     again, it trains and evaluates nothing: the table is rebuilt from what the run folders keep."""
-    from densessl.evaluation.embedded import PROBES
+    from densessl.evaluation.embedded import PROBES, score_embedded
+    from densessl.experiments import compare
     from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
@@ -340,17 +341,40 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("scores read back") == 7  # every model and kind, random init included
     assert json.loads((out / "results.json").read_text())["rows"] == rows
-    # a probe whose protocol changed is run again alone: the other probes' scores are read back
+    # a probe whose protocol changed is run again alone, then kept: the other probes' scores are read back
+    asked = []
+
+    def recording(*args, probes, **kwargs):
+        asked.append(tuple(probes))
+        return score_embedded(*args, probes=probes, **kwargs)
+
+    monkeypatch.setattr(compare, "score_embedded", recording)
     monkeypatch.setitem(PROBES, "classification", PROBES["classification"] + 1)
     assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert said.count("classification: protocol changed, scored again") == 7 and "scores read back" not in said
+    assert asked == [("classification",)] * 7 and said.count("classification: protocol changed, scored again") == 7
     again = json.loads((out / "results.json").read_text())["rows"]
     rescored = ("top-1", "trivial top-1", "classification probe loss", "classification probe converged")
     for name, row in rows.items():  # the other probes' scores are the very numbers kept
         assert {k: v for k, v in again[name]["mean"].items() if k not in rescored} == \
             {k: v for k, v in row["mean"].items() if k not in rescored}
-        assert again[name]["wall_s"] == row["wall_s"]
+    # scores.json in the one-protocol format of earlier versions: its probes' scores are read as their version 1
+    kept = out / "runs" / "random_init_resnet18_seed0" / "scores.json"
+    now = json.loads(kept.read_text())
+    linear = ("segmentation", "depth", "propagation")  # what the one-protocol format kept besides the k-NN vote
+    flat = {kind: {**{k: v for probe in linear for k, v in groups[probe].items()}, "probes converged": min(
+        groups["segmentation"]["seg probe converged"], groups["depth"]["depth probe converged"])}
+        for kind, groups in now["scores"].items()}
+    old_key = json.dumps({**json.loads(now["key"]), "protocol": 1})
+    kept.write_text(json.dumps({"key": old_key, "seconds": now["seconds"], "scores": flat}))
+    asked.clear()
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert asked == [("classification",)] * 2 and said.count("scores read back") == 5
+    upgraded = json.loads(kept.read_text())["scores"]
+    assert all(upgraded[kind][probe] == now["scores"][kind][probe] for kind in now["scores"] for probe in linear)
+    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("scores read back") == 7 and len(asked) == 2
     assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
                          "VADeR multi-crop [hypercolumn]", "VADeR multi-crop [dense]",
                          "random init [hypercolumn]", "random init [dense]"}  # MoCo v2 has no dense output
