@@ -54,9 +54,9 @@ TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_cla
 # --tiny (the tests, seconds): these where no flag is given, on TINY_DATA
 TINY = {"seeds": [0], "steps": 4, "batch": 8, "view_size": 64, "objectives": ["vader", "mocov2", "vader_multicrop"]}
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop"}
-# (task, metric, higher is better): the table's columns and the plot's panels
-SCORES = (("segmentation", "mIoU", True), ("depth", "RMSE", False), ("depth", "delta1", True),
-          ("propagation", "J&F", True))
+# (metric, higher is better, title): what the verdict, the ablations' differences and the plot's panels read
+METRICS = (("mIoU", True, "segmentation mIoU ↑"), ("J&F", True, "propagation J&F ↑"),
+           ("RMSE", False, "depth RMSE (m) ↓"), ("top-1", True, "shape classification top-1 ↑"))
 # The budgets: 'cpu' is the one chosen for a 2-core machine from the margin-against-steps curve (README: at 400
 # steps VADeR separates from every random read-out on segmentation and propagation over three seeds, at 200 only
 # on propagation; it runs on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
@@ -251,7 +251,7 @@ def verdict(rows: dict[str, dict]) -> list[dict]:
     out = []
     trained = [n for n, r in rows.items() if not r["random"]]
     baselines = [n for n, r in rows.items() if r["random"]]
-    for metric, higher in (("mIoU", True), ("J&F", True), ("RMSE", False), ("top-1", True)):
+    for metric, higher, _ in METRICS:
         if not trained or not baselines:
             continue
         pick = max if higher else min
@@ -284,11 +284,12 @@ def table(rows: dict[str, dict], header: str) -> str:
                        fmt(r, "top-1"), f"{r['mean']['trivial top-1']:.3f}", f"{r['mean']['probes converged']:.0%}",
                        *cost]
     lines = [header, "", markdown_table(cols, cells, "model [features]")]
-    beaten = [f"{n} ({m})" for n, r in rows.items() for m, t, higher in
-              (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False), ("top-1", "trivial top-1", True))
-              if (r["mean"][m] <= r["mean"][t]) == higher]
-    lines += ["", "Every probe beats its trivial baseline (majority class; training-mean depth; commonest label)."
-              if not beaten else
+    beaten = [f"{n} seed {seed} ({m})" for n, r in rows.items() for seed, scores in r["seeds"].items()
+              for m, t, higher in (("mIoU", "trivial mIoU", True), ("RMSE", "trivial RMSE", False),
+                                   ("top-1", "trivial top-1", True))
+              if (scores[m] <= scores[t]) == higher]
+    lines += ["", "Every probe beats its trivial baseline in every seed (majority class; training-mean depth; "
+              "commonest label)." if not beaten else
               f"Probes NOT beating their trivial baseline: {', '.join(beaten)}.", "",
               "Verdict (means over seeds):", *(v["line"] for v in verdict(rows))]
     return "\n".join(lines)
@@ -298,7 +299,6 @@ def against(rows: dict[str, dict], reference: str) -> str:
     """Each trained model's best read-out against ``reference``'s best, per metric (as ``verdict`` reads them):
     the difference of means (positive: better than the reference) and the larger of the two spreads. A difference
     no larger than its spread is marked 'within spread', and is no answer either way."""
-    metrics = (("mIoU", True), ("J&F", True), ("RMSE", False), ("top-1", True))
 
     def best(model, metric, higher):
         found = [r for r in rows.values() if r["model"] == model]
@@ -307,7 +307,7 @@ def against(rows: dict[str, dict], reference: str) -> str:
     cells = {}
     for model in dict.fromkeys(r["model"] for r in rows.values() if not r["random"] and r["model"] != reference):
         cells[model] = []
-        for metric, higher in metrics:
+        for metric, higher, _ in METRICS:
             a, b = best(model, metric, higher), best(reference, metric, higher)
             diff = (a["mean"][metric] - b["mean"][metric]) * (1 if higher else -1)
             if min(len(a["seeds"]), len(b["seeds"])) < 2:
@@ -316,19 +316,18 @@ def against(rows: dict[str, dict], reference: str) -> str:
             spread = max(a["std"][metric], b["std"][metric])
             cells[model].append(f"{diff:+.3f} ± {spread:.3f}" + ("" if abs(diff) > spread else " (within spread)"))
     return "\n".join([f"Against {reference} (each model's best read-out; positive: better; ± the larger std):", "",
-                      markdown_table([f"{m}" for m, _ in metrics], cells, "model")])
+                      markdown_table([m for m, *_ in METRICS], cells, "model")])
+
 
 def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    panels = [("mIoU", "segmentation mIoU ↑"), ("RMSE", "depth RMSE (m) ↓"), ("J&F", "propagation J&F ↑"),
-              ("top-1", "shape classification top-1 ↑")]
     names = list(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 0.45 * len(names) + 1.5), sharey=True)
     models = list(dict.fromkeys(r["model"] for r in rows.values() if not r["random"]))
     palette = [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2)) if i not in (14, 15)]  # no greys
     colours = ["0.6" if rows[n]["random"] else palette[models.index(rows[n]["model"]) % len(palette)] for n in names]
-    for ax, (metric, title) in zip(axes, panels):
+    for ax, (metric, _, title) in zip(axes, METRICS):
         means = [rows[n]["mean"][metric] for n in names]
         stds = [rows[n]["std"][metric] for n in names]
         ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)

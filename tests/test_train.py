@@ -461,6 +461,25 @@ def test_ablation_differences_within_their_spread_are_marked():
     assert lines["RMSE"].endswith("-0.010 ± 0.020 (within spread)")
 
 
+def test_the_table_names_every_seed_whose_probe_loses_to_its_trivial_baseline():
+    """A row whose mean beats the trivial baseline can hide a seed that does not: the table names that seed."""
+    from densessl.experiments.compare import table
+    trivial = {"trivial mIoU": 0.2, "trivial RMSE": 1.4, "trivial top-1": 0.25}
+
+    def scores(top1):
+        return {"mIoU": 0.4, "RMSE": 0.6, "delta1": 0.8, "J&F": 0.7, "J": 0.7, "F": 0.7, "top-1": top1,
+                "probes converged": 1.0, **trivial}
+
+    seeds = {"0": scores(0.5), "1": scores(0.24)}
+    mean = {k: (seeds["0"][k] + seeds["1"][k]) / 2 for k in seeds["0"]}
+    rows = {"m [dense]": {"model": "m", "kind": "dense", "random": True, "seeds": seeds, "mean": mean,
+                          "std": dict.fromkeys(mean, 0.0)}}
+    assert mean["top-1"] > trivial["trivial top-1"]
+    assert "Probes NOT beating their trivial baseline: m [dense] seed 1 (top-1)." in table(rows, "# t")
+    seeds["1"] = scores(0.3)
+    assert "Every probe beats its trivial baseline in every seed" in table(rows, "# t")
+
+
 @pytest.mark.gpu
 def test_gpu_training_steps_with_bf16_and_channels_last(synthetic_root, tmp_path):
     from densessl.train.trainer import run
