@@ -48,7 +48,7 @@ $(DATA)/.complete: | setup
 data: $(DATA)/.complete
 
 demo: setup
-	$(PY) -m densessl.experiments.demo --data $(DATA) --out runs/demo
+	$(PY) -m densessl.experiments.demo --synthetic-dir $(DATA) --out runs/demo
 
 # After make demo: segmentation, depth and propagation on the embedded set, demo checkpoint vs random init.
 eval: setup
@@ -56,18 +56,18 @@ eval: setup
 
 # VADeR's margin over random init against pretraining steps (the curve the budget was chosen from), 1 seed.
 curve: setup
-	$(PY) -m densessl.experiments.compare --curve 200 400 800 1600 --preset $(PRESET) --data $(DATA) --out runs/curve \
+	$(PY) -m densessl.experiments.compare --curve 200 400 800 1600 --preset $(PRESET) --synthetic-dir $(DATA) --out runs/curve \
 	  --runs runs/compare/runs
 
 # VADeR vs DenseCL vs MoCo v2 (PRESET=gpu: and VADeR on multi-crop views) vs random init, 3 pretraining seeds
 # each, same budget and protocols (experiments/compare.py).
 compare: setup
-	$(PY) -m densessl.experiments.compare --preset $(PRESET) --data $(DATA) --out runs/compare
+	$(PY) -m densessl.experiments.compare --preset $(PRESET) --synthetic-dir $(DATA) --out runs/compare
 
 # The reviewers' questions (ABLATIONS in experiments/compare.py), 2 seeds (PRESET=gpu: 3), reusing make
 # compare's VADeR and MoCo v2 runs and every model's kept scores.
 ablations: setup
-	$(PY) -m densessl.experiments.compare --ablations --preset $(PRESET) --data $(DATA) --out runs/ablations \
+	$(PY) -m densessl.experiments.compare --ablations --preset $(PRESET) --synthetic-dir $(DATA) --out runs/ablations \
 	  --runs runs/compare/runs
 
 bench: setup data

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from densessl.pipeline import PairSpec, build_loader  # noqa: E402
+from densessl.pipeline import PairSpec, build_loader, owned  # noqa: E402
 from densessl.pipeline.folder import scan_image_folder  # noqa: E402
 
 from . import stages  # noqa: E402
@@ -121,8 +121,10 @@ def main(argv=None) -> dict:
     spec = PairSpec(size=(args.size, args.size))
     mb_per_image = float(np.mean([os.path.getsize(f) for f in files])) / 1e6
     device = args.device if torch.cuda.is_available() else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = owned.claim(args.out, "benchmark", "--out", legacy=("results.json", "loaders.png"))
+    except owned.NotOurs as err:
+        raise SystemExit(f"error: {err}") from None
 
     ceilings = stages.decode_ceilings(files, beton_for(root, args.workers) if "ffcv" in backends else None)
     results = {"machine": machine(), "data": str(root), "images": len(files), "batch": args.batch,

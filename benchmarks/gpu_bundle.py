@@ -24,6 +24,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from densessl.pipeline import owned
+
 REPO = Path(__file__).resolve().parents[1]
 MISSING = ["simplejpeg", "submitit"]  # our dependencies that the GPU image does not ship
 DALI = ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13", "nvidia-libnvcomp-cu13", "astunparse", "gast", "libcst",
@@ -105,7 +107,10 @@ def main(argv=None) -> None:
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (MAJOR.MINOR)")
     p.add_argument("--dali", action="store_true", help="also DALI, in parts under 60 MiB")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    try:  # its folders are emptied and rewritten: only in a bundle folder this command made
+        out = owned.claim(args.out, "gpu-bundle", "--out", legacy=("core", "dali"))
+    except owned.NotOurs as err:
+        raise SystemExit(f"error: {err}") from None
     core = build_core(out, args.python)
     print(f"{core}: {', '.join(sorted(f.name for f in core.iterdir()))} ({size(core) / 2**20:.1f} MiB)")
     if args.dali:

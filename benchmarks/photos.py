@@ -11,11 +11,12 @@ JPEG of quality 85-96. The same seed writes the same files. One class folder per
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from densessl.pipeline import owned
 
 # scikit-image's bundled colour photographs (no download needed)
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -39,11 +40,12 @@ def _photographs() -> dict[str, np.ndarray]:
 
 def write_photo_set(out: str | Path, count: int = 256, seed: int = 0) -> Path:
     """Write ``count`` JPEGs as ``OUT/train/<photograph>/<i>.jpg`` (once: a finished set of the same count and
-    seed is reused; any other is replaced)."""
+    seed is reused; any other is replaced, only in a folder this writer made: ``pipeline.owned``)."""
     root, done = Path(out) / "train", Path(out) / ".complete"
+    owned.claim(out, "photo-set", "--out", legacy=(".complete",))
     if done.is_file() and done.read_text() == f"{count} {seed}":
         return root
-    shutil.rmtree(root, ignore_errors=True)
+    owned.replace(out, "photo-set", "--out")
     rng = np.random.default_rng(seed)
     photos = _photographs()
     names = sorted(photos)
@@ -73,7 +75,10 @@ def main(argv=None) -> None:
     p.add_argument("--count", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    root = write_photo_set(args.out, args.count, args.seed)
+    try:
+        root = write_photo_set(args.out, args.count, args.seed)
+    except owned.NotOurs as err:
+        raise SystemExit(f"error: {err}") from None
     files = sorted(root.glob("*/*.jpg"))
     print(f"{len(files)} JPEGs in {root}, {np.mean([f.stat().st_size for f in files]) / 1e3:.0f} kB on average")
 

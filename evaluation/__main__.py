@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from densessl.model import checkpoint as checkpoints
+from densessl.pipeline import owned
 
 from . import datasets
 from .embedded import EmbeddedTasks, flat_scores, score_embedded
@@ -41,6 +42,10 @@ VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datase
 
 def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
     return markdown_table(metrics, {name: [f"{r[m]:.3f}" for m in metrics] for name, r in rows.items()})
+
+
+# What only this command wrote into --out before folders carried ``owned`` markers.
+OUTPUTS = ("results.json", "table.md", "pca.png", "retrieval.png", "encoder_torchvision.pth")
 
 
 def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
@@ -107,6 +112,7 @@ def main(argv=None) -> int:
     try:
         if args.protocol in ("all", "export") and not args.checkpoint:
             p.error(f"{args.protocol} needs --checkpoint")
+        owned.claim(out, "evaluation", "--out", legacy=OUTPUTS)
         if args.protocol == "all":
             run_all(args.checkpoint, args.root, out, size, args.probe_steps, device, args.kinds)
             return 0
@@ -147,6 +153,9 @@ def main(argv=None) -> int:
                        + [f"trivial {metric}", "probe loss"])
         _report(rows, metrics, out, f"{args.protocol} on {args.dataset} ({args.root})")
         return 0
+    except owned.NotOurs as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

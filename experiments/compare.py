@@ -44,8 +44,10 @@ from densessl.model.builder import ModelConfig, MoCo
 from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.multicrop import MultiCropViews
+from densessl.pipeline.owned import NotOurs, claim
 from densessl.pipeline.synthetic import SyntheticConfig, generate
-from densessl.train.config import ConfigError, OptimConfig, RunConfig, TrainConfig, parse, to_dict, with_overrides
+from densessl.train.config import (ConfigError, OptimConfig, RunConfig, TrainConfig, different_training, parse,
+                                   with_overrides)
 from densessl.train.distributed import resolve_device
 from densessl.train.trainer import run
 
@@ -133,19 +135,6 @@ def pretrain(cfg: TrainConfig) -> dict:
     final = checkpoint_path(cfg.run.dir, cfg.optim.steps)  # names the trained weights (a retrained run rescores)
     return {"model": model, "wall_s": sum(seconds), "pairs_per_s": len(seconds) * batch / sum(seconds),
             "checkpoint": f"{final.name} ({final.stat().st_mtime_ns})"}
-
-
-def different_training(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """The keys in which two configurations train differently: every data, views, model, method and optim key
-    but the loader's worker count, and the seed; not where and how a run reports."""
-    da, db = to_dict(a), to_dict(b)
-    for d in (da, db):  # a path is the same path however it was written
-        for section, k in (("data", "path"), ("model", "init_encoder")):
-            d[section][k] = d[section][k] and str(Path(d[section][k]).resolve())
-    keys = [(section, k) for section in ("data", "views", "model", "method", "optim")
-            for k in sorted(set(da[section]) | set(db[section]))] + [("run", "seed")]
-    return [f"{section}.{k}" for section, k in keys
-            if (section, k) != ("data", "workers") and da[section].get(k) != db[section].get(k)]
 
 
 def checkpoint_path(run_dir, steps: int) -> Path:
@@ -342,7 +331,10 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--data", default="data/synthetic")
+    p.add_argument("--synthetic-dir", default="data/synthetic",
+                   help="the folder the embedded data set is written to (new, empty, or written by densessl "
+                        "before); never a data set of yours: it is replaced when its settings differ")
+    p.add_argument("--data", help=argparse.SUPPRESS)  # the old name of --synthetic-dir, refused
     p.add_argument("--objectives", nargs="+", choices=list(NAMES), help="default: the preset's")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="the objectives, steps, view size, workers, device and seeds below as a set (cpu: "
@@ -371,12 +363,14 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     started = time.monotonic()
-    out = Path(args.out)
+    if args.data:
+        p.error("--data is now --synthetic-dir: the folder the embedded set is written to (not a data set of yours)")
+    out = claim(args.out, "comparison", "--out", legacy=("results.json", "table.md", "curve.json", "runs"))
     runs = Path(args.runs) if args.runs else out / "runs"
-    out.mkdir(parents=True, exist_ok=True)
 
     # --- data: the embedded set (tiny: a few scenes and one short clip)
-    data = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny)
+    data = generate(args.synthetic_dir, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny,
+                    option="--synthetic-dir")
     randoms = score_random(args, data, runs)
     if args.curve:
         return curve(args, data, runs, out, randoms, started)
@@ -529,4 +523,7 @@ def costs(results: list[dict], command_s: float) -> str:
             f"took {command_s / 60:.1f} min.")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, NotOurs) as err:  # a folder that is not ours, a run folder holding another run: one line
+        sys.exit(f"error: {err}")

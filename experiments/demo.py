@@ -21,8 +21,9 @@ from densessl.evaluation.datasets import synthetic
 from densessl.evaluation.embedded import PROBE_SIZE
 from densessl.evaluation.features import model_extractors
 from densessl.evaluation.visualize import plot_pca
+from densessl.pipeline.owned import NotOurs
 from densessl.pipeline.synthetic import SyntheticConfig, generate
-from densessl.train.config import with_overrides
+from densessl.train.config import ConfigError, with_overrides
 
 from .compare import PRESETS, TINY_DATA, base_config, evaluate, pretrain, random_baseline, summarise, table, verdict
 
@@ -46,7 +47,10 @@ def plot_loss(metrics: Path, out: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--data", default="data/synthetic")
+    p.add_argument("--synthetic-dir", default="data/synthetic",
+                   help="the folder the embedded data set is written to (new, empty, or written by densessl "
+                        "before); never a data set of yours: it is replaced when its settings differ")
+    p.add_argument("--data", help=argparse.SUPPRESS)  # the old name of --synthetic-dir, refused
     p.add_argument("--steps", type=int, default=PRESETS["cpu"]["steps"], help="default: make compare's budget")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--view-size", type=int, default=PRESETS["cpu"]["view_size"])
@@ -57,7 +61,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
 
-    root = generate(args.data, TINY_DATA if args.tiny else SyntheticConfig())
+    if args.data:
+        p.error("--data is now --synthetic-dir: the folder the embedded set is written to (not a data set of yours)")
+    root = generate(args.synthetic_dir, TINY_DATA if args.tiny else SyntheticConfig(), option="--synthetic-dir")
     cfg = with_overrides(base_config(root, args), {"run.dir": str(out), "run.progress": True, "run.log_images": 4,
                                                    "run.checkpoint_every": 50})
     trained = pretrain(cfg)
@@ -93,4 +99,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, NotOurs) as err:  # a folder that is not ours, a run folder holding another run: one line
+        sys.exit(f"error: {err}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
 import warnings
 from pathlib import Path
 
@@ -29,13 +30,16 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
 def save(state: dict, folder: str | Path, step: int, keep: int = 2) -> Path:
-    """Write ``state`` as ``folder/step_<step>.pt`` and keep the newest ``keep`` (>= 1) checkpoints."""
+    """Write ``state`` as ``folder/step_<step>.pt`` and keep the newest ``keep`` (>= 1) checkpoints up to ``step``:
+    a checkpoint of a later step is never pruned for this one (the run folder's rules, ``train.run_folder``, keep
+    other runs' files out of ``folder``). Temporary files of a writer that died on this host are removed; another
+    live writer's are left alone."""
     if keep < 1:
         raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    tmp = folder / f".{final.name}.tmp-{_HOST}-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -49,12 +53,32 @@ def save(state: dict, folder: str | Path, step: int, keep: int = 2) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in checkpoints(folder)[:-keep]:
+    upto = [p for p in checkpoints(folder) if step_of(p) <= step]
+    for old in upto[:-keep]:
         old.unlink(missing_ok=True)
-    for stale in folder.glob(".step_*.pt.tmp-*"):  # left by a process killed mid-write
-        if not stale.name.endswith(f"-{os.getpid()}"):
+    for stale in folder.glob(f".step_*.pt.tmp-{_HOST}-*"):  # left by a process of this host killed mid-write
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
             stale.unlink(missing_ok=True)
     return final
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint file's name says (``step_00000100.pt``: 100)."""
+    return int(_NAME.match(path.name).group(1))
 
 
 def checkpoints(folder: str | Path) -> list[Path]:
@@ -97,6 +121,8 @@ def load_file(path: str | Path, map_location="cpu"):
                                     "weights only (tensors, plain Python values, numpy arrays), so that a file "
                                     "cannot run code") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({_detail(err)})") from None
+    except (OSError, MemoryError):  # the machine failed, not the file: not a reason to take an older step
+        raise
     except Exception as err:  # the zip reader's RuntimeError, a KeyError from a file that is not a pickle, ...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {_detail(err)})") \
             from None
@@ -111,7 +137,9 @@ def _detail(err: Exception) -> str:
 
 def load_latest(folder: str | Path, map_location="cpu") -> tuple[dict, Path] | None:
     """The newest readable checkpoint, or None when there is none. A truncated or corrupt newest file falls back
-    to the one before it (a crash mid-write); a refused one raises, since it was not written by a crash."""
+    to the one before it (a crash mid-write); a refused one raises, since it was not written by a crash, and so
+    does an error of the machine (``OSError``, ``MemoryError``: ``load_file``), which an older file would not
+    mend."""
     for path in reversed(checkpoints(folder)):
         try:
             return load_file(path, map_location), path

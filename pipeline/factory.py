@@ -87,7 +87,7 @@ class DataConfig:
         if self.path == "synthetic":
             if write:
                 from .synthetic import generate
-                generate(self.synthetic_dir, progress=progress)
+                generate(self.synthetic_dir, progress=progress, option="data.synthetic_dir")
             root = Path(self.synthetic_dir) / "train"
         if self.backend == "ffcv" and root.suffix != ".beton":
             beton = Path(work_dir) / "train.beton"

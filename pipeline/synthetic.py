@@ -21,17 +21,19 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from . import owned
 from .progress import progress as show_progress
 
 CLASSES = ("disc", "square", "triangle", "ring")
 TEXTURES = ("stripes", "checker", "dots", "waves")  # drawn per instance, whatever its class
+KIND = "synthetic-set"  # its ``owned`` marker
+LEGACY = ("meta.json", ".complete")  # what only this writer put in a folder before markers existed
 VERSION = 2  # raised whenever the same config renders other pixels, so a stale set on disk is rewritten
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128] + [255] * (3 * 249)
 
@@ -203,16 +205,17 @@ def _scene(rng: np.random.Generator, cfg: SyntheticConfig, cls: int):
             return scene
 
 
-def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress: bool = True) -> Path:
-    """Write the data set under ``out`` (replacing an incomplete one); returns the root."""
-    root = Path(out)
+def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress: bool = True,
+             option: str = "--out") -> Path:
+    """Write the data set under ``out`` and return it. A complete set of the same config and version is reused;
+    an incomplete or other one is replaced, but only when the folder is one this writer made (``owned``): any
+    other existing, non-empty folder raises ``owned.NotOurs`` and is left as it is."""
+    root = owned.claim(out, KIND, option, legacy=LEGACY)
     if (root / ".complete").exists():
         meta = json.loads((root / "meta.json").read_text())
         if meta["config"] == asdict(cfg) and meta.get("version") == VERSION:
             return root
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    owned.replace(root, KIND, option)
     jobs = [(split, cls, i) for split, n in (("train", cfg.train_per_class), ("val", cfg.val_per_class))
             for cls in range(len(CLASSES)) for i in range(n)]
     split_ids = {"train": 0, "val": 1}
@@ -248,11 +251,15 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="the folder the set is written to: new, empty, or one this "
+                                                "command wrote before")
     for field, value in asdict(SyntheticConfig()).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
-    root = generate(args.pop("out"), SyntheticConfig(**args))
+    try:
+        root = generate(args.pop("out"), SyntheticConfig(**args))
+    except owned.NotOurs as err:
+        raise SystemExit(f"error: {err}") from None
     n = sum(1 for _ in root.glob("train/*/*.jpg"))
     print(f"synthetic data set: {root} ({n} train images, classes {', '.join(CLASSES)})")
 

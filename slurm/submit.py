@@ -5,8 +5,10 @@ and crashes.
         data.path=/data/imagenet/train optim.batch_size=256
     python -m densessl.slurm.submit --local --tasks-per-node 2 -- model.arch=resnet18 optim.steps=20
 
-Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax); ``run.resume=auto`` is always
-added, so a requeued job continues from the run folder's latest checkpoint. Slurm sends SIGUSR2
+Everything after ``--`` is passed to the trainer (``python -m densessl.train`` syntax). Without ``run.dir``, each
+submission gets a new folder of its own under ``--job-dir``. The job's first start resumes as ``run.resume`` says
+(default ``auto``: continue the run ``run.dir`` holds, if any); its requeued starts continue from the run's own
+newest checkpoint (``run.resume`` again while it has none). Slurm sends SIGUSR2
 ``--signal-delay`` seconds before the time limit (and ``scancel --signal=USR2 JOB`` does the same by hand, as a
 preemption notice would): every rank finishes its step, the ranks agree on the step to stop at, a checkpoint is
 written, and rank 0 requeues the job. When a rank crashes (killed, lost, timed out), a rank that survives
@@ -20,13 +22,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import submitit
 
-from densessl.train import healing
+from densessl.train import healing, run_folder
 
 # Slurm states after which a job will not produce results (no sacct needed: scontrol knows recent jobs).
 ENDED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -70,7 +73,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, distributed.request_stop)
         print(f"rank {env.global_rank}/{env.num_tasks} on {env.hostname} (job {env.job_id}); "
               f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-        cfg = parse(self.train_args + ["run.resume=auto"])
+        cfg = parse(self.train_args + start_args(self.train_args, os.environ.get("SLURM_RESTART_COUNT", "0")))
         restarts = healing.Restarts(cfg.run.dir, cfg.run.max_restarts)
         done = restarts.done()
         if done and env.global_rank == 0:
@@ -131,6 +134,23 @@ class TrainJob(submitit.helpers.Checkpointable):
             dist.destroy_process_group()
         if env.cluster == "slurm":
             sys.exit(-1)
+
+
+def start_args(train_args: list[str], restart_count: str) -> list[str]:
+    """What a start of the job adds to the trainer's arguments. The first start honours the user's
+    ``run.resume`` (``auto`` when not given) and ``run.overwrite``. A requeued start (``SLURM_RESTART_COUNT`` > 0)
+    continues the run's own newest checkpoint, or, while it has none, starts as the first did; it never
+    overwrites (that would drop the steps the first start made)."""
+    from densessl.model.checkpoint import checkpoints
+    from densessl.train.config import parse
+
+    cfg = parse(train_args)
+    resume = cfg.run.resume or "auto"
+    if int(restart_count or 0) == 0:
+        return [f"run.resume={resume}"]
+    if checkpoints(Path(cfg.run.dir) / "checkpoints"):
+        resume = "auto"
+    return [f"run.resume={resume}", "run.overwrite=false"]
 
 
 def slurm_state(job_id: str) -> str:
@@ -233,9 +253,11 @@ def parse_args(argv: list[str]):
         p.error("--local runs on this machine: use --nodes 1")
     if any("=" not in a for a in train_args):
         p.error(f"trainer arguments must be section.key=value, got {[a for a in train_args if '=' not in a]}")
-    if not any(a.startswith("run.dir=") for a in train_args):
+    if not any(a.startswith("run.dir=") for a in train_args):  # a folder of this submission's own
+        jobs = Path(args.job_dir).resolve()
+        jobs.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        train_args.append(f"run.dir={Path(args.job_dir).resolve() / f'{args.name}-{stamp}'}")
+        train_args.append(f"run.dir={tempfile.mkdtemp(prefix=f'{args.name}-{stamp}-', dir=jobs)}")
     return args, train_args
 
 
@@ -245,7 +267,9 @@ def submit(argv: list[str]):
 
     args, train_args = parse_args(argv)
     tasks = (args.gpus_per_node or args.tasks_per_node) * args.nodes
-    parse(train_args).validate(world_size=tasks)
+    cfg = parse(train_args + start_args(train_args, "0"))
+    cfg.validate(world_size=tasks)
+    run_folder.check(cfg)  # the queue is no place to learn that the folder holds another run
     job = build_executor(args).submit(TrainJob(train_args))
     run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
     per_node = args.gpus_per_node or args.tasks_per_node

@@ -73,6 +73,7 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     resume: str = ""  # '', 'auto' (the newest checkpoint in dir, if any) or a checkpoint path
+    overwrite: bool = False  # start in a dir that holds another run: its steps after the resumed one are dropped
     checkpoint_every: int = 500  # steps
     keep_checkpoints: int = 2  # newest checkpoints kept
     device: str = "auto"  # auto (the GPU of LOCAL_RANK when there is one), cuda or cpu
@@ -360,3 +361,17 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def different_training(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys in which two configurations train differently: every data, views, model, method and optim key
+    but the loader's worker count, and the seed; not where and how a run reports (``ignore``: more keys that may
+    differ, ``section.key``)."""
+    da, db = to_dict(a), to_dict(b)
+    for d in (da, db):  # a path is the same path however it was written
+        for section, k in (("data", "path"), ("model", "init_encoder")):
+            d[section][k] = d[section][k] and str(Path(d[section][k]).resolve())
+    keys = [(section, k) for section in ("data", "views", "model", "method", "optim")
+            for k in sorted(set(da[section]) | set(db[section]))] + [("run", "seed")]
+    return [f"{section}.{k}" for section, k in keys
+            if f"{section}.{k}" not in ("data.workers", *ignore) and da[section].get(k) != db[section].get(k)]

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from densessl.model import checkpoint
 from densessl.model.builder import MoCo, model_config
-from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader, preview_images
+from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader, owned, preview_images
 
-from . import distributed, healing
-from .config import ConfigError, TrainConfig, to_dict, to_yaml
+from . import distributed, healing, run_folder
+from .config import ConfigError, TrainConfig, to_dict
 from .healing import RestartingLoader
 from .monitor import Monitor
 from .run_folder import SkippedImages, rng_state, set_rng_state
@@ -201,6 +201,34 @@ def draws(batch: dict) -> torch.Tensor:
     return torch.cat([v for k, v in batch.items() if k.startswith("tries/")], 1)
 
 
+def resume_same_step(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[dict, Path] | None:
+    """The checkpoint every rank resumes from: rank 0 claims the run folder and chooses it (``run_folder.start``),
+    every other rank loads that same file. A rank that cannot (a refused folder, an unreadable file, an error of
+    its machine) stops the job on every rank with one line: ranks that resumed different steps would train on."""
+    chosen, refusal = None, None
+    if rank == 0:
+        try:
+            resumed = run_folder.start(cfg)
+            chosen = resumed and str(resumed[1])
+        except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError) as err:
+            resumed, refusal = None, f"{err}"
+    chosen, refusal = distributed.gather_objects((chosen, refusal), world)[0]
+    if refusal is not None:
+        raise ConfigError(refusal if rank == 0 else f"rank 0 stopped the start: {refusal}")
+    failure = None
+    if rank != 0 and chosen is not None:
+        try:
+            resumed = checkpoint.read(chosen), Path(chosen)
+        except (checkpoint.CheckpointError, OSError, MemoryError) as err:
+            resumed, failure = None, f"{err}"
+    elif rank != 0:
+        resumed = None
+    if distributed.agree([failure is not None], world, device)[0]:
+        raise ConfigError(f"rank {rank} could not read {chosen}, the checkpoint rank 0 resumes: {failure}" if failure
+                          else f"another rank could not read {chosen}, the checkpoint rank 0 resumes (see its log)")
+    return resumed
+
+
 def saved_loader_state(state: dict | None, rank: int, world: int) -> dict | None:
     """This rank's loader state in a checkpoint, when the world size is unchanged."""
     states = (state or {}).get("loader_states") or []
@@ -224,21 +252,20 @@ class TrainResult:
 def run(cfg: TrainConfig) -> TrainResult:
     """Train per ``cfg``. Safe to call again after a crash with run.resume=auto."""
     # --- set-up: processes, run folder, the checkpoint to resume from
-    rank, world, device = distributed.setup(cfg.run.device, cfg.run.collective_timeout_s)
+    try:
+        rank, world, device = distributed.setup(cfg.run.device, cfg.run.collective_timeout_s)
+    except ValueError as err:
+        raise ConfigError(f"run.{err}") from None
     cfg.validate(world)
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    resumed = None
-    if cfg.run.resume == "auto":
-        resumed = checkpoint.load_latest(ckpt_dir)
-    elif cfg.run.resume:
-        resumed = checkpoint.read(cfg.run.resume), Path(cfg.run.resume)
+    resumed = resume_same_step(cfg, rank, world, device)
 
     # --- data, model, optimiser
-    root = cfg.data.prepare(run_dir, write=rank == 0, progress=cfg.run.progress)
+    try:
+        root = cfg.data.prepare(run_dir, write=rank == 0, progress=cfg.run.progress)
+    except owned.NotOurs as err:
+        raise ConfigError(f"data.{err}") from None
     distributed.barrier(world)
     loader_state = saved_loader_state(resumed and resumed[0], rank, world)
 
