@@ -61,7 +61,8 @@ def coordinate_map(affines: torch.Tensor, size: tuple[int, int], out_hw: tuple[i
 
 def grid_flow(affines_i: torch.Tensor, size_i, affines_j: torch.Tensor, size_j, stride: int = 4) -> torch.Tensor:
     """For each cell centre of view i's feature grid (``size_i / stride``), its continuous (x, y) position in view
-    j's grid, NaN where it falls outside view j: ``[..., Gh_i, Gw_i, 2]`` (``correspondence.flow`` in torch)."""
+    j's grid, NaN where it falls outside view j: ``[..., Gh_i, Gw_i, 2]``, ``...`` the leading dimensions of both
+    affines broadcast (``correspondence.flow`` in torch)."""
     gh, gw = size_i[0] // stride, size_i[1] // stride
     src = coordinate_map(affines_i, size_i, (gh, gw))  # [..., 2, gh, gw]
     pts = src.flatten(-2).transpose(-1, -2)
@@ -69,4 +70,4 @@ def grid_flow(affines_i: torch.Tensor, size_i, affines_j: torch.Tensor, size_j, 
     gh_j, gw_j = size_j[0] // stride, size_j[1] // stride  # ties at the border as the kernel decides them
     inside = (xy[..., 0] >= -TIE) & (xy[..., 0] < gw_j - TIE) & (xy[..., 1] >= -TIE) & (xy[..., 1] < gh_j - TIE)
     xy = torch.where(inside[..., None], xy, torch.full_like(xy, float("nan")))
-    return xy.reshape(*affines_i.shape[:-2], gh, gw, 2)
+    return xy.unflatten(-2, (gh, gw))  # leading dims: those of affines_i and affines_j broadcast

@@ -42,7 +42,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
-from .folder import BadImage, read_first_readable, scan_image_folder
+from .folder import MAX_PIXELS, BadImage, read_first_readable, scan_image_folder
 from .geometry import view_pair_params
 from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import resize_crop_aa
@@ -123,6 +123,24 @@ def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_q
     return out
 
 
+def largest_image(heights, widths, source: str = "the .beton") -> int:
+    """Pixels of the largest image a .beton's metadata declares, for buffers sized per sample: the largest h*w,
+    not the tallest times the widest (one 16000x100 and one 100x16000 image would make that 768 MB a sample).
+
+    The header is trusted with an allocation, so it is checked first: an image that is empty or over
+    ``MAX_PIXELS`` (``decode_rgb`` refuses those, so ``write_beton`` never stores one) means a damaged or foreign
+    file, refused in one line naming it, the sample and the size."""
+    heights, widths = np.asarray(heights, np.uint64), np.asarray(widths, np.uint64)
+    pixels = heights * widths
+    bad = np.flatnonzero((pixels > MAX_PIXELS) | (pixels == 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{source}: sample {i} declares a {widths[i]}x{heights[i]} image (MAX_PIXELS="
+                         f"{MAX_PIXELS}); the file is damaged or was not written by densessl: write it again with "
+                         "python -m densessl.pipeline.ffcv")
+    return int(pixels.max(initial=0))
+
+
 def read_stored_image(beton: str | Path, index: int) -> np.ndarray:
     """Sample ``index``'s image as the .beton stores it and FFCV decodes it (HxWx3 uint8): what views are cut from.
 
@@ -130,7 +148,9 @@ def read_stored_image(beton: str | Path, index: int) -> np.ndarray:
     red and blue about one level darker than libjpeg-turbo's accurate mode; this shows the combined result.
     """
     reader = Reader(str(beton))
-    field = reader.metadata[f"f{reader.field_names.index('image')}"][index]
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+    largest_image(meta["height"], meta["width"], str(beton))
+    field = meta[index]
     table = reader.alloc_table
     size = int(table["size"][np.flatnonzero(table["ptr"] == field["data_ptr"])[0]])
     data = np.fromfile(str(beton), np.uint8, count=size, offset=int(field["data_ptr"]))
@@ -194,20 +214,21 @@ class ViewsDecoder(SimpleRGBImageDecoder):
     A subclass of the field's own decoder class: FFCV treats the first op of a pipeline as its decoder only then
     (otherwise it silently prepends a default decoder and runs this as a transform)."""
 
-    def __init__(self, spec: ViewSpec, seed: int = 0):
+    def __init__(self, spec: ViewSpec, seed: int = 0, source: str = "the .beton"):
         super().__init__()
-        self.spec, self.seed, self.offsets = spec, seed, spec.offsets
+        self.spec, self.seed, self.offsets, self.source = spec, seed, spec.offsets, source
 
     def sampler_args(self) -> tuple:
         """``batch_view_params``' arguments after (indices, heights, widths)."""
         return (np.uint64(self.seed), *self.spec.arrays)
 
     def declare_state_and_memory(self, previous_state):
-        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
+        """Output rows, a JPEG scratch row per sample (the largest declared image: ``largest_image`` refuses a
+        damaged header here, when FFCV's ``Loader`` is built, before anything is allocated) and failure flags."""
+        largest = largest_image(self.metadata["height"], self.metadata["width"], self.source)
         shape, u8 = (int(self.offsets[-1]),), np.dtype("<u1")
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                (AllocationQuery(shape, u8), AllocationQuery((largest * np.uint64(3),), u8),
-                 AllocationQuery((1,), u8)))
+                (AllocationQuery(shape, u8), AllocationQuery((3 * largest,), u8), AllocationQuery((1,), u8)))
 
     def generate_code(self):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
@@ -259,7 +280,8 @@ class FfcvViewPairLoader(Position):
         if not Path(beton).is_file():  # order and backend rules: factory.check_backend, via build_loader
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
-        self.decoder = ViewsDecoder(spec if isinstance(spec, ViewSpec) else ViewSpec.from_pair_spec(spec), seed)
+        self.decoder = ViewsDecoder(spec if isinstance(spec, ViewSpec) else ViewSpec.from_pair_spec(spec), seed,
+                                    source=str(beton))
         self.spec = spec
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
                              seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,

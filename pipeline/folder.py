@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The formats PIL may read (the README promises ROOT/<class>/<image>.jpg|png). PIL otherwise picks any of its
+# plugins from a file's bytes, whatever its name: a ".jpg" holding EPS would run Ghostscript on the data set file.
+FORMATS = ("JPEG", "PNG")
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,10 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     if not classes:
         raise ValueError(f"data folder {root} has no class sub-folders (expected ROOT/<class>/<image>.jpg)")
     files, labels = [], []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, names in os.walk(root / cls, followlinks=True):
-            dirnames.sort()
+    visited = {_identity(root)}  # every class folder is claimed first: a link into one from another is not followed
+    tops = [(label, root / cls) for label, cls in enumerate(classes) if _first_visit(root / cls, visited)]
+    for label, top in tops:
+        for dirpath, names in _walk_once(top, visited):
             for name in sorted(names):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
                     files.append(os.path.join(dirpath, name))
@@ -49,6 +53,36 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     if not files:
         raise ValueError(f"data folder {root} has class folders but no {'/'.join(IMAGE_EXTENSIONS)} images")
     return ImageFolder(root, tuple(files), np.asarray(labels, np.int64), tuple(classes))
+
+
+def _identity(path) -> tuple[int, int]:
+    st = os.stat(path)  # follows links: the directory a path leads to
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(path, visited: set) -> bool:
+    """Whether ``path`` leads to a directory not scanned yet (then it is marked scanned); else warn, once per
+    link, that it is not followed."""
+    try:
+        key = _identity(path)
+    except OSError:  # a dangling link or no permission: os.walk skips it as well
+        return False
+    if key in visited:
+        warnings.warn(f"not following {path}: it leads to a folder already scanned (a symlink loop or a second "
+                      "link to the same folder); its images are listed once")
+        return False
+    visited.add(key)
+    return True
+
+
+def _walk_once(top: Path, visited: set):
+    """``(dirpath, names)`` of ``os.walk(top, followlinks=True)`` entering each real directory (device, inode) once
+    over the whole scan, by the first path that reaches it in scan order. Links are followed so that a data set
+    can be assembled from links; without this a link to an ancestor lists its images once per lap (until the
+    path is too long), and two such links per folder make the scan exponential."""
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        dirnames[:] = [d for d in sorted(dirnames) if _first_visit(os.path.join(dirpath, d), visited)]
+        yield dirpath, names
 
 
 MAX_PIXELS = 1 << 27  # 134M pixels (400 MB as RGB): larger images are treated as decompression bombs
@@ -63,11 +97,19 @@ class BadImage(ValueError):
     """A file that cannot be a training image; the message says why."""
 
 
+def _open(data: bytes) -> Image.Image:
+    """PIL's ``Image.open`` restricted to ``FORMATS``; anything else is a ``BadImage``."""
+    try:
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise BadImage(f"not a {' or '.join(FORMATS)} image") from None
+
+
 def _orientation(data: bytes) -> int:
     if b"Exif\x00\x00" not in data[:65536]:  # no EXIF block: the common case costs one byte search
         return 1
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _open(data) as im:
             return int(im.getexif().get(0x0112, 1))
     except Exception:  # unreadable EXIF: decode as stored
         return 1
@@ -77,9 +119,10 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode to an upright HxWx3 uint8 array, or raise ``BadImage``.
 
     libjpeg-turbo (simplejpeg, measured fastest here) for JPEG, strict about truncation; PIL otherwise (CMYK
-    JPEG, PNG; 16-bit images are scaled to 8 bits, alpha is dropped). EXIF orientation is applied, as DALI's
-    decoder and peek_image_shape do, so geometry always refers to the upright image. The pixel count is checked
-    from the header before decoding.
+    JPEG, PNG; 16-bit images are scaled to 8 bits, alpha is dropped), limited to ``FORMATS``: any other format is
+    a ``BadImage``, never handed to another PIL plugin. EXIF orientation is applied, as DALI's decoder and
+    peek_image_shape do, so geometry always refers to the upright image. The pixel count is checked from the
+    header before decoding.
     """
     if not data:
         raise BadImage("empty file")
@@ -113,7 +156,7 @@ def _check_size(h: int, w: int, max_pixels: int) -> None:
 
 
 def _decode_pil(data: bytes, max_pixels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    with _open(data) as im:
         _check_size(im.height, im.width, max_pixels)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits, not a clip at 255
             grey = (np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
@@ -163,7 +206,7 @@ def screen_file(path: str, max_pixels: int = MAX_PIXELS) -> str | None:
             if b"\xff\xd9" not in tail:
                 return "truncated JPEG (no end-of-image marker)"
         else:
-            with Image.open(io.BytesIO(head)) as im:
+            with _open(head) as im:
                 w, h = im.size
             if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
                 return "truncated PNG (no IEND chunk)"
