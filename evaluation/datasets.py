@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from densessl.pipeline.folder import FORMATS
 from densessl.pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
 
 from .metrics import IGNORE
@@ -56,7 +57,7 @@ class DenseSet:
         return len(self.images)
 
     def read_target(self, i: int) -> np.ndarray:
-        with Image.open(self.targets[i]) as im:
+        with Image.open(self.targets[i], formats=FORMATS) as im:
             raw = np.asarray(im)
         if self.task == "depth":
             return raw.astype(np.float32) / 1000  # millimetres -> metres; 0 stays 0 (invalid)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from densessl.pipeline.augment import normalize
+from densessl.pipeline.folder import FORMATS
 from densessl.pipeline.progress import progress
 
 from .datasets import DenseSet
@@ -26,7 +27,7 @@ from .metrics import IGNORE, confusion, depth_errors, eigen_crop, iou_per_class,
 
 def load_image(path, size: tuple[int, int]) -> torch.Tensor:
     """An image resized to ``size`` (H, W), normalised as in training."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=FORMATS) as im:
         x = torch.from_numpy(np.array(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)))
     return normalize(x.permute(2, 0, 1).float() / 255)
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from densessl.pipeline.folder import FORMATS
 from densessl.pipeline.progress import progress
 from densessl.pipeline.synthetic import DAVIS_PALETTE
 
@@ -59,7 +60,7 @@ def propagate(feats: list[torch.Tensor], first_labels: torch.Tensor, topk: int =
 
 
 def _read_mask(path) -> np.ndarray:
-    with Image.open(path) as im:
+    with Image.open(path, formats=FORMATS) as im:
         return np.asarray(im).astype(np.int64)
 
 

@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from densessl.model.pictures import pca_rgb  # noqa: E402
+from densessl.pipeline.folder import FORMATS  # noqa: E402
 
 from .probe import load_image  # noqa: E402
 
@@ -38,7 +39,7 @@ def _show(images, rows_labels, title, out: Path, cmap=None):
 
 
 def _pictures(images, size):
-    return [np.asarray(Image.open(p).convert("RGB").resize(size[::-1])) for p in images]
+    return [np.asarray(Image.open(p, formats=FORMATS).convert("RGB").resize(size[::-1])) for p in images]
 
 
 @torch.no_grad()

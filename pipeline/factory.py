@@ -95,6 +95,7 @@ class DataConfig:
                 from .ffcv import write_beton
                 print(f"writing {beton} from {root} (once; pass data.path=<file>.beton to reuse one)", flush=True)
                 partial = beton.with_suffix(".partial")
+                partial.unlink(missing_ok=True)  # an interrupted write's, in this run's own folder (run_folder)
                 write_beton(root, partial, workers=self.workers, max_bad_images=self.max_bad_images).rename(beton)
                 bad = partial.with_name(partial.name + ".skipped.txt")
                 if bad.exists():  # the writer's list joins the run's

@@ -43,6 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
 from .folder import MAX_PIXELS, BadImage, read_first_readable, scan_image_folder
+from .owned import NotOurs
 from .geometry import view_pair_params
 from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
 from .resize import resize_crop_aa
@@ -97,15 +98,20 @@ class _Samples:
 
 
 def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_quality: int = 90,
-                write_mode: str = "jpg", workers: int = 2, max_bad_images: int = 100) -> Path:
+                write_mode: str = "jpg", workers: int = 2, max_bad_images: int = 100, option: str = "out") -> Path:
     """Write an ImageFolder (or the embedded set's ``train`` folder) to ``out`` with fields image, label, index.
 
+    ``out`` is new, or a .beton this function wrote (its fields): anything else is refused (``owned.NotOurs``,
+    naming ``option``) before the folder is scanned.
     ``max_resolution`` shrinks images whose longer side exceeds it (geometry then refers to the stored image).
     Unreadable files are replaced by their next readable neighbour and listed in ``OUT.skipped.txt``; more than
     ``max_bad_images`` of them is an error. FFCV's writer shows a progress bar.
     """
-    folder = scan_image_folder(data)
     out = Path(out)
+    if out.exists() and not _written_by_us(out):  # FFCV's writer truncates whatever the path holds
+        raise NotOurs(f"{option}={out} exists and was not written by densessl (no .beton of ours); choose a new "
+                      "file")
+    folder = scan_image_folder(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     skip_log = out.with_name(out.name + ".skipped.txt")
     skip_log.unlink(missing_ok=True)
@@ -121,6 +127,17 @@ def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_q
         out.unlink()
         raise RuntimeError(f"{len(bad)} unreadable files (> max_bad_images={max_bad_images}), listed in {skip_log}")
     return out
+
+
+FIELDS = ("image", "label", "index")  # what write_beton stores, in order: its files' mark
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` reads as a .beton with ``write_beton``'s fields (a file of any other kind is not ours)."""
+    try:
+        return path.is_file() and tuple(Reader(str(path)).field_names) == FIELDS
+    except Exception:  # FFCV's reader on bytes that are no .beton: numpy and struct errors of every kind
+        return False
 
 
 def largest_image(heights, widths, source: str = "the .beton") -> int:
@@ -347,7 +364,10 @@ def main(argv=None) -> None:
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "smart", "proportion"])
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    out = write_beton(args.data, args.out, args.max_resolution, args.jpeg_quality, args.write_mode, args.workers)
+    try:
+        out = write_beton(args.data, args.out, args.max_resolution, args.jpeg_quality, args.write_mode, args.workers)
+    except NotOurs as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -199,3 +199,15 @@ def test_cuda_on_a_host_without_it_is_one_line(synthetic_root, tmp_path):
     proc = run_train(tiny_args(synthetic_root, tmp_path / "run", **{"run.device": "cuda"}))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "run.device=cuda" in lines[0], proc.stderr
+
+
+def test_the_beton_writer_refuses_a_file_it_did_not_write(synthetic_root, tmp_path):
+    from densessl.pipeline.ffcv import write_beton
+    precious = tmp_path / "thesis.beton"
+    precious.write_bytes(b"my thesis" * 1000)
+    with pytest.raises(owned.NotOurs, match="not written by densessl"):
+        write_beton(synthetic_root / "train", precious, workers=1)
+    one_line_error(module("densessl.pipeline.ffcv", str(synthetic_root / "train"), str(precious)), precious)
+    assert precious.read_bytes() == b"my thesis" * 1000
+    ours = write_beton(synthetic_root / "train", tmp_path / "ours.beton", workers=1)
+    assert write_beton(synthetic_root / "train", ours, workers=1) == ours  # its own file is written again
