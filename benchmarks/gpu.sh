@@ -15,15 +15,28 @@
 # loader (and DALI's when it was carried), against the model-only step; 4. make demo's run and evaluation all on
 # the GPU; 5. make compare and make ablations with the GPU preset (PRESET=gpu) in the time left. Every step's
 # output goes to OUT/results.md.
+#
+# The DALI parts wait between commands in DALI_DIR (default /tmp/densessl-dali-UID), with the SHA256 they came
+# with. What is installed from there runs as this user (root on the GPU machine), so that folder must be private:
+# a real folder, not a link, owned by this user and writable by no one else, under parents no one else can rename
+# it in (--receive-dali makes it, mode 0700). --receive-dali refuses any other; a run ignores it and goes on
+# without DALI. Either way, nothing another local user put there is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DALI_DIR=${DALI_DIR:-/tmp/densessl-dali}
+DALI_DIR=${DALI_DIR:-/tmp/densessl-dali-$(id -u)}
+
+. slurm/private_dir.sh  # private_dir DIR [create]
 
 if [ "${1:-}" = --receive-dali ]; then
   part=$(printf '.gpu-bundle/dali/part-%02d' "$((10#${2:?usage: gpu.sh --receive-dali N}))")
   [ -f "$part" ] && [ -f .gpu-bundle/dali/SHA256 ] || { echo "gpu.sh: carry $part and .gpu-bundle/dali/SHA256"; exit 1; }
-  mkdir -p "$DALI_DIR" && cp "$part" .gpu-bundle/dali/SHA256 "$DALI_DIR"/ || exit 1
-  echo "gpu.sh: DALI parts here: $(cd "$DALI_DIR" && ls part-* | tr '\n' ' ')($(cat "$DALI_DIR/SHA256"))"
+  if ! dir=$(private_dir "$DALI_DIR" create); then
+    echo "gpu.sh: error: $dir: DALI's parts wait only in a private folder of ours; remove it, or choose another" \
+      "with DALI_DIR="
+    exit 1
+  fi
+  cp "$part" .gpu-bundle/dali/SHA256 "$dir"/ || exit 1
+  echo "gpu.sh: DALI parts here: $(cd "$dir" && ls part-* | tr '\n' ' ')($(cat "$dir/SHA256"))"
   exit 0
 fi
 rehearse=; [ "${1:-}" = --rehearse ] && { rehearse=1; shift; }
@@ -42,14 +55,21 @@ site=$(mktemp -d /tmp/densessl-site.XXXXXX)
 $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "${BUNDLE:-.gpu-bundle}"/core/*.whl ||
   { echo "gpu.sh: cannot install ${BUNDLE:-.gpu-bundle}/core: run make gpu-bundle and carry .gpu-bundle"; exit 1; }
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-dali=no
-if [ -f "$DALI_DIR/SHA256" ]; then
-  want=$(cut -d' ' -f1 "$DALI_DIR/SHA256"); n=$(cut -d' ' -f3 "$DALI_DIR/SHA256")
-  if [ "$(ls "$DALI_DIR"/part-* | wc -l)" = "$n" ] && [ "$(cat "$DALI_DIR"/part-* | sha256sum | cut -d' ' -f1)" = "$want" ]; then
-    mkdir -p "$DALI_DIR/wheels" && cat "$DALI_DIR"/part-* | tar -x -C "$DALI_DIR/wheels" &&
-      $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "$DALI_DIR"/wheels/*.whl && dali=yes
-  else
-    echo "gpu.sh: DALI parts incomplete or damaged in $DALI_DIR: running without DALI"
+dali=no dali_note=
+if [ -e "$DALI_DIR" ] || [ -L "$DALI_DIR" ]; then
+  if ! dir=$(private_dir "$DALI_DIR"); then
+    dali_note=" (ignored DALI parts: $dir)"
+    echo "gpu.sh: ignoring DALI parts: $dir; running without DALI"
+  elif [ -f "$dir/SHA256" ]; then  # received with the parts from the carried bundle, kept where only we write
+    want=$(cut -d' ' -f1 "$dir/SHA256"); n=$(cut -d' ' -f3 "$dir/SHA256")
+    if [[ $want =~ ^[0-9a-f]{64}$ ]] && [ "$(ls "$dir"/part-* 2>/dev/null | wc -l)" = "$n" ] &&
+       [ "$(cat "$dir"/part-* | sha256sum | cut -d' ' -f1)" = "$want" ]; then
+      rm -rf "$dir/wheels"  # ours: what an earlier run unpacked here
+      mkdir -m 700 "$dir/wheels" && cat "$dir"/part-* | tar -x --no-same-owner -C "$dir/wheels" &&
+        $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "$dir"/wheels/*.whl && dali=yes
+    else
+      echo "gpu.sh: DALI parts incomplete or damaged in $dir: running without DALI"
+    fi
   fi
 fi
 [ $dali = no ] && $py -c "import nvidia.dali" 2>/dev/null && dali=yes  # installed already (make gpu-check)
@@ -60,7 +80,7 @@ log '```'
 { nvidia-smi -L 2>/dev/null || echo "no GPU (nvidia-smi failed)"; } | tee -a "$results"
 $py -c "import sys, torch, densessl.pipeline as p; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| cuda', torch.cuda.is_available(), '| densessl from', p.__path__[0])" 2>&1 | tee -a "$results"
-log "DALI carried: $dali"
+log "DALI carried: $dali$dali_note"
 log '```'
 
 failed=0
@@ -88,11 +108,11 @@ if [ -n "$rehearse" ]; then  # the same steps, tiny
   step trainer_e2e 120 $py -m densessl.train data.path="$data/train" model.arch=resnet18 views.size=64 \
     optim.batch_size=8 data.workers=1 optim.steps=3 method.queue_size=256 views.num_matches=8 views.min_matches=8 \
     run.dir="$out/e2e-torch" run.progress=false run.tensorboard=false
-  step demo_and_evaluation 180 bash -c "$py -m densessl.experiments.demo --tiny --data '$out/demo-data' \
+  step demo_and_evaluation 180 bash -c "$py -m densessl.experiments.demo --tiny --synthetic-dir '$out/demo-data' \
     --out '$out/demo' --steps 2 --batch 8 --view-size 64 && $py -m densessl.evaluation all --checkpoint '$out/demo' \
     --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5"
-  step compare 180 $py -m densessl.experiments.compare --tiny --preset gpu --device cpu --data "$out/demo-data" \
-    --out "$out/compare"
+  step compare 180 $py -m densessl.experiments.compare --tiny --preset gpu --device cpu \
+    --synthetic-dir "$out/demo-data" --out "$out/compare"
 else
   cores=$(nproc); data_failed=
   step data 90 $py -c "from densessl.benchmarks.loader import resolve_data; print(resolve_data('synthetic', 16))"
@@ -114,11 +134,11 @@ else
 print('$backend: steps 51+: median', statistics.median(float(x['images_per_s']) for x in r), 'pairs/s, median data wait',
       statistics.median(float(x['data_wait']) for x in r))\""
   done
-  step demo_and_evaluation 100 bash -c "$py -m densessl.experiments.demo --device cuda --data '$out/data' \
+  step demo_and_evaluation 100 bash -c "$py -m densessl.experiments.demo --device cuda --synthetic-dir '$out/data' \
     --out '$out/demo' --workers $((cores - 2)) && $py -m densessl.evaluation all --checkpoint '$out/demo' \
     --root '$out/data' --out '$out/demo/eval'"
-  step compare 600 bash -c "$py -m densessl.experiments.compare --preset gpu --data '$out/data' \
-    --out '$out/compare' && $py -m densessl.experiments.compare --ablations --preset gpu --data '$out/data' \
+  step compare 600 bash -c "$py -m densessl.experiments.compare --preset gpu --synthetic-dir '$out/data' \
+    --out '$out/compare' && $py -m densessl.experiments.compare --ablations --preset gpu --synthetic-dir '$out/data' \
     --out '$out/ablations' --runs '$out/compare/runs'"  # cut short: the table so far, marked Partial
 fi
 log ""; log "total $((SECONDS - start)) s of the ${deadline} s allowed"

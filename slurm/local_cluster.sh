@@ -8,6 +8,10 @@
 #
 # Everything lives in $DENSESSL_SLURM_DIR (default /tmp/densessl-slurm); point Slurm's commands at it with
 # `export SLURM_CONF=$DENSESSL_SLURM_DIR/slurm.conf` (printed by `up`). Needs root (apt, /etc/hosts, daemons).
+# Root trusts that folder's config, plugins and pid files, so every command first checks that it is private: a
+# real folder, not a link, owned by root (or by the user who ran sudo), writable by no one else, under parents no
+# one else can rename it in; `up` makes it (mode 0700) when missing. Anything else, such as a folder another local
+# user made first, is refused. `down` stops only the processes its pid files name that are this cluster's daemons.
 # There is no accounting daemon, so `sacct` does not work: callers bound their waits (slurm.submit does).
 # Never purges packages: OpenCV's dev packages depend on libmunge2.
 set -euo pipefail
@@ -91,18 +95,44 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
 EOF
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+. "$(dirname "$0")/private_dir.sh"  # private_dir DIR [create]
+
+# use_dir [create]: DIR checked (and CONF with it), or a one-line refusal.
+use_dir() {
+    local checked
+    checked=$(private_dir "$DIR" "${1:-}") || die "$checked: root uses only a private folder of its own here;" \
+        "remove it, or choose another with DENSESSL_SLURM_DIR="
+    DIR=$checked
+    CONF=$DIR/slurm.conf
+}
+
+# ours PIDFILE NAME: the pid file names a live process that is this cluster's NAME (`NAME -f $CONF ...`), not
+# some other process that has its pid now (a stale file, the pid reused) or that someone wrote there.
+ours() {
+    local pid args=() i
+    [ -f "$1" ] || return 1
+    pid=$(head -c 32 "$1" | tr -d '[:space:]')
+    [[ $pid =~ ^[0-9]+$ ]] && [ "$pid" -gt 1 ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] || return 1
+    mapfile -d '' args <"/proc/$pid/cmdline" 2>/dev/null || return 1
+    for ((i = 0; i + 1 < ${#args[@]}; i++)); do
+        [ "${args[i]}" = -f ] && [ "${args[i + 1]}" = "$CONF" ] && { echo "$pid"; return 0; }
+    done
+    return 1
+}
+
+running() { ours "$1" "$2" >/dev/null; }
 
 up() {
     [ "$(id -u)" = 0 ] || die "run as root (installs packages, edits /etc/hosts, starts daemons)"
+    use_dir create
     install_packages
-    mkdir -p "$DIR"
     resolve_nodes
     start_munge
     write_config
     export SLURM_CONF=$CONF
-    running "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
-    for n in "${NODES[@]}"; do running "$DIR/slurmd-$n.pid" || slurmd -f "$CONF" -N "$n"; done
+    running "$DIR/slurmctld.pid" slurmctld || slurmctld -f "$CONF"
+    for n in "${NODES[@]}"; do running "$DIR/slurmd-$n.pid" slurmd || slurmd -f "$CONF" -N "$n"; done
     local deadline=$((SECONDS + 60)) states=""
     while [ $SECONDS -lt $deadline ]; do
         states=$(sinfo -h -N -o "%N %T" 2>/dev/null | sort -u || true)
@@ -116,16 +146,30 @@ up() {
     echo "export SLURM_CONF=$CONF"
 }
 
+# stop PIDFILE NAME: SIGTERM, then SIGKILL after 5 s, to the process the pid file names if it is our NAME.
+stop() {
+    local pid
+    if pid=$(ours "$1" "$2"); then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do running "$1" "$2" || break; sleep 0.1; done
+        running "$1" "$2" && kill -9 "$pid" 2>/dev/null
+    elif [ -f "$1" ]; then
+        log "$1 names no $2 of this cluster (stale): left that process alone"
+    fi
+    rm -f "$1"
+}
+
 down() {
-    for f in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
-        [ -f "$f" ] || continue
-        running "$f" && kill "$(cat "$f")"
-        for _ in $(seq 50); do running "$f" || break; sleep 0.1; done
-        running "$f" && kill -9 "$(cat "$f")"
-        rm -f "$f"
-    done
-    if [ -f "$DIR/munged.started-here" ] && [ -f /run/munge/munged.pid ]; then
-        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+    if [ ! -e "$DIR" ] && [ ! -L "$DIR" ]; then log "down: nothing in $DIR"; return; fi
+    use_dir
+    local f
+    for f in "$DIR"/slurmd-*.pid; do if [ -f "$f" ]; then stop "$f" slurmd; fi; done
+    stop "$DIR/slurmctld.pid" slurmctld
+    if [ -f "$DIR/munged.started-here" ]; then
+        local pid; pid=$(head -c 32 /run/munge/munged.pid 2>/dev/null | tr -d '[:space:]')
+        if [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = munged ]; then
+            kill "$pid" 2>/dev/null || true
+        fi
         rm -f "$DIR/munged.started-here"
     fi
     log "down"
@@ -134,6 +178,8 @@ down() {
 case "${1:-}" in
     up) up ;;
     down) down ;;
-    status) SLURM_CONF=$CONF sinfo -N; SLURM_CONF=$CONF squeue ;;
+    status)
+        [ -e "$DIR" ] || [ -L "$DIR" ] || die "no cluster in $DIR (slurm/local_cluster.sh up starts one)"
+        use_dir; SLURM_CONF=$CONF sinfo -N; SLURM_CONF=$CONF squeue ;;
     *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

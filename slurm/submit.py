@@ -253,12 +253,18 @@ def parse_args(argv: list[str]):
         p.error("--local runs on this machine: use --nodes 1")
     if any("=" not in a for a in train_args):
         p.error(f"trainer arguments must be section.key=value, got {[a for a in train_args if '=' not in a]}")
-    if not any(a.startswith("run.dir=") for a in train_args):  # a folder of this submission's own
-        jobs = Path(args.job_dir).resolve()
-        jobs.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        train_args.append(f"run.dir={tempfile.mkdtemp(prefix=f'{args.name}-{stamp}-', dir=jobs)}")
     return args, train_args
+
+
+def own_run_dir(args, train_args: list[str]) -> list[str]:
+    """``train_args`` with a ``run.dir`` of this submission's own when none is given: a new folder under
+    ``--job-dir``, created atomically, so two submissions in the same second never share one."""
+    if any(a.startswith("run.dir=") for a in train_args):
+        return train_args
+    jobs = Path(args.job_dir).resolve()
+    jobs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return train_args + [f"run.dir={tempfile.mkdtemp(prefix=f'{args.name}-{stamp}-', dir=jobs)}"]
 
 
 def submit(argv: list[str]):
@@ -267,9 +273,9 @@ def submit(argv: list[str]):
 
     args, train_args = parse_args(argv)
     tasks = (args.gpus_per_node or args.tasks_per_node) * args.nodes
-    cfg = parse(train_args + start_args(train_args, "0"))
-    cfg.validate(world_size=tasks)
-    run_folder.check(cfg)  # the queue is no place to learn that the folder holds another run
+    parse(train_args).validate(world_size=tasks)
+    train_args = own_run_dir(args, train_args)
+    run_folder.check(parse(train_args + start_args(train_args, "0")))  # not in the queue: that it holds another run
     job = build_executor(args).submit(TrainJob(train_args))
     run_dir = next(a.split("=", 1)[1] for a in train_args if a.startswith("run.dir="))
     per_node = args.gpus_per_node or args.tasks_per_node

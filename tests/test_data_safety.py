@@ -167,8 +167,8 @@ def test_same_second_slurm_submissions_get_their_own_run_folders(tmp_path, monke
     monkeypatch.setattr(submit, "datetime", Frozen)
     folders = set()
     for _ in range(2):
-        _, train_args = submit.parse_args(["--local", "--job-dir", str(tmp_path), "--", "optim.steps=1"])
-        folders.add(next(a for a in train_args if a.startswith("run.dir=")))
+        args, train_args = submit.parse_args(["--local", "--job-dir", str(tmp_path), "--", "optim.steps=1"])
+        folders.add(next(a for a in submit.own_run_dir(args, train_args) if a.startswith("run.dir=")))
     assert len(folders) == 2
 
 
