@@ -117,6 +117,9 @@ def stock_ffcv_two_view(beton, batch: int, workers: int, size: int):
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip
 
+    from densessl.pipeline.ffcv import use_private_state_types
+    use_private_state_types()  # stock FFCV's Loader in a process that also runs DALI's operators
+
     def view():
         return RandomResizedCropRGBImageDecoder((size, size), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
 

@@ -18,6 +18,8 @@ views every epoch: it is meant for evaluation.)
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,37 +45,59 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .contract import PairSpec, Position, assemble_batch
 from .correspondence import splitmix64
 from .folder import MAX_PIXELS, BadImage, read_first_readable, scan_image_folder
-from .owned import NotOurs
 from .geometry import view_pair_params
 from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
+from .owned import NotOurs
 from .resize import resize_crop_aa
+
 
 def _readonly(dtype, ndim: int) -> types.Array:
     return types.Array(dtype, ndim, "C", readonly=True)
 
 
-# FFCV 1.0.2's memory managers declare their state read-only by setting ``mutable = False`` on Numba's shared,
-# interned array types (``nb.uint8[::1]`` is the one ``array(uint8, 1d, C)`` of the process). That turns every such
-# array read-only, in every later compilation, and changes the type's hash: DALI's numba operators then failed to
-# compile (``Cannot modify readonly array`` in ``resize_crop_aa``, depending on what the process had compiled
-# before), and Numba's dispatcher finaliser raised KeyError as a benchmark ended. The same state types, built as
-# their own read-only types (a writable array converts to one safely):
-OSCacheManager.state_type = property(
-    lambda self: types.Tuple([_readonly(types.uint8, 1), types.uint64[::1], types.uint64[::1]]))
+# The FFCV release whose memory managers ``use_private_state_types`` mends (the one ``constraints.txt`` pins).
+MENDED_FFCV = "1.0.2"
 
 
 def _os_cache_reader(self):
     """The OS-cache manager's reader (a sample's bytes from the memory-mapped file, by its address), declared
-    with the read-only types above: FFCV's declares its result as the shared type it had marked read-only."""
+    with the read-only types of ``use_private_state_types``: FFCV's declares its result as the shared type it had
+    marked read-only."""
     def read(address, state):
         return state[0][address:address + state[2][np.searchsorted(state[1], address)]]
     return Compiler.compile(read, _readonly(types.uint8, 1)(types.uint64, self.state_type))
 
 
-OSCacheManager.compile_reader = _os_cache_reader
-ProcessCacheManager.state_type = property(
-    lambda self: types.Tuple([_readonly(types.uint8, 2), _readonly(types.uint64, 1), _readonly(types.uint64, 1),
-                              _readonly(types.uint32, 1)]))
+def use_private_state_types() -> None:
+    """Give FFCV's memory managers state types of their own; call before building any FFCV ``Loader`` in the
+    process (idempotent; ``FfcvViewPairLoader`` calls it).
+
+    FFCV 1.0.2's managers declare their state read-only by setting ``mutable = False`` on Numba's shared, interned
+    array types (``nb.uint8[::1]`` is the one ``array(uint8, 1d, C)`` of the process). That turns every such array
+    read-only in every later compilation and changes the type's hash: DALI's numba operators then failed to
+    compile (``Cannot modify readonly array`` in ``resize_crop_aa``, depending on what the process had compiled
+    before), and Numba's dispatcher finaliser raised KeyError as a benchmark ended. The same state types, built
+    as their own read-only types (a writable array converts to one safely), replace them. Gated on the version:
+    another FFCV is left as it is, with a warning, since its managers may declare their state otherwise."""
+    global _MENDED
+    if _MENDED:
+        return
+    found = importlib.metadata.version("ffcv")
+    if found != MENDED_FFCV:
+        warnings.warn(f"FFCV {found}: its memory managers are used as they are (the read-only state type fix is "
+                      f"for FFCV {MENDED_FFCV}, the tested release); a Numba 'readonly array' error in DALI's "
+                      "operators after FFCV ran points here")
+    else:
+        OSCacheManager.state_type = property(
+            lambda self: types.Tuple([_readonly(types.uint8, 1), types.uint64[::1], types.uint64[::1]]))
+        OSCacheManager.compile_reader = _os_cache_reader
+        ProcessCacheManager.state_type = property(
+            lambda self: types.Tuple([_readonly(types.uint8, 2), _readonly(types.uint64, 1),
+                                      _readonly(types.uint64, 1), _readonly(types.uint32, 1)]))
+    _MENDED = True
+
+
+_MENDED = False
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM,
           "sequential": OrderOption.SEQUENTIAL}
@@ -297,6 +321,7 @@ class FfcvViewPairLoader(Position):
         if not Path(beton).is_file():  # order and backend rules: factory.check_backend, via build_loader
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
+        use_private_state_types()
         self.decoder = ViewsDecoder(spec if isinstance(spec, ViewSpec) else ViewSpec.from_pair_spec(spec), seed,
                                     source=str(beton))
         self.spec = spec

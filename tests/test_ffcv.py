@@ -131,3 +131,17 @@ def test_ffcv_leaves_numbas_shared_array_types_writable(raw_beton, os_cache):
     shared = [numba.types.uint8[::1], numba.types.uint8[:, ::1], numba.types.uint64[::1], numba.types.uint32[::1]]
     next(iter(FfcvViewPairLoader(raw_beton, SPEC, batch_size=4, workers=2, os_cache=os_cache)))
     assert all(t.mutable for t in shared), [t for t in shared if not t.mutable]
+
+
+def test_the_state_type_mend_is_for_the_tested_ffcv_release_only(monkeypatch):
+    """``use_private_state_types`` is an explicit call gated on FFCV's version: another release's managers are
+    left as they are, with a warning naming both releases, and the call is idempotent."""
+    import densessl.pipeline.ffcv as ffcv_backend
+    monkeypatch.setattr(ffcv_backend, "_MENDED", False)
+    monkeypatch.setattr(ffcv_backend, "MENDED_FFCV", "0.0.1")
+    managers = (ffcv_backend.OSCacheManager, ffcv_backend.ProcessCacheManager)
+    before = [dict(m.__dict__) for m in managers]
+    with pytest.warns(UserWarning, match=r"FFCV 1\.0\.2: its memory managers are used as they are.*FFCV 0\.0\.1"):
+        ffcv_backend.use_private_state_types()
+    assert [dict(m.__dict__) for m in managers] == before
+    ffcv_backend.use_private_state_types()  # once per process: no second warning
