@@ -317,7 +317,7 @@ def test_console_commands_are_the_module_commands():
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     from densessl.experiments.demo import main
     out = tmp_path / "demo"
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--batch", "8",
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out), "--steps", "2", "--batch", "8",
                  "--view-size", "64"]) == 0
     report = (out / "report.md").read_text()
     for row in ("VADeR [hypercolumn]", "VADeR [dense]", "random init [hypercolumn]", "random init [dense]"):
@@ -335,10 +335,10 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     from densessl.experiments import compare
     from densessl.experiments.compare import main, pretrain
     out = tmp_path / "compare"
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert "read back" not in capsys.readouterr().out
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("scores read back") == 7  # every model and kind, random init included
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     # a probe whose protocol changed is run again alone, then kept: the other probes' scores are read back
@@ -350,7 +350,7 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(compare, "score_embedded", recording)
     monkeypatch.setitem(PROBES, "classification", PROBES["classification"] + 1)
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert asked == [("classification",)] * 7 and said.count("classification: protocol changed, scored again") == 7
     again = json.loads((out / "results.json").read_text())["rows"]
@@ -368,12 +368,12 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     old_key = json.dumps({**json.loads(now["key"]), "protocol": 1})
     kept.write_text(json.dumps({"key": old_key, "seconds": now["seconds"], "scores": flat}))
     asked.clear()
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert asked == [("classification",)] * 2 and said.count("scores read back") == 5
     upgraded = json.loads(kept.read_text())["scores"]
     assert all(upgraded[kind][probe] == now["scores"][kind][probe] for kind in now["scores"] for probe in linear)
-    assert main(["--tiny", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("scores read back") == 7 and len(asked) == 2
     assert set(rows) == {"VADeR [hypercolumn]", "VADeR [dense]", "MoCo v2 [hypercolumn]",
                          "VADeR multi-crop [hypercolumn]", "VADeR multi-crop [dense]",
@@ -399,7 +399,7 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
         pretrain(with_overrides(held, {"optim.lr": 0.1, "data.workers": 0, "run.progress": True}))
     # the margin-against-steps curve: its 4-step point is the comparison's VADeR run, read back
     capsys.readouterr()
-    assert main(["--tiny", "--curve", "4", "2", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--curve", "4", "2", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     assert "scores read back" in capsys.readouterr().out and final.stat().st_mtime_ns == written
     points = json.loads((out / "curve.json").read_text())
     assert [p["steps"] for p in points] == [2, 4] and (out / "runs" / "resnet18_2steps_batch8_64px").is_dir()
@@ -413,7 +413,7 @@ def test_ablations_run_at_tiny_size(tmp_path):
     initialisation reads the MoCo v2 run of the same seed, and each gets a row."""
     from densessl.experiments.compare import ABLATIONS, main
     out = tmp_path / "ablations"
-    assert main(["--tiny", "--ablations", "--kinds", "c5", "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["--tiny", "--ablations", "--kinds", "c5", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert set(rows) == {f"{label} [c5]" for label in ABLATIONS} | {"random init [c5]"}  # c5: every model has it
     assert all(0 <= row["mean"]["top-1"] <= 1 for row in rows.values())
@@ -525,7 +525,7 @@ def test_make_demo_and_evaluation_read_well_in_a_log_file(tmp_path):
     training, the evaluation's feature extraction and ``evaluation all`` print plain lines, no carriage return."""
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
-        demo = subprocess.run([sys.executable, "-m", "densessl.experiments.demo", "--tiny", "--data",
+        demo = subprocess.run([sys.executable, "-m", "densessl.experiments.demo", "--tiny", "--synthetic-dir",
                                str(tmp_path / "data"), "--out", str(tmp_path / "demo"), "--steps", "2", "--batch",
                                "8", "--view-size", "64"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=900)
         evaluation = subprocess.run([sys.executable, "-m", "densessl.evaluation", "all", "--checkpoint",

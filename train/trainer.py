@@ -205,24 +205,21 @@ def resume_same_step(cfg: TrainConfig, rank: int, world: int, device: torch.devi
     """The checkpoint every rank resumes from: rank 0 claims the run folder and chooses it (``run_folder.start``),
     every other rank loads that same file. A rank that cannot (a refused folder, an unreadable file, an error of
     its machine) stops the job on every rank with one line: ranks that resumed different steps would train on."""
-    chosen, refusal = None, None
+    resumed = chosen = refusal = failure = None
     if rank == 0:
         try:
             resumed = run_folder.start(cfg)
             chosen = resumed and str(resumed[1])
         except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError) as err:
-            resumed, refusal = None, f"{err}"
+            refusal = f"{err}"
     chosen, refusal = distributed.gather_objects((chosen, refusal), world)[0]
     if refusal is not None:
         raise ConfigError(refusal if rank == 0 else f"rank 0 stopped the start: {refusal}")
-    failure = None
     if rank != 0 and chosen is not None:
         try:
             resumed = checkpoint.read(chosen), Path(chosen)
         except (checkpoint.CheckpointError, OSError, MemoryError) as err:
-            resumed, failure = None, f"{err}"
-    elif rank != 0:
-        resumed = None
+            failure = f"{err}"
     if distributed.agree([failure is not None], world, device)[0]:
         raise ConfigError(f"rank {rank} could not read {chosen}, the checkpoint rank 0 resumes: {failure}" if failure
                           else f"another rank could not read {chosen}, the checkpoint rank 0 resumes (see its log)")
