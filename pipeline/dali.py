@@ -121,6 +121,8 @@ def views_params_op(jpegs, spec: ViewSpec):
     """Graph piece: each sample's windows (``multi_view_params``: ``[V*6]``, top, left, h, w, flip, tries per
     view) and its pairs' match seeds, drawn from the JPEG header alone, before the decode; and, for the CPU
     decode, the union box of all windows (anchor x, y and shape w, h, as for a view pair)."""
+    # one local per SamplerArgs field: Numba compiles ``run`` with its closure's arrays as constants, and takes
+    # neither the NamedTuple nor its unpacking (``*spec.arrays``) from a closure
     first, counts, sizes, crops, pair_views, cells, area, joint, fallback, stride, max_tries = spec.arrays
     n_views, n_seeds = sizes.shape[0], max(1, pair_views.shape[0])
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,6 +102,24 @@ class PairRule:
         if self.num_matches > self.min_cells:
             raise ValueError(f"rule {self.groups}: num_matches={self.num_matches} > min_cells={self.min_cells}: "
                              "views could share fewer cells than the matches asked for, so raise min_cells")
+
+
+class SamplerArgs(NamedTuple):
+    """``multi_view_params``' arguments after (seed, height, width), as ``ViewSpec.arrays`` computes them: per
+    group, per view and per constrained pair (views numbered as in ``ViewSpec.views``). Passed to the Numba
+    kernels unpacked (``*spec.arrays``), in this order."""
+
+    first: np.ndarray  # [G] int64: each group's first view
+    counts: np.ndarray  # [G] int64: views per group
+    sizes: np.ndarray  # [V, 2] int64: each view's (height, width)
+    crops: np.ndarray  # [V, 5] float64: scale min/max, ratio min/max, flip probability
+    pair_views: np.ndarray  # [P, 2] int64: the views (i, j) of each constrained pair
+    cells: np.ndarray  # [P] int64: the cells of i a pair must share with j
+    area: np.ndarray  # [P] float64: the least overlap of a pair's windows, as a fraction of the image
+    joint: np.ndarray  # [G] bool: a group whose views are constrained among themselves
+    fallback: np.ndarray  # [G] int64: the view whose window a group's views take when the draws run out
+    stride: int
+    max_tries: int
 
 
 @dataclass(frozen=True)
@@ -175,7 +194,7 @@ class ViewSpec:
     def offsets(self) -> np.ndarray:
         """Where each view starts in a sample's row of views: every backend cuts all of a sample's views end to
         end into one flat ``uint8`` row (one buffer to move between processes), split by ``unpack_views``."""
-        sizes = self.arrays[2]
+        sizes = self.arrays.sizes
         return np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)]).astype(np.int64)
 
     def group(self, name: str) -> ViewGroup:
@@ -197,7 +216,7 @@ class ViewSpec:
         return out
 
     @cached_property
-    def arrays(self) -> tuple:
+    def arrays(self) -> SamplerArgs:
         """The sampler's arguments after (seed, height, width) (``multi_view_params``), computed once."""
         views = self.views()
         index = {g.name: n for n, g in enumerate(self.groups)}
@@ -215,7 +234,8 @@ class ViewSpec:
             partners = [index[o] for r in self.rules if g.name in r.groups for o in r.groups]
             earliest = min(partners, default=n)
             fallback[n] = first[earliest]
-        return (first, counts, sizes, crops, pair_views, cells, area, joint, fallback, self.stride, self.max_tries)
+        return SamplerArgs(first, counts, sizes, crops, pair_views, cells, area, joint, fallback, self.stride,
+                           self.max_tries)
 
 
 @dataclass(frozen=True)
@@ -481,7 +501,7 @@ class MultiViewDataset(ViewPairDataset):
     def sample(self, pixels: np.ndarray, seed: int, index: int) -> dict:
         windows, seeds = view_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
         row = np.empty(self.spec.offsets[-1], np.uint8)
-        cut_views(pixels, windows, self.spec.arrays[2], self.spec.offsets, row)
+        cut_views(pixels, windows, self.spec.arrays.sizes, self.spec.offsets, row)
         return {"row": row, "windows": windows, "seeds": seeds, "source_hw": pixels.shape[:2], "index": index}
 
 
