@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     mb_per_image = float(np.mean([os.path.getsize(f) for f in files])) / 1e6
     device = args.device if torch.cuda.is_available() else None
     try:
-        out = owned.claim(args.out, "benchmark", "--out", legacy=("results.json", "loaders.png"))
+        out = owned.claim(args.out, "benchmark", "--out")
     except owned.NotOurs as err:
         raise SystemExit(f"error: {err}") from None
 

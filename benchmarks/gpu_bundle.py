@@ -108,7 +108,8 @@ def main(argv=None) -> None:
     p.add_argument("--dali", action="store_true", help="also DALI, in parts under 60 MiB")
     args = p.parse_args(argv)
     try:  # its folders are emptied and rewritten: only in a bundle folder this command made
-        out = owned.claim(args.out, "gpu-bundle", "--out", legacy=("core", "dali"))
+        out = owned.claim(args.out, "gpu-bundle", "--out",  # before markers: our wheel in core/
+                          legacy=lambda folder: any((folder / "core").glob("densessl-*.whl")))
     except owned.NotOurs as err:
         raise SystemExit(f"error: {err}") from None
     core = build_core(out, args.python)

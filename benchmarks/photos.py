@@ -11,6 +11,7 @@ JPEG of quality 85-96. The same seed writes the same files. One class folder per
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,19 @@ def _photographs() -> dict[str, np.ndarray]:
     return out
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def write_photo_set(out: str | Path, count: int = 256, seed: int = 0) -> Path:
     """Write ``count`` JPEGs as ``OUT/train/<photograph>/<i>.jpg`` (once: a finished set of the same count and
     seed is reused; any other is replaced, only in a folder this writer made: ``pipeline.owned``)."""
     root, done = Path(out) / "train", Path(out) / ".complete"
-    owned.claim(out, "photo-set", "--out", legacy=(".complete",))
+    owned.claim(out, "photo-set", "--out",  # before markers: its .complete holds "COUNT SEED"
+                legacy=lambda folder: re.fullmatch(r"\d+ \d+", _read(folder / ".complete")) is not None)
     if done.is_file() and done.read_text() == f"{count} {seed}":
         return root
     owned.replace(out, "photo-set", "--out")

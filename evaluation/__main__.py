@@ -44,10 +44,6 @@ def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
     return markdown_table(metrics, {name: [f"{r[m]:.3f}" for m in metrics] for name, r in rows.items()})
 
 
-# What only this command wrote into --out before folders carried ``owned`` markers.
-OUTPUTS = ("results.json", "table.md", "pca.png", "retrieval.png", "encoder_torchvision.pth")
-
-
 def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
     """A probe result as table columns: the metric, the trivial baseline's, and the probe's final loss (with
     ``probe.warn_if_unreliable``'s warnings)."""
@@ -112,7 +108,7 @@ def main(argv=None) -> int:
     try:
         if args.protocol in ("all", "export") and not args.checkpoint:
             p.error(f"{args.protocol} needs --checkpoint")
-        owned.claim(out, "evaluation", "--out", legacy=OUTPUTS)
+        owned.claim(out, "evaluation", "--out")
         if args.protocol == "all":
             run_all(args.checkpoint, args.root, out, size, args.probe_steps, device, args.kinds)
             return 0

@@ -44,7 +44,7 @@ from densessl.model.builder import ModelConfig, MoCo
 from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.multicrop import MultiCropViews
-from densessl.pipeline.owned import NotOurs, claim
+from densessl.pipeline.owned import NotOurs, claim, json_keys
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import (ConfigError, OptimConfig, RunConfig, TrainConfig, different_training, parse,
                                    with_overrides)
@@ -365,7 +365,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     if args.data:
         p.error("--data is now --synthetic-dir: the folder the embedded set is written to (not a data set of yours)")
-    out = claim(args.out, "comparison", "--out", legacy=("results.json", "table.md", "curve.json", "runs"))
+    out = claim(args.out, "comparison", "--out",  # before markers: its results.json (a comparison's, the ablations')
+                legacy=lambda folder: json_keys(folder / "results.json", "runs", "rows"))
     runs = Path(args.runs) if args.runs else out / "runs"
 
     # --- data: the embedded set (tiny: a few scenes and one short clip)

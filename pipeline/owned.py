@@ -6,8 +6,9 @@ ever written into, emptied or replaced; a folder that is not ours is refused wit
 chose it, and nothing in it is touched. Why a marker and not a name or a guess: a user's ``~/imagenet`` may look
 exactly like our output (an ImageFolder), and at 1.28M files a mistake is not undone.
 
-Outputs written before markers existed are recognised by ``legacy`` names (files only densessl writes there,
-such as the embedded set's ``meta.json``) and marked on first use.
+Outputs written before markers existed are recognised by a ``legacy`` test that reads what only densessl writes
+there (the embedded set's ``meta.json`` with its config and version, a run's ``config.yaml`` that parses as our
+configuration), never by a file name alone, which a user's folder may share; they are marked on first use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 MARKER = ".densessl"
 
@@ -38,7 +40,16 @@ def _empty(folder: Path) -> bool:
         return next(entries, None) is None
 
 
-def check(folder: str | Path, what: str, option: str, legacy: tuple[str, ...] = ()) -> bool:
+def json_keys(path: Path, *keys: str) -> bool:
+    """Whether ``path`` holds a JSON object with all of ``keys``: a ``legacy`` test's building block."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and all(k in value for k in keys)
+
+
+def check(folder: str | Path, what: str, option: str, legacy: Callable[[Path], bool] | None = None) -> bool:
     """``claim``'s verdict without writing anything: raises ``NotOurs``, or returns whether ``folder`` is marked
     as a ``what`` already."""
     folder = Path(folder)
@@ -49,14 +60,14 @@ def check(folder: str | Path, what: str, option: str, legacy: tuple[str, ...] = 
     found = kind(folder) if folder.is_dir() else None
     if found is not None and found != what:
         raise NotOurs(f"{option}={folder} holds a densessl {found}, not a {what}; choose an empty or new folder")
-    if found is None and folder.is_dir() and not _empty(folder) and not any((folder / n).exists() for n in legacy):
+    if found is None and folder.is_dir() and not _empty(folder) and not (legacy and legacy(folder)):
         raise NotOurs(f"{option}={folder} exists and was not written by densessl; choose an empty or new folder")
     return found == what
 
 
-def claim(folder: str | Path, what: str, option: str, legacy: tuple[str, ...] = ()) -> Path:
+def claim(folder: str | Path, what: str, option: str, legacy: Callable[[Path], bool] | None = None) -> Path:
     """Make ``folder`` ours to write into as a ``what`` and return it: created with its marker when missing or
-    empty; kept when it carries a marker of the same kind (or, unmarked, one of the ``legacy`` names, then
+    empty; kept when it carries a marker of the same kind (or, unmarked, passes the ``legacy`` test, then
     marked). Anything else raises ``NotOurs`` naming ``option``, and nothing is written."""
     folder = Path(folder)
     if check(folder, what, option, legacy):
@@ -68,7 +79,7 @@ def claim(folder: str | Path, what: str, option: str, legacy: tuple[str, ...] = 
     return folder
 
 
-def replace(folder: str | Path, what: str, option: str, legacy: tuple[str, ...] = ()) -> Path:
+def replace(folder: str | Path, what: str, option: str, legacy: Callable[[Path], bool] | None = None) -> Path:
     """``folder`` claimed (``claim``'s rules) and emptied of everything but its marker: for outputs that are
     rewritten whole (an interrupted data set). Only a folder ``claim`` accepts is ever emptied."""
     folder = claim(folder, what, option, legacy)

@@ -33,7 +33,9 @@ from .progress import progress as show_progress
 CLASSES = ("disc", "square", "triangle", "ring")
 TEXTURES = ("stripes", "checker", "dots", "waves")  # drawn per instance, whatever its class
 KIND = "synthetic-set"  # its ``owned`` marker
-LEGACY = ("meta.json", ".complete")  # what only this writer put in a folder before markers existed
+def _legacy(folder: Path) -> bool:
+    """A set this writer made before folders carried markers: its meta.json, with the classes and config."""
+    return owned.json_keys(folder / "meta.json", "classes", "config")
 VERSION = 2  # raised whenever the same config renders other pixels, so a stale set on disk is rewritten
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128, 0, 128, 128] + [255] * (3 * 249)
 
@@ -210,7 +212,7 @@ def generate(out: str | Path, cfg: SyntheticConfig = SyntheticConfig(), progress
     """Write the data set under ``out`` and return it. A complete set of the same config and version is reused;
     an incomplete or other one is replaced, but only when the folder is one this writer made (``owned``): any
     other existing, non-empty folder raises ``owned.NotOurs`` and is left as it is."""
-    root = owned.claim(out, KIND, option, legacy=LEGACY)
+    root = owned.claim(out, KIND, option, legacy=_legacy)
     if (root / ".complete").exists():
         meta = json.loads((root / "meta.json").read_text())
         if meta["config"] == asdict(cfg) and meta.get("version") == VERSION:

@@ -211,3 +211,19 @@ def test_the_beton_writer_refuses_a_file_it_did_not_write(synthetic_root, tmp_pa
     assert precious.read_bytes() == b"my thesis" * 1000
     ours = write_beton(synthetic_root / "train", tmp_path / "ours.beton", workers=1)
     assert write_beton(synthetic_root / "train", ours, workers=1) == ours  # its own file is written again
+
+
+def test_a_user_folder_sharing_our_file_names_is_still_refused_and_an_old_set_of_ours_is_kept(tmp_path):
+    folder = user_folder(tmp_path)
+    for name in ("meta.json", "config.yaml", "results.json", ".complete", "metrics.csv"):
+        (folder / name).write_text("{}\n")
+    (folder / "checkpoints").mkdir()
+    with pytest.raises(owned.NotOurs):
+        generate(folder, TINY, progress=False)
+    proc = run_train(["data.path=synthetic", f"data.synthetic_dir={tmp_path / 'set'}", f"run.dir={folder}",
+                      "model.arch=resnet18", "optim.steps=1", "run.progress=false"])
+    one_line_error(proc, folder)
+    assert untouched(folder) and (folder / "config.yaml").read_text() == "{}\n"
+    old = generate(tmp_path / "old", TINY, progress=False)
+    (old / owned.MARKER).unlink()  # as written before markers existed
+    assert generate(old, TINY, progress=False) == old and owned.kind(old) == "synthetic-set"

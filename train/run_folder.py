@@ -13,10 +13,12 @@ from __future__ import annotations
 import csv
 import os
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from densessl.model import checkpoint
 from densessl.pipeline import owned
@@ -24,7 +26,6 @@ from densessl.pipeline import owned
 from .config import ConfigError, TrainConfig, different_training, parse, to_yaml
 
 KIND = "run"  # the run folder's ``owned`` marker
-LEGACY = ("config.yaml", "checkpoints", "metrics.csv")  # what only a run put in a folder before markers existed
 # What a continued run may change besides where and how it reports (``different_training``): how long it trains.
 RESUMABLE = ("optim.steps", "optim.epochs")
 
@@ -45,12 +46,23 @@ def held_config(folder: Path) -> TrainConfig | None:
                              "another run.dir") from None
 
 
+def _legacy(folder: Path) -> bool:
+    """A run folder of a densessl from before markers: its config.yaml holds every section ``to_yaml`` writes
+    and reads as our configuration (an empty or foreign one would parse as the defaults)."""
+    try:
+        held = yaml.safe_load((folder / "config.yaml").read_text())
+        return (isinstance(held, dict) and {f.name for f in fields(TrainConfig)} <= set(held)
+                and held_config(folder) is not None)
+    except (OSError, yaml.YAMLError, RunFolderError):
+        return False
+
+
 def check(cfg: TrainConfig) -> list[Path]:
     """Whether ``cfg.run.dir`` may hold this start (module docstring), writing nothing: raises
     ``RunFolderError``, or returns the checkpoints the folder holds, oldest first."""
     run, folder = cfg.run, Path(cfg.run.dir)
     try:
-        owned.check(folder, KIND, "run.dir", legacy=LEGACY)
+        owned.check(folder, KIND, "run.dir", legacy=_legacy)
     except owned.NotOurs as err:
         raise RunFolderError(str(err)) from None
     held, steps = held_config(folder), checkpoint.checkpoints(folder / "checkpoints")
@@ -71,7 +83,7 @@ def start(cfg: TrainConfig) -> tuple[dict, Path] | None:
     """Claim ``cfg.run.dir`` for this start (rank 0 only; ``check``) and write its ``config.yaml``: returns the
     checkpoint to resume from and its path, or None for a start from step 0."""
     run, steps = cfg.run, check(cfg)
-    folder = owned.claim(run.dir, KIND, "run.dir", legacy=LEGACY)
+    folder = owned.claim(run.dir, KIND, "run.dir", legacy=_legacy)
     ckpt_dir = folder / "checkpoints"
     if run.resume == "auto":
         resumed = checkpoint.load_latest(ckpt_dir)
