@@ -127,7 +127,9 @@ def test_checkpoints_written_by_the_trainer_load_at_every_entry_point(tmp_path, 
     assert exit_code(train_main, train_args(synthetic_root, run, **{"run.checkpoint_every": 1})) == 0
     first = tmp_path / "step_00000001.pt"  # kept aside: later runs keep only their newest two
     first.write_bytes(checkpoint.checkpoints(run / "checkpoints")[0].read_bytes())
-    assert exit_code(train_main, train_args(synthetic_root, run, **{"optim.steps": 3, "run.resume": first})) == 0
+    # an earlier step than the folder's newest: overwrite drops the later ones (run_folder)
+    assert exit_code(train_main, train_args(synthetic_root, run, **{"optim.steps": 3, "run.resume": first,
+                                                                    "run.overwrite": "true"})) == 0
     assert "resumed from" in capsys.readouterr().out
     assert exit_code(train_main, train_args(synthetic_root, run, **{"optim.steps": 4, "run.resume": "auto"})) == 0
     assert "at step 3" in capsys.readouterr().out
