@@ -47,8 +47,11 @@ def held_config(folder: Path) -> TrainConfig | None:
 
 
 def _legacy(folder: Path) -> bool:
-    """A run folder of a densessl from before markers: its config.yaml holds every section ``to_yaml`` writes
-    and reads as our configuration (an empty or foreign one would parse as the defaults)."""
+    """A run folder of a densessl from before markers (or one a user copied checkpoints into): it holds our
+    checkpoint names (``checkpoints/step_<8 digits>.pt``), or a config.yaml with every section ``to_yaml`` writes
+    that reads as our configuration (an empty or foreign one would parse as the defaults)."""
+    if checkpoint.checkpoints(folder / "checkpoints"):
+        return True
     try:
         held = yaml.safe_load((folder / "config.yaml").read_text())
         return (isinstance(held, dict) and {f.name for f in fields(TrainConfig)} <= set(held)
@@ -65,7 +68,8 @@ def check(cfg: TrainConfig) -> list[Path]:
         owned.check(folder, KIND, "run.dir", legacy=_legacy)
     except owned.NotOurs as err:
         raise RunFolderError(str(err)) from None
-    held, steps = held_config(folder), checkpoint.checkpoints(folder / "checkpoints")
+    steps = checkpoint.checkpoints(folder / "checkpoints")
+    held = None if run.overwrite else held_config(folder)  # overwrite: whatever it held is dropped
     if (held is not None or steps) and not run.overwrite:
         what = f"checkpoints up to step {checkpoint.step_of(steps[-1])}" if steps else "its config.yaml"
         if not run.resume:
