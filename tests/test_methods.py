@@ -51,7 +51,8 @@ def test_a_method_defined_in_one_file_trains(synthetic_root, tmp_path):
 
 # Where method names and fields may appear: their own modules, the registry, the experiment presets, the tests
 # and the docs. Backend names: pipeline's factory and backends, the benchmarks and the tests.
-METHOD_HOMES = {"model/methods", "experiments"}
+# engine_digests records every method variant's losses as a refactor's reference: it names them, as compare does
+METHOD_HOMES = {"model/methods", "experiments", "benchmarks/engine_digests.py"}
 BACKEND_HOMES = {"pipeline/factory.py", "pipeline/dali.py", "pipeline/ffcv.py", "pipeline/loader.py", "benchmarks"}
 # "mocov2:PATH" and "torchvision/mocov2 weights" in evaluation name a checkpoint format (MoCo v2's files), not the
 # method: a name followed by ":" or after "/" is a format
