@@ -111,8 +111,8 @@ def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
         model=ModelConfig(arch=ARCH), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
         optim=OptimConfig(batch_size=args.batch, steps=args.steps, lr=0.3, decoder_lr=0.3,
                           warmup_steps=min(20, args.steps // 10)),
-        run=RunConfig(checkpoint_every=max(1, args.steps // 2), resume="auto", device=args.device, progress=False,
-                      log_images=0))
+        run=RunConfig(checkpoint_every=max(1, args.steps // 2), keep_checkpoints=1, resume="auto", device=args.device,
+                      progress=False, log_images=0))  # keep 1: a run is read at its newest step only (disk: README)
 
 
 def pretrain(cfg: TrainConfig) -> dict:
