@@ -15,7 +15,7 @@ import time
 from nvidia.dali import fn, pipeline_def, types
 
 from densessl.pipeline import PairSpec, build_loader
-from densessl.pipeline.dali import decode_op, pair_params_op, view_pair_pipeline
+from densessl.pipeline.dali import decode_op, views_params_op, views_pipeline
 from densessl.pipeline.folder import scan_image_folder
 
 from .common import Rate, machine, time_loader
@@ -29,8 +29,8 @@ def decode_pipeline(files, device: str, spec: PairSpec | None = None):
     jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True, name="Reader")
     if spec is None:
         return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
-    params, anchor, shape = pair_params_op(jpegs, spec)
-    return decode_op(jpegs, anchor, shape, device), params
+    windows, _, _, anchor, box = views_params_op(jpegs, spec.view_spec)
+    return decode_op(jpegs, anchor, box, device), windows
 
 
 def time_pipe(name: str, pipe, batches: int, reps: int, batch: int) -> Rate:
@@ -66,8 +66,8 @@ def main(argv=None) -> None:
                       args.batch),
             time_pipe("read + pair sampler + the loader's decode", decode_pipeline(files, dev, spec, **kw), batches,
                       args.reps, args.batch),
-            time_pipe("+ both views cut (full graph)", view_pair_pipeline(files, order, spec, 0, 1, dev,
-                                                                          **kw), batches, args.reps, args.batch)]
+            time_pipe("+ both views cut (full graph)", views_pipeline(files, order, spec.view_spec, 0, 1, dev,
+                                                                      **kw), batches, args.reps, args.batch)]
     loader = build_loader("dali", files, spec, batch_size=args.batch, workers=args.threads, device=args.device)
     rows.append(time_loader("full loader (iterator, matches)", loader, 1, args.reps))
     print(f"DALI stages: {len(files)} images in {root}, {dev} decode, {args.threads} threads, batch {args.batch}; "

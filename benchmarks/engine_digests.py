@@ -56,14 +56,14 @@ from pathlib import Path
 import torch
 
 from densessl.pipeline import PairSpec, build_loader
-from densessl.pipeline.multicrop import MultiCropViews
+from densessl.pipeline.views import MultiCropViews
 from densessl.pipeline.synthetic import VERSION, SyntheticConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("torch", "ffcv", "dali")  # FFCV before DALI, as the test suite imports them
 VIEWS = {"pairs": PairSpec(size=64, num_matches=8, min_matches=64),
          "pairs_same_window": PairSpec(size=64, num_matches=8, min_matches=64, same_window=True),
-         "multicrop": MultiCropViews(crops="2x64,4x32", min_cells=16, num_matches=8).spec}
+         "multicrop": MultiCropViews(crops="2x64,4x32", min_cells=16, num_matches=8).view_spec}
 # two shapes of the embedded set, copied into one ImageFolder: 20 landscape and 12 portrait images
 SETS = {"l": SyntheticConfig(height=96, width=128, train_per_class=5, val_per_class=1, videos=1, frames=2),
         "p": SyntheticConfig(height=128, width=80, train_per_class=3, val_per_class=1, videos=1, frames=2, seed=1)}

@@ -3,7 +3,7 @@ against the same decoder decoding the whole image, on the same files, one core.
 
     python -m densessl.benchmarks.partial_decode [--data photos] [--reps 3] [--size 224]
 
-Every file gets one view pair from our sampler (``geometry.pair_params``; the seed is the file's index). The
+Every file gets one view pair from our sampler (``geometry.view_params``; the seed is the file's index). The
 region to decode is the union box of the two windows, and M/8 is the smallest libjpeg scale that keeps both
 windows at least ``--size`` pixels on each side (8/8 when none does). Rows, each as img/s and as a multiple of
 its own decoder's whole-image rate:
@@ -32,7 +32,7 @@ import simplejpeg
 
 from densessl.pipeline import PairSpec
 from densessl.pipeline.folder import scan_image_folder
-from densessl.pipeline.geometry import pair_params, window_union
+from densessl.pipeline.geometry import view_params
 
 from .common import machine
 from .loader import DATA_HELP, resolve_data
@@ -45,12 +45,12 @@ IMCU = {"444": (8, 8), "422": (16, 8), "420": (16, 16), "440": (8, 16), "411": (
 def plan(data: bytes, seed: int, spec: PairSpec) -> dict:
     """The union of one pair's windows (source pixels), its iMCU-aligned version, and the scale M/8."""
     h, w, subsampling, _ = simplejpeg.decode_jpeg_header(data)
-    p = pair_params(seed, h, w, spec)
-    top, left, height, width = window_union(p)
-    bottom, right = top + height, left + width
+    windows, _ = view_params(seed, h, w, spec.view_spec)
+    top, left = windows[:, 0].min(), windows[:, 1].min()
+    bottom, right = (windows[:, 0] + windows[:, 2]).max(), (windows[:, 1] + windows[:, 3]).max()
     mx, my = IMCU.get(subsampling, (16, 16))
     atop, aleft = top // my * my, left // mx * mx
-    smallest = min(p[2], p[7]) / spec.size[0], min(p[3], p[8]) / spec.size[1]
+    smallest = windows[:, 2].min() / spec.size[0], windows[:, 3].min() / spec.size[1]
     m = next(m for m in range(1, 9) if m == 8 or min(smallest) * m / 8 >= 1)
     return {"h": h, "w": w, "top": int(top), "left": int(left), "height": int(bottom - top),
             "width": int(right - left), "atop": int(atop), "aleft": int(aleft), "aheight": int(bottom - atop),

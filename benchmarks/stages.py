@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densessl.pipeline import PairSpec, SeededSampler, assemble_batch, build_loader
+from densessl.pipeline import PairSpec, SeededSampler, as_pair, build_loader, pack_views, unpack_views
 from densessl.pipeline.folder import decode_rgb
-from densessl.pipeline.geometry import pair_params
-from densessl.pipeline.loader import cut_views
+from densessl.pipeline.geometry import view_params
+from densessl.pipeline.resize import cut_views
 
 STAGES = ("read", "decode", "geometry", "crop+resize", "correspondence", "collate", "host-to-device")
 
@@ -56,11 +56,11 @@ def sampler_keys(n_files: int, n: int, seed: int = 0) -> list[tuple[int, int]]:
 
 def reference(files, spec: PairSpec, batch: int = 32, n: int = 128, warmup: bool = True, seed: int = 0,
               batches: list | None = None) -> dict[str, float]:
-    """The reference loader's steps (its ``ViewPairDataset`` and collate pieces), one by one, as in a worker, on
-    the keys the loader draws in sequential order; the batches made are appended to ``batches``."""
+    """The reference loader's steps (its ``ViewDataset`` and collate pieces), one by one, as in a worker, on
+    the keys the loader draws in sequential order; the batches made (``as_pair``) are appended to ``batches``."""
     if warmup:  # first calls load Numba's cache and torch's kernels
         reference(files, spec, min(batch, 4), 4, warmup=False)
-    watch, samples, done = Stopwatch(), [], 0
+    watch, samples, done, views = Stopwatch(), [], 0, spec.view_spec
     keys = sampler_keys(len(files), n, seed)
     for k, (index, sample_seed) in enumerate(keys):
         with open(files[index], "rb") as f:
@@ -68,15 +68,16 @@ def reference(files, spec: PairSpec, batch: int = 32, n: int = 128, warmup: bool
         watch.lap("read")
         pixels = decode_rgb(data)
         watch.lap("decode")
-        params = pair_params(sample_seed, pixels.shape[0], pixels.shape[1], spec)
+        windows, seeds = view_params(sample_seed, pixels.shape[0], pixels.shape[1], views)
         watch.lap("geometry")
-        views = cut_views(pixels, params, spec.size)
+        row = np.empty(views.offsets[-1], np.uint8)
+        cut_views(pixels, windows, views.arrays.sizes, views.offsets, row)
         watch.lap("crop+resize")
-        samples.append((*views, params, index))
+        samples.append((row, windows, seeds, pixels.shape[:2], index))
         if len(samples) == batch or k == n - 1:
-            view1, view2, params, index = (list(c) for c in zip(*samples))
-            out = assemble_batch(torch.from_numpy(np.stack(view1)), torch.from_numpy(np.stack(view2)),
-                                 np.stack(params), index, spec, parallel=False)
+            rows, windows, seeds, source_hw, index = (list(c) for c in zip(*samples))
+            out = as_pair(unpack_views(pack_views(torch.from_numpy(np.stack(rows)), np.stack(windows),
+                                                  np.stack(seeds), source_hw, index, views, parallel=False), views))
             watch.lap("correspondence+collate")
             if batches is not None:
                 batches.append(out)

@@ -47,14 +47,16 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def synthetic_batches(batch: int, size: int, k: int = 32, pin: bool = False):
-    """One random batch in host memory, as a loader hands it over (pinned for a GPU, as our loaders pin it:
+    """One random batch of view pairs (``pipeline.contract.BATCH`` of a ``PairSpec``'s views) in host memory, as a
+    loader hands it over (pinned for a GPU, as our loaders pin it:
     a copy from pageable memory would wait for the GPU to finish the previous step)."""
     grid = size // 4
     views = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     matches = torch.randint(0, grid * grid, (batch, k, 2))
     xy = torch.rand(batch, k, 2) * grid
-    one = {"view1": views, "view2": views.flip(3), "matches": matches, "match_xy2": xy,
-           "index": torch.arange(batch)}
+    one = {"views/pair": torch.stack([views, views.flip(3)], 1), "matches/pair0-pair1": matches,
+           "match_xy/pair0-pair1": xy, "index": torch.arange(batch),
+           "tries/pair": torch.ones(batch, 2, dtype=torch.long)}
     if pin:
         one = {key: v.pin_memory() for key, v in one.items()}
     while True:
@@ -81,7 +83,7 @@ def timed_steps(trainer: Trainer, batches, steps: int, warmup: int = 2):
         batch = next(batches)
         wait += time.perf_counter() - start
         trainer.step(batch, warmup + i, sync=(i + 1) % sync_every == 0 or i + 1 == steps)
-        pairs += batch["view1"].shape[0]
+        pairs += batch["index"].shape[0]
     _synchronize(trainer.device)
     total = time.perf_counter() - begin
     return pairs / total, wait / total
@@ -98,7 +100,7 @@ def make_trainer(objective: str, args, device: torch.device, batch: dict) -> tup
     """The trainer, and the FLOPs of one of its steps on ``batch``, counted on the eager step before the
     model is compiled (under the FLOP counter's dispatch mode torch.compile would run the model eagerly)."""
     views = PairSpec(size=args.size)
-    keys = method_class(objective)(method_config(objective)).keys_per_pair(views.num_matches)
+    keys = method_class(objective)(method_config(objective)).keys_per_sample(views)
     cfg = TrainConfig(views=views, model=ModelConfig(arch=args.arch),
                       method=method_config(objective, queue_size=args.batch * keys * 16),
                       optim=OptimConfig(batch_size=args.batch),

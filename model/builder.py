@@ -136,28 +136,18 @@ class MoCo(nn.Module):
         inverse = torch.argsort(perm)
         return {k: torch.cat([c[k] for c in chunks]).index_select(0, inverse) for k in chunks[0]}
 
-    def forward(self, view1, view2, matches=None, match_xy2=None, step: int | None = None):
-        """Returns (loss, stats dict) and enqueues this step's keys. Views are augmented, normalised float
-        tensors; ``step`` (0-based) drives per-step schedules inside a method (DenseCL's warm-up).
-
-        Multi-crop: ``view1`` is a dict of named views (``global0``, ``local3``, ...) and ``view2`` the matched
-        pairs ``{(view i, view j): (matches, match_xy)}``; every view is encoded by the query network and the
-        method's ``key_views`` by the key network."""
+    def forward(self, views: dict[str, torch.Tensor], pairs: dict, step: int | None = None):
+        """Returns (loss, stats dict) and enqueues this step's keys. ``views`` are augmented, normalised float
+        tensors by name (``pair0``, ``global1``, ...), ``pairs`` the matched pairs ``{(view i, view j): (matches,
+        match_xy)}`` (``pipeline.contract.matched_views``); ``step`` (0-based) drives per-step schedules inside a
+        method (DenseCL's warm-up). The method says which views the query and the key network encode."""
         with torch.no_grad():
             self.momentum_update()
         queues = {name: getattr(self, name) for name in self.method.queues}
-        if isinstance(view1, dict):
-            queries = {name: self.encoder_q(v) for name, v in view1.items()}
-            keys = {name: self.encode_keys(view1[name]) for name in self.method.key_views(view2)}
-            loss, stats, new = self.method.loss_views(queries, keys, queues, view2, step)
-            for name, k in new.items():
-                self.enqueue(name, k)
-            return loss, stats
-        views, queries, keys = {1: view1, 2: view2}, {}, {}
-        for q, k in self.method.directions():
-            queries[q] = self.encoder_q(views[q])
-            keys[k] = self.encode_keys(views[k])
-        loss, stats, new = self.method.loss(queries, keys, queues, matches, match_xy2, step)
+        query_views, key_views = self.method.encodes(list(pairs))
+        queries = {name: self.encoder_q(views[name]) for name in query_views}
+        keys = {name: self.encode_keys(views[name]) for name in key_views}
+        loss, stats, new = self.method.loss(queries, keys, queues, pairs, step)
         for name, k in new.items():
             self.enqueue(name, k)
         return loss, stats

@@ -1,21 +1,22 @@
-"""View-pair pipeline: geometry, correspondence kernels, loaders and device-side augmentation.
+"""The view engine: specs of views, geometry, correspondence kernels, loaders and device-side augmentation.
 
 Importing this package loads only numpy, numba, torch and the JPEG decoder; the DALI and FFCV backends are
-separate modules that ``build_loader`` imports on demand. The loader contract lives in ``contract.py``.
+separate modules that ``build_loader`` imports on demand. The specs live in ``views.py``, the batch contract in
+``contract.py``.
 """
 
 from .augment import PhotometricAugment
-from .contract import BATCH, PairSpec, ViewPairLoader, assemble_batch, check_batch
+from .contract import BATCH, PAIR_BATCH, ViewLoader, as_pair, check_batch, pack_views, unpack_views
 from .correspondence import flow, sample_matches
 from .factory import BACKENDS, DataConfig, build_loader, preview_images
 from .folder import decode_rgb, scan_image_folder
-from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair
+from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair, view_params
 from .loader import SeededSampler
-from .multicrop import PairRule, ViewGroup, ViewSpec, check_views_batch
+from .views import MultiCropViews, PairRule, PairSpec, ViewGroup, ViewSpec
 
 __all__ = [
-    "BACKENDS", "BATCH", "Crop", "DataConfig", "PairRule", "PairSpec", "PhotometricAugment", "SeededSampler", "ViewPair",
-    "ViewGroup", "ViewPairLoader", "ViewSpec", "check_views_batch",
-    "assemble_batch", "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine",
-    "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder",
+    "BACKENDS", "BATCH", "Crop", "DataConfig", "MultiCropViews", "PAIR_BATCH", "PairRule", "PairSpec",
+    "PhotometricAugment", "SeededSampler", "ViewGroup", "ViewLoader", "ViewPair", "ViewSpec", "as_pair",
+    "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine", "pack_views",
+    "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder", "unpack_views", "view_params",
 ]

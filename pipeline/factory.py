@@ -13,11 +13,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .contract import PairSpec, ViewPairLoader
+from .contract import PairLoader, ViewLoader
 from .folder import read_first_readable, scan_image_folder
 from .geometry import Crop
 from .loader import render_view
-from .multicrop import ViewSpec
+from .views import PairSpec, ViewSpec
 
 BACKENDS = ("torch", "dali", "ffcv")
 ORDERS = {"torch": ("random", "sequential"), "dali": ("random",), "ffcv": ("random", "quasi_random", "sequential")}
@@ -129,15 +129,16 @@ def preview_images(root: str | Path, n: int, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size: int, workers: int = 2,
+def build_loader(backend: str, data, spec: PairSpec | ViewSpec = PairSpec(), *, batch_size: int, workers: int = 2,
                  seed: int = 0, rank: int = 0, world_size: int = 1, device=None, state: dict | None = None,
-                 skip_log: str | None = None, order: str = "random", drop_last: bool = True) -> ViewPairLoader:
-    """A loader that yields the batch contract (``contract.BATCH``) for ``spec``, or, for a ``ViewSpec`` (groups
-    of views: multi-crop), the multi-view batch (``multicrop``), on every backend.
+                 skip_log: str | None = None, order: str = "random", drop_last: bool = True) -> ViewLoader:
+    """A loader that yields the batch (``contract.BATCH``) of ``spec``'s views on every backend; for a
+    ``PairSpec``, the pair batch (``contract.PAIR_BATCH``: ``as_pair`` of the same batch).
 
     backend    ``torch`` (reference: DataLoader workers), ``dali`` (GPU decode when ``device`` is a GPU, else
                CPU) or ``ffcv``
     data       an ImageFolder root or a list of image files (``torch``, ``dali``), a ``.beton`` (``ffcv``)
+    spec       a ``ViewSpec`` (groups of views and their rules), or a preset: ``PairSpec``, ``MultiCropViews``
     batch_size per rank; ``workers``: loader processes or threads
     seed       every sample, view and match follows from it (and ``rank`` / ``world_size`` for the shard)
     device     where the model is (``torch.device``, ``"cuda:0"``, a GPU index, or None for the CPU): DALI
@@ -152,32 +153,27 @@ def build_loader(backend: str, data, spec: PairSpec = PairSpec(), *, batch_size:
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and workers={workers} >= 0")
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cpu")
-    if isinstance(spec, ViewSpec) and backend == "torch":
-        from .multicrop import ReferenceViewsLoader
-        files = list(data) if isinstance(data, (list, tuple)) else scan_image_folder(data).files
-        loader = ReferenceViewsLoader(files, spec, batch_size, workers, seed, rank, world_size,
-                                      shuffle=order == "random", drop_last=drop_last,
-                                      pin_memory=device.type == "cuda", skip_log=skip_log, state=state)
-    elif backend == "ffcv":
+    views = spec.view_spec
+    if backend == "ffcv":
         if isinstance(data, (list, tuple)) or Path(data).suffix != ".beton":
             raise ValueError(f"backend=ffcv reads a .beton, not {data!r}: write one with "
                              "python -m densessl.pipeline.ffcv DIR OUT.beton")
-        from .ffcv import FfcvViewPairLoader
-        loader = FfcvViewPairLoader(data, spec, batch_size, max(1, workers), seed, order=order,
-                                    distributed=world_size > 1, drop_last=drop_last, state=state)
+        from .ffcv import FfcvLoader
+        loader = FfcvLoader(data, views, batch_size, max(1, workers), seed, order=order,
+                            distributed=world_size > 1, drop_last=drop_last, state=state)
     else:
         files = list(data) if isinstance(data, (list, tuple)) else scan_image_folder(data).files
         if backend == "dali":
-            from .dali import DaliViewPairLoader
-            loader = DaliViewPairLoader(files, spec, batch_size, max(1, workers),
-                                        (device.index or 0) if device.type == "cuda" else None, seed, rank,
-                                        world_size, drop_last, skip_log=skip_log, state=state)
+            from .dali import DaliLoader
+            loader = DaliLoader(files, views, batch_size, max(1, workers),
+                                (device.index or 0) if device.type == "cuda" else None, seed, rank, world_size,
+                                drop_last, skip_log=skip_log, state=state)
         else:
             from .loader import ReferenceLoader
-            loader = ReferenceLoader(files, spec, batch_size, workers, seed, rank, world_size,
+            loader = ReferenceLoader(files, views, batch_size, workers, seed, rank, world_size,
                                      shuffle=order == "random", drop_last=drop_last,
                                      pin_memory=device.type == "cuda", skip_log=skip_log, state=state)
     if len(loader) == 0:
         raise ValueError(f"the data gives each of {world_size} rank(s) fewer than one batch of {batch_size}; "
                          "lower batch_size or use more data")
-    return loader
+    return PairLoader(loader, spec) if isinstance(spec, PairSpec) else loader

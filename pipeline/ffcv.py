@@ -1,12 +1,12 @@
-"""FFCV backend: a .beton writer, and a field decoder that decodes each JPEG once and cuts both views of a pair
-or every view of a ``ViewSpec`` (``ViewsDecoder``).
+"""FFCV backend: a .beton writer, and a field decoder that decodes each JPEG once and cuts every view of a
+``ViewSpec`` from it (``ViewsDecoder``; a ``PairSpec``'s two views are its ``view_spec``).
 
 Stock FFCV gets two views by running two decoder pipelines over the same field, decoding every JPEG twice, and
 its random-crop decoder keeps the window it chose to itself (ffcv #395). ``ViewsDecoder`` decodes once, draws
-the pair with the project's Numba view-pair sampler (``geometry.view_pair_params``: RandomResizedCrop + flip,
-redrawn until ``min_matches`` cells are shared) and resizes both windows.
+the views with the project's Numba sampler (``geometry.draw_views``: RandomResizedCrop + flip and the spec's
+overlap rules) and cuts them with ``resize.cut_views``, the reference loader's cutter.
 
-FFCV's compiled decoders only see the batch's sample indices, so each pair's seed is derived from
+FFCV's compiled decoders only see the batch's sample indices, so each sample's seed is derived from
 ``(seed, sample index, an order-sensitive key of the batch)``. The iterator derives the same seeds from the
 batch's ``index`` field and reruns the same sampler, which rebuilds every window and flip exactly, so the
 decoder needs no side channel. With RANDOM / QUASI_RANDOM order the batches, and hence the views, change every
@@ -42,13 +42,13 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("the FFCV backend needs FFCV 1.0.2: run `make setup` (installs libturbojpeg0-dev, "
                       "libopencv-dev, pkg-config, then pip install -e '.[ffcv]')") from err
 
-from .contract import PairSpec, Position, assemble_batch
+from .contract import Position, pack_views, unpack_views
 from .correspondence import splitmix64
 from .folder import MAX_PIXELS, BadImage, read_first_readable, scan_image_folder
-from .geometry import view_pair_params
-from .multicrop import ViewSpec, multi_view_params, pack_views, unpack_views
+from .geometry import draw_views
 from .owned import NotOurs
-from .resize import resize_crop_aa
+from .resize import cut_views
+from .views import ViewSpec
 
 
 def _readonly(dtype, ndim: int) -> types.Array:
@@ -219,29 +219,16 @@ def pair_seed(key, index):
 
 
 @njit(cache=True)
-def batch_params(indices, heights, widths, seed, out_h, out_w, scale_lo, scale_hi, ratio_lo, ratio_hi, flip_p,
-                 min_matches, stride, max_tries):
-    """``view_pair_params`` of every sample of a batch, with the decoder's seeds: [B, 12]."""
-    key = batch_key(indices, seed)
-    out = np.empty((len(indices), 12), np.int64)
-    for k in range(len(indices)):
-        i = indices[k]
-        out[k] = view_pair_params(pair_seed(key, i), heights[i], widths[i], out_h, out_w, scale_lo, scale_hi,
-                                  ratio_lo, ratio_hi, flip_p, min_matches, stride, max_tries)
-    return out
-
-
-@njit(cache=True)
 def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crops, pair_views, cells, area, joint,
                       fallback, stride, max_tries):
-    """``multi_view_params`` of every sample of a batch, with the decoder's seeds: windows [B, V, 6] and match
-    seeds [B, P]."""
+    """``draw_views`` of every sample of a batch, with the decoder's seeds: windows [B, V, 6] and match seeds
+    [B, P]."""
     key = batch_key(indices, seed)
     windows = np.empty((len(indices), sizes.shape[0], 6), np.int64)
     seeds = np.empty((len(indices), pair_views.shape[0]), np.uint64)
     for k in range(len(indices)):
         i = indices[k]
-        windows[k], seeds[k] = multi_view_params(pair_seed(key, i), heights[i], widths[i], first, counts, sizes,
+        windows[k], seeds[k] = draw_views(pair_seed(key, i), heights[i], widths[i], first, counts, sizes,
                                                  crops, pair_views, cells, area, joint, fallback, stride, max_tries)
     return windows, seeds
 
@@ -249,8 +236,7 @@ def batch_view_params(indices, heights, widths, seed, first, counts, sizes, crop
 class ViewsDecoder(SimpleRGBImageDecoder):
     """Decodes an ``RGBImageField`` once per sample and cuts every view of a ``ViewSpec`` from it, into one flat
     ``uint8`` row per sample (FFCV's pipelines have one fixed-shape output per field; views of several sizes go
-    end to end, and the loader splits them). A view pair is ``ViewSpec.from_pair_spec``'s two views: the pair
-    sampler's windows, draw for draw.
+    end to end, and the loader splits them: ``contract.unpack_views``).
 
     A subclass of the field's own decoder class: FFCV treats the first op of a pipeline as its decoder only then
     (otherwise it silently prepends a default decoder and runs this as a transform)."""
@@ -287,6 +273,8 @@ class ViewsDecoder(SimpleRGBImageDecoder):
                 field = metadata[index]
                 data = mem_read(field["data_ptr"], storage_state)
                 h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                windows, _ = draw_views(pair_seed(key, index), h, w, first, counts, sizes, crops, pair_views, cells,
+                                        area, joint, fallback, stride, max_tries)
                 if field["mode"] == jpg:
                     buffer = scratch[k]
                     failed[k, 0] = imdecode_c(data, buffer, h, w, h, w, 0, 0, 1, 1, False, False) != 0
@@ -294,12 +282,7 @@ class ViewsDecoder(SimpleRGBImageDecoder):
                 else:
                     failed[k, 0] = 0
                     image = data.reshape(h, w, 3)
-                windows, _ = multi_view_params(pair_seed(key, index), h, w, first, counts, sizes, crops, pair_views,
-                                               cells, area, joint, fallback, stride, max_tries)
-                for v in range(sizes.shape[0]):
-                    view = destination[k, offsets[v]:offsets[v + 1]].reshape(sizes[v, 0], sizes[v, 1], 3)
-                    resize_crop_aa(image, windows[v, 0], windows[v, 1], windows[v, 2], windows[v, 3],
-                                   windows[v, 4] != 0, view)
+                cut_views(image, windows, sizes, offsets, destination[k])
             for k in range(len(batch_indices)):
                 if failed[k, 0]:
                     raise ValueError("a JPEG stored in the .beton failed to decode: the file is damaged; "
@@ -310,20 +293,19 @@ class ViewsDecoder(SimpleRGBImageDecoder):
         return decode
 
 
-class FfcvViewPairLoader(Position):
-    """The FFCV backend (``backend="ffcv"``) behind ``contract.ViewPairLoader``, over an FFCV ``Loader`` (page
-    reads, ordering, OS cache, distributed): view pairs for a ``PairSpec``, every view of a ``ViewSpec`` for
-    one (the multi-view batch, ``multicrop``). Build it with ``pipeline.build_loader``."""
+class FfcvLoader(Position):
+    """The FFCV backend (``backend="ffcv"``) behind ``contract.ViewLoader``, over an FFCV ``Loader`` (page
+    reads, ordering, OS cache, distributed): every view of a ``ViewSpec``. Build it with
+    ``pipeline.build_loader``."""
 
-    def __init__(self, beton: str | Path, spec: PairSpec | ViewSpec, batch_size: int, workers: int = 4,
+    def __init__(self, beton: str | Path, spec: ViewSpec, batch_size: int, workers: int = 4,
                  seed: int = 0, order: str = "random", distributed: bool = False, drop_last: bool = True,
                  os_cache: bool = True, batches_ahead: int = 3, state: dict | None = None):
         if not Path(beton).is_file():  # order and backend rules: factory.check_backend, via build_loader
             raise FileNotFoundError(f"{beton} does not exist: write it with python -m densessl.pipeline.ffcv")
         super().__init__(state)
         use_private_state_types()
-        self.decoder = ViewsDecoder(spec if isinstance(spec, ViewSpec) else ViewSpec.from_pair_spec(spec), seed,
-                                    source=str(beton))
+        self.decoder = ViewsDecoder(spec, seed, source=str(beton))
         self.spec = spec
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=ORDERS[order],
                              seed=seed, os_cache=os_cache, distributed=distributed, drop_last=drop_last,
@@ -343,18 +325,7 @@ class FfcvViewPairLoader(Position):
                    for i, (views, _, index) in enumerate(_until_failure(iter(self.loader))) if i >= skip)
         return self._counted(batches)
 
-    def _to_batch(self, views: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
-        if isinstance(self.spec, ViewSpec):
-            return self._to_views_batch(views, index)
-        seed = np.uint64(self.decoder.seed)
-        params = batch_params(index, self.heights, self.widths, seed, *self.spec.sampler_args())
-        # one copy per view: FFCV reuses its output buffers, and each view must be dense for channels_last
-        h, w = self.spec.size
-        view1, view2 = (torch.from_numpy(np.ascontiguousarray(views[:, v * h * w * 3:(v + 1) * h * w * 3])
-                                         .reshape(-1, h, w, 3)) for v in range(2))
-        return assemble_batch(view1, view2, params, index, self.spec)
-
-    def _to_views_batch(self, rows: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
+    def _to_batch(self, rows: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
         windows, seeds = batch_view_params(index, self.heights, self.widths, *self.decoder.sampler_args())
         source_hw = np.stack([self.heights[index], self.widths[index]], 1)
         # one copy: FFCV reuses its output buffers

@@ -1,4 +1,4 @@
-"""Reference CPU view-pair loader: decode once, cut two views, assemble the batch (matches) in the collate step.
+"""Reference CPU loader: decode once, cut every view into one row, pack the batch (matches) in the collate step.
 
 Randomness never comes from worker state. ``SeededSampler`` (in the main process) draws the order and one seed
 per sample from ``(seed, epoch)``; a sample's views depend only on its seed and the batch's matches only on the
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .contract import PairSpec, Position, assemble_batch
+from .contract import Position, pack_views, unpack_views
 from .folder import read_first_readable
-from .geometry import Crop, pair_params
-from .resize import cut_pair, resize_crop_aa
+from .geometry import Crop, view_params
+from .resize import cut_views, resize_crop_aa
+from .views import ViewSpec
 
 _SEED_SPACE = 2**63
 
@@ -64,33 +65,23 @@ class SeededSampler(Sampler):
 
 
 def render_view(pixels: np.ndarray, crop: Crop, size: tuple[int, int]) -> np.ndarray:
-    """The crop window of an HxWx3 uint8 image resized to ``size`` and flipped: hxwx3 uint8.
-
-    The one antialiased resize every CPU backend uses (``resize_crop_aa``), so the reference, FFCV and DALI-CPU
-    loaders cut identical views from the same windows. It reads the window in place, with no copy of it.
-    """
+    """The crop window of an HxWx3 uint8 image resized to ``size`` and flipped: hxwx3 uint8, with the filter
+    every CPU backend cuts views with (``resize.resize_crop_aa``); for previews and evaluation crops."""
     view = np.empty((*size, 3), np.uint8)
     resize_crop_aa(pixels, crop.top, crop.left, crop.height, crop.width, crop.flip, view)
     return view
 
 
-def cut_views(pixels: np.ndarray, params: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Both views of one decoded image from its row of sampler parameters (``resize.cut_pair``)."""
-    view1, view2 = np.empty((*size, 3), np.uint8), np.empty((*size, 3), np.uint8)
-    cut_pair(pixels, params, view1, view2)
-    return view1, view2
-
-
-class ViewPairDataset(Dataset):
-    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's two views, the pair
-    sampler's parameters and the index of the image they came from.
+class ViewDataset(Dataset):
+    """Items are ``(index, seed)`` keys from ``SeededSampler``; returns one decoded image's views (cut into one
+    row, ``resize.cut_views``), the sampler's windows and match seeds, and the index of the image.
 
     A file that cannot be read or decoded (``BadImage``: truncated, empty, not an image, too large) is replaced
     by the next readable file in index order, with the same seed, so batches stay full and deterministic. Each
     replacement is warned about and, with ``skip_log``, appended to that file (path, reason) for the trainer.
     """
 
-    def __init__(self, files, spec: PairSpec, skip_log: str | None = None):
+    def __init__(self, files, spec: ViewSpec, skip_log: str | None = None):
         self.files, self.spec, self.skip_log = list(files), spec, skip_log
 
     def __len__(self) -> int:
@@ -99,31 +90,29 @@ class ViewPairDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         index, pixels = read_first_readable(self.files, index, self.skip_log)
-        return self.sample(pixels, seed, index)
-
-    def sample(self, pixels: np.ndarray, seed: int, index: int) -> dict:
-        """What the collate step receives for one decoded image (a subclass cuts other views)."""
-        params = pair_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
-        view1, view2 = cut_views(pixels, params, self.spec.size)
-        return {"view1": view1, "view2": view2, "params": params, "index": index}
+        windows, seeds = view_params(seed, pixels.shape[0], pixels.shape[1], self.spec)
+        row = np.empty(self.spec.offsets[-1], np.uint8)
+        cut_views(pixels, windows, self.spec.arrays.sizes, self.spec.offsets, row)
+        return {"row": row, "windows": windows, "seeds": seeds, "source_hw": pixels.shape[:2], "index": index}
 
 
 @dataclass(frozen=True)
-class CollateViewPairs:
-    """Stacks samples and assembles the batch contract (``contract.assemble_batch``: matches for the whole
-    batch in one kernel call). Views stay in HWC memory, so the batch's ``[B,3,H,W]`` views are channels_last."""
+class CollateViews:
+    """Stacks samples and packs them with their matches (``contract.pack_views``: one kernel call per pair
+    rule for the whole batch), inside the DataLoader's workers."""
 
-    spec: PairSpec
+    spec: ViewSpec
     parallel: bool = False  # collate runs inside DataLoader workers
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return assemble_batch(_stack_views([s["view1"] for s in samples]), _stack_views([s["view2"] for s in samples]),
-                              np.stack([s["params"] for s in samples]), [s["index"] for s in samples], self.spec,
-                              self.parallel)
+        return pack_views(_stack_views([s["row"] for s in samples]), np.stack([s["windows"] for s in samples]),
+                          np.stack([s["seeds"] for s in samples]), [s["source_hw"] for s in samples],
+                          [s["index"] for s in samples], self.spec, self.parallel)
 
 
 def _stack_views(views: list[np.ndarray]) -> torch.Tensor:
-    """Stack HWC views; inside a worker, straight into shared memory, saving the copy torch makes to send it."""
+    """Stack rows of views; inside a worker, straight into shared memory, saving the copy torch makes to send
+    it."""
     out = torch.empty((len(views), *views[0].shape), dtype=torch.uint8)
     if torch.utils.data.get_worker_info() is not None:
         out.share_memory_()
@@ -137,27 +126,18 @@ def _worker_init(_):
 
 class ReferenceLoader(Position):
     """The reference CPU backend (``backend="torch"``): a torch DataLoader over ``SeededSampler`` with decode
-    and view cutting in its workers. Implements ``contract.ViewPairLoader``; build it with
-    ``pipeline.build_loader``. A subclass changes what a sample and a batch are (``dataset``, ``collate``,
-    ``unpack``: ``multicrop.ReferenceViewsLoader``)."""
+    and view cutting in its workers, and the batch unpacked in the main process. Implements
+    ``contract.ViewLoader``; build it with ``pipeline.build_loader``."""
 
-    dataset = ViewPairDataset
-    collate = CollateViewPairs
-
-    @staticmethod
-    def unpack(batch):
-        """The batch from what the workers sent (here: as it is)."""
-        return batch
-
-    def __init__(self, files, spec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
+    def __init__(self, files, spec: ViewSpec, batch_size: int, workers: int = 2, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False,
                  prefetch_factor: int = 4, skip_log: str | None = None, state: dict | None = None):
         super().__init__(state)
         self.spec, self.batch_size, self.drop_last = spec, batch_size, drop_last
         self.sampler = SeededSampler(len(files), seed, shuffle, rank, world_size)
         self.loader = DataLoader(
-            self.dataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
-            num_workers=workers, collate_fn=self.collate(spec, parallel=workers == 0), drop_last=drop_last,
+            ViewDataset(files, spec, skip_log), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers, collate_fn=CollateViews(spec, parallel=workers == 0), drop_last=drop_last,
             pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=workers > 0,
             # its own generator: starting an epoch must not draw from torch's global RNG (exact resume)
             generator=torch.Generator().manual_seed(seed),
@@ -170,4 +150,4 @@ class ReferenceLoader(Position):
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch, self.batch * self.batch_size)
-        return self._counted(map(self.unpack, self.loader))
+        return self._counted(unpack_views(packed, self.spec) for packed in self.loader)

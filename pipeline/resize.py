@@ -82,16 +82,10 @@ def resize_crop_aa(image, top, left, height, width, flip, out):
 
 @njit(cache=True)
 def cut_views(image, windows, sizes, offsets, row):
-    """Every view of one decoded image into ``row`` (every view end to end, ``multicrop.ViewSpec.offsets``), from
-    the multi-view sampler's windows (``[V, >=5]``: top, left, height, width, flip) and the views' ``sizes``."""
+    """Every view of one decoded image into ``row`` (every view end to end, ``ViewSpec.offsets``), from the
+    sampler's windows (``geometry.draw_views``: ``[V, >=5]`` top, left, height, width, flip, in the image's own
+    coordinates) and the views' ``sizes``: the one view cutter of the reference loader, FFCV's decoder and
+    DALI's CPU graph."""
     for v in range(sizes.shape[0]):
         view = row[offsets[v]:offsets[v + 1]].reshape(sizes[v, 0], sizes[v, 1], 3)
         resize_crop_aa(image, windows[v, 0], windows[v, 1], windows[v, 2], windows[v, 3], windows[v, 4] != 0, view)
-
-
-@njit(cache=True)
-def cut_pair(image, params, view1, view2):
-    """Both views of one decoded image (HxWx3 uint8) into ``view1`` and ``view2`` from its row of the pair
-    sampler's parameters (``contract.PARAMS``): every backend's view cutter, from Python or compiled code."""
-    resize_crop_aa(image, params[0], params[1], params[2], params[3], params[4] != 0, view1)
-    resize_crop_aa(image, params[5], params[6], params[7], params[8], params[9] != 0, view2)

@@ -89,7 +89,7 @@ def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(syn
     import simplejpeg
 
     from densessl.benchmarks import partial_decode
-    from densessl.pipeline.geometry import pair_params
+    from pair_rows import pair_row as draw
 
     spec = PairSpec(size=(64, 64))
     files = list(scan_image_folder(synthetic_root / "train").files)[:12]
@@ -97,7 +97,7 @@ def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(syn
     for i, path in enumerate(files):
         data = open(path, "rb").read()
         plan = partial_decode.plan(data, i, spec)
-        p = pair_params(i, plan["h"], plan["w"], spec)
+        p = draw(spec, i, plan["h"], plan["w"])
         for top, left, h, w in ((p[0], p[1], p[2], p[3]), (p[5], p[6], p[7], p[8])):
             assert plan["top"] <= top and top + h <= plan["top"] + plan["height"]
             assert plan["left"] <= left and left + w <= plan["left"] + plan["width"]

@@ -15,8 +15,8 @@ from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-from densessl.pipeline import BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
-from densessl.pipeline.ffcv import read_stored_image, write_beton  # noqa: E402
+from densessl.pipeline import PAIR_BATCH, PairSpec, build_loader, check_batch, scan_image_folder  # noqa: E402
+from densessl.pipeline.ffcv import read_stored_image, use_private_state_types, write_beton  # noqa: E402
 from densessl.pipeline.folder import decode_rgb  # noqa: E402
 from densessl.pipeline.loader import render_view  # noqa: E402
 from ramp import assert_ramp_agrees, crop_from_affine, ramp_errors  # noqa: E402
@@ -35,6 +35,7 @@ def ffcv_loader(beton, **kw):
 
 def test_beton_round_trip_keeps_every_sample_and_label(synthetic_root, raw_beton):
     folder = scan_image_folder(synthetic_root / "train")
+    use_private_state_types()  # FFCV's own Loader, in a process that also runs DALI's operators
     loader = Loader(str(raw_beton), batch_size=5, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
     images, labels, indices = [], [], []
@@ -84,7 +85,7 @@ def test_recorded_geometry_reproduces_the_views(synthetic_root, raw_beton):
 def test_same_seed_same_batches_and_epochs_differ(raw_beton):
     a, b = (list(ffcv_loader(raw_beton, seed=5)) for _ in range(2))
     for x, y in zip(a, b):
-        for key in BATCH:
+        for key in PAIR_BATCH:
             assert torch.equal(x[key], y[key]), key
     resumed = ffcv_loader(raw_beton, seed=5)
     resumed.set_epoch(0, 2)  # a resumed run: skips the first two batches, same views after
@@ -127,9 +128,9 @@ def test_ffcv_leaves_numbas_shared_array_types_writable(raw_beton, os_cache):
     to compile in the suite). pipeline.ffcv builds those state types as its own."""
     import numba
 
-    from densessl.pipeline.ffcv import FfcvViewPairLoader
+    from densessl.pipeline.ffcv import FfcvLoader
     shared = [numba.types.uint8[::1], numba.types.uint8[:, ::1], numba.types.uint64[::1], numba.types.uint32[::1]]
-    next(iter(FfcvViewPairLoader(raw_beton, SPEC, batch_size=4, workers=2, os_cache=os_cache)))
+    next(iter(FfcvLoader(raw_beton, SPEC.view_spec, batch_size=4, workers=2, os_cache=os_cache)))
     assert all(t.mutable for t in shared), [t for t in shared if not t.mutable]
 
 

@@ -4,8 +4,8 @@
 windows (top, left, height, width), both flips, the draws needed (``tries``; 0: the shared-window fallback) and
 the match seed, for 3000 seeds (the full uint64 range, edge values included) x 3 ``PairSpec``s x ``same_window``
 off and on, on images from 16 to 900 px (landscape, portrait and square; log-uniform sides, 16x900 and 900x16
-among them). The test draws every row again with the code of today and asserts exact equality; the engine that
-replaces the pair sampler must reproduce it, through ``draw`` below, the one place to point at it.
+among them). The test draws every row again with the code of today and asserts exact equality: the pair sampler
+is deleted, and ``draw`` below runs the view engine (``geometry.draw_views`` on ``PairSpec.view_spec``).
 
 The file was written by this module's ``freeze`` (it refuses to run unless ``DENSESSL_FREEZE_SAMPLER=1``):
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from densessl.pipeline import PairSpec
-from densessl.pipeline.geometry import pair_params
+from pair_rows import pair_row
 
 FROZEN = Path(__file__).resolve().parent / "frozen" / "pair_sampler.npz"
 SEEDS = 3000
@@ -32,9 +32,8 @@ SPECS = ({}, {"size": 64, "num_matches": 8, "min_matches": 120},
 
 
 def draw(spec: PairSpec, seed: int, height: int, width: int) -> np.ndarray:
-    """int64[12] (``contract.PARAMS``) of the pair sampler for one ``height`` x ``width`` image: the windows and
-    flips of views 1 and 2, the draws needed and the match seed (uint64 bits as int64)."""
-    return pair_params(seed, height, width, spec)
+    """The pair sampler's int64[12] for one ``height`` x ``width`` image, now drawn by the view engine."""
+    return pair_row(spec, seed, height, width)
 
 
 def inputs(n: int = SEEDS) -> dict[str, np.ndarray]:

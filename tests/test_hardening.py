@@ -149,8 +149,7 @@ def _declared(decoder_meta):
 
     from densessl.pipeline import PairSpec
     from densessl.pipeline.ffcv import ViewsDecoder
-    from densessl.pipeline.multicrop import ViewSpec
-    decoder = ViewsDecoder(ViewSpec.from_pair_spec(PairSpec(size=(32, 32), num_matches=4, min_matches=4)))
+    decoder = ViewsDecoder(PairSpec(size=(32, 32), num_matches=4, min_matches=4).view_spec)
     decoder.metadata = decoder_meta
     _, (_, scratch, _) = decoder.declare_state_and_memory(State(False, torch.device("cpu"), (0,), np.uint8))
     return scratch.shape

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from densessl.pipeline import BATCH, PairSpec, SeededSampler, ViewPairLoader, build_loader, check_batch, scan_image_folder
+from densessl.pipeline import (PAIR_BATCH, PairSpec, SeededSampler, ViewLoader, build_loader, check_batch,
+                               scan_image_folder)
 from densessl.pipeline.resize import resize_crop_aa
 from ramp import assert_ramp_agrees, ramp_errors
 
@@ -28,7 +29,7 @@ def first_batches(root, workers, n=3, epoch=1, **kw):
 
 def test_batch_contract(synthetic_root):
     loader = loader_for(synthetic_root / "train")
-    assert isinstance(loader, ViewPairLoader)
+    assert isinstance(loader, ViewLoader)
     for batch in first_batches(synthetic_root / "train", 0):
         check_batch(batch, SPEC)
     batch = first_batches(synthetic_root / "train", 0, n=1)[0]
@@ -43,7 +44,7 @@ def test_same_batches_for_0_1_2_workers(synthetic_root):
     runs = [first_batches(synthetic_root / "train", w) for w in (0, 1, 2)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
-            for key in BATCH:
+            for key in PAIR_BATCH:
                 assert torch.equal(a[key], b[key]), key
 
 
@@ -126,11 +127,13 @@ def test_pair_spec_says_what_is_wrong(change, message):
 
 
 def test_readme_table_is_the_contract():
-    """pipeline/README.md shows the batch contract as ``contract.batch_table()`` writes it: docs cannot drift."""
+    """pipeline/README.md shows the batch contract and its pair keys as ``contract.batch_table()`` writes them:
+    docs cannot drift."""
     from pathlib import Path
 
     from densessl.pipeline.contract import batch_table
-    assert batch_table() in (Path(__file__).resolve().parents[1] / "pipeline" / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "pipeline" / "README.md").read_text()
+    assert batch_table() in readme and batch_table(pairs=True) in readme
 
 
 def test_coordinate_ramp_end_to_end(ramp_root):

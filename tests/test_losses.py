@@ -152,8 +152,8 @@ def test_in_batch_negatives_read_no_queue_fill_none_and_match_the_reference():
     method = _vader(negatives="batch")
     losses = []
     for q in (queue, torch.zeros_like(queue)):  # the queue's contents do not matter
-        loss, _, enqueued = method.loss({1: {"dense": q_emb}}, {2: {"dense": k_emb}}, {"queue_dense": q},
-                                        matches, xy, 0)
+        loss, _, enqueued = method.loss({"pair0": {"dense": q_emb}}, {"pair1": {"dense": k_emb}}, {"queue_dense": q},
+                                        {("pair0", "pair1"): (matches, xy)}, 0)
         losses.append(float(loss))
         assert enqueued == {}
     _, keys = vader_loss(q_emb, k_emb, matches, xy, queue, T, 10.0)
@@ -172,7 +172,8 @@ def test_unmatched_positives_move_the_queries_and_nothing_else():
     """positives='unmatched' (Table 3): queries at random cells of view 1; the keys, and so the queue, are the
     matched run's."""
     q_emb, k_emb, matches, xy, queue = random_case(4)
-    batch = ({1: {"dense": q_emb}}, {2: {"dense": k_emb}}, {"queue_dense": queue}, matches, xy, 0)
+    batch = ({"pair0": {"dense": q_emb}}, {"pair1": {"dense": k_emb}}, {"queue_dense": queue},
+             {("pair0", "pair1"): (matches, xy)}, 0)
     matched_loss, _, matched_keys = _vader().loss(*batch)
     torch.manual_seed(11)
     loss, _, keys = _vader(positives="unmatched").loss(*batch)
@@ -187,17 +188,17 @@ def test_unmatched_positives_move_the_queries_and_nothing_else():
 def test_mocov2_on_multicrop_views_averages_one_global_infonce_per_matched_pair():
     """R3's control: MoCo v2 fed VADeR's crops; each matched pair (i, j) is view i's query against view j's key."""
     from densessl.model.methods.mocov2 import MoCoV2, MoCoV2Config, global_loss
-    from densessl.pipeline.multicrop import MultiCropViews
+    from densessl.pipeline.views import MultiCropViews
     g = torch.Generator().manual_seed(5)
     method = MoCoV2(MoCoV2Config(queue_size=90))
-    spec = MultiCropViews("2x64,4x32").spec
+    spec = MultiCropViews("2x64,4x32").view_spec
     assert method.keys_per_sample(spec) == 9  # global0-global1 and each of 4 locals with each of 2 globals
     names = ["global0", "global1", "local0", "local1", "local2", "local3"]
     queries = {n: {"global": torch.randn(3, 8, generator=g)} for n in names}
     keys = {n: {"global": torch.randn(3, 8, generator=g)} for n in ("global0", "global1")}
     queue = F.normalize(torch.randn(8, 90, generator=g), dim=0)
     pairs = {("global0", "global1"): None, ("local0", "global0"): None, ("local3", "global1"): None}
-    loss, _, new = method.loss_views(queries, keys, {"queue_global": queue}, pairs, 0)
+    loss, _, new = method.loss(queries, keys, {"queue_global": queue}, pairs, 0)
     ref = [global_loss(queries[i], keys[j], queue, 0.2) for i, j in pairs]
     assert float(loss) == pytest.approx(sum(float(r[0]) for r in ref) / 3, rel=1e-12)
     torch.testing.assert_close(new["queue_global"], torch.cat([r[1] for r in ref]))

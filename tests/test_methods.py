@@ -25,12 +25,16 @@ class Unmatched(Vader):
 
     Config = UnmatchedConfig
 
-    def loss(self, queries, keys, queues, matches, match_xy2, step):
-        cells = queries[1]["dense"].shape[-2] * queries[1]["dense"].shape[-1]
-        shuffled = torch.randint(0, cells, matches.shape, device=matches.device)  # random cells as "positives"
-        loss, new = vader_loss(queries[1]["dense"], keys[2]["dense"], shuffled, match_xy2,
-                               queues["queue_dense"], self.cfg.temperature, self.cfg.loss_scale)
-        return loss, {}, {"queue_dense": new}
+    def loss(self, queries, keys, queues, pairs, step):
+        losses, new = [], []
+        for (i, j), (matches, match_xy) in pairs.items():  # view names: pair0 and pair1, or multi-crop's views
+            q = queries[i]["dense"]
+            shuffled = torch.randint(0, q.shape[-2] * q.shape[-1], matches.shape, device=matches.device)
+            loss, k = vader_loss(q, keys[j]["dense"], shuffled, match_xy, queues["queue_dense"],
+                                 self.cfg.temperature, self.cfg.loss_scale)  # random cells as "positives"
+            losses.append(loss)
+            new.append(k)
+        return torch.stack(losses).mean(), {}, {"queue_dense": torch.cat(new)}
 
 
 def test_a_method_defined_in_one_file_trains(synthetic_root, tmp_path):

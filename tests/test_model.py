@@ -90,7 +90,7 @@ def test_methods_train_step(method):
     v1, v2 = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
     matches = torch.randint(0, 256, (4, 8, 2))
     xy = torch.rand(4, 8, 2) * 16
-    loss, _ = m(v1, v2, matches, xy)
+    loss, _ = m({"pair0": v1, "pair1": v2}, {("pair0", "pair1"): (matches, xy)})
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in m.encoder_q.parameters()]

@@ -33,7 +33,7 @@ import yaml
 from densessl.model.builder import ModelConfig
 from densessl.model.methods import DEFAULT, METHODS, MethodConfig, method_class
 from densessl.pipeline import DataConfig, PairSpec
-from densessl.pipeline.multicrop import MultiCropViews, ViewSpec
+from densessl.pipeline.views import MultiCropViews, ViewSpec
 
 
 class ConfigError(ValueError):
@@ -149,13 +149,12 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
-    def view_spec(self) -> PairSpec | ViewSpec:
-        """What the loader takes: the view pair, or the multi-crop section's groups of views."""
-        return self.views.spec if isinstance(self.views, MultiCropViews) else self.views
+    def view_spec(self) -> ViewSpec:
+        """What the loader and the method take: the ``views`` section's views (a pair, or multi-crop's groups)."""
+        return self.views.view_spec
 
     def view_sizes(self) -> list[tuple[int, int]]:
-        spec = self.view_spec()
-        return [g.size for g in spec.groups] if isinstance(spec, ViewSpec) else [spec.size]
+        return [g.size for g in self.view_spec().groups]
 
 
 SECTIONS = {f.name: f for f in fields(TrainConfig)}

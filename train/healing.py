@@ -39,7 +39,7 @@ def first_line(err: BaseException) -> str:
 
 
 class RestartingLoader:
-    """A loader (``contract.ViewPairLoader``) that is rebuilt where it was when one of its worker processes
+    """A loader (``contract.ViewLoader``) that is rebuilt where it was when one of its worker processes
     dies. ``build(state)`` makes the loader (``state=None``: as first configured); every other call goes to it.
 
     torch's SIGCHLD handler raises a dead worker's error wherever the main thread is, which may be between a

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from densessl.model import checkpoint
 from densessl.model.builder import MoCo, model_config
-from densessl.pipeline import PhotometricAugment, ViewPairLoader, build_loader, owned, preview_images
+from densessl.pipeline import PhotometricAugment, ViewLoader, build_loader, owned, preview_images
+from densessl.pipeline.contract import matched_views
 
 from . import distributed, healing, run_folder
 from .config import ConfigError, TrainConfig, to_dict
@@ -78,7 +79,7 @@ class Trainer:
         self.augment = PhotometricAugment().to(device)
         self.augment_gen = torch.Generator(device).manual_seed(run.seed * 1000 + rank)
         torch.manual_seed(run.seed * 1000 + rank)  # shuffle-BN permutations
-        self.run_dir = Path(run.dir)
+        self.run_dir, self.spec = Path(run.dir), cfg.view_spec()
         self.skipped = SkippedImages(self.run_dir / "skipped.txt", cfg.data.max_bad_images)
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
         self.use_amp = run.amp and device.type == "cuda"
@@ -146,17 +147,12 @@ class Trainer:
         return value, stats, stopping
 
     def _inputs(self, batch: dict) -> tuple:
-        """The model's arguments before the step: augmented views and their matches; for a multi-crop batch,
-        the named views (``global0``, ``local3``, ...) and the matched pairs (``MoCo.forward``)."""
-        def augment(views):
-            return self.augment(views, self.augment_gen).contiguous(memory_format=self.memory_format)
-        if "view1" in batch:
-            return augment(batch["view1"]), augment(batch["view2"]), batch["matches"], batch["match_xy2"]
-        views = {f"{key.removeprefix('views/')}{k}": augment(group[:, k])
-                 for key, group in batch.items() if key.startswith("views/") for k in range(group.shape[1])}
-        pairs = {tuple(key.removeprefix("matches/").split("-")): (m, batch["match_xy/" + key.removeprefix("matches/")])
-                 for key, m in batch.items() if key.startswith("matches/")}
-        return views, pairs, None, None
+        """The model's arguments before the step: every view augmented (in the spec's view order: the
+        augmentation draws depend on it) and the matched pairs (``MoCo.forward``)."""
+        views, pairs = matched_views(batch, self.spec)
+        augmented = {name: self.augment(v, self.augment_gen).contiguous(memory_format=self.memory_format)
+                     for name, v in views.items()}
+        return augmented, pairs
 
     def _skip_or_raise(self, value: float, step: int, indices: torch.Tensor, undo: dict | None) -> None:
         """A non-finite loss: save the batch's indices, then undo the forward's side effects (on_nonfinite=skip,
@@ -179,7 +175,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][self.rank], self.augment_gen)
 
-    def save(self, ckpt_dir: Path, loader: ViewPairLoader, step: int) -> None:
+    def save(self, ckpt_dir: Path, loader: ViewLoader, step: int) -> None:
         """Every rank's RNG and loader state goes into rank 0's checkpoint, so a resumed run draws the same
         batches and augmentations; ``model_config`` lets evaluation rebuild the model from the file alone."""
         rngs = distributed.gather_objects(rng_state(self.augment_gen), self.world)
@@ -195,9 +191,7 @@ class Trainer:
 
 
 def draws(batch: dict) -> torch.Tensor:
-    """The draws each pair (or, multi-crop, each view) needed: ``tries``, or every group's ``tries/<group>``."""
-    if "tries" in batch:
-        return batch["tries"]
+    """The draws each view needed, every group's ``tries/<group>`` (a pair's two views share their count)."""
     return torch.cat([v for k, v in batch.items() if k.startswith("tries/")], 1)
 
 

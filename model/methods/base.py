@@ -2,10 +2,14 @@
 
 A method says what is learned: its settings (a ``MethodConfig`` subclass, the ``method`` section of the training
 configuration, checked when it is built), the heads it puts on the encoder, the key queues it keeps and how many
-keys each pair adds to them, which views are encoded by the query and by the key network, its loss, and the
-output evaluation reads as its dense features. The flow is one way, as in moco's ``builder.py``: the holder
-(``builder.MoCo``) runs the networks and hands their outputs and the queues to ``Method.loss``, which returns the
-loss, its parts and the keys to enqueue; a method never calls back into its holder.
+keys each matched pair of views adds to them, which views it takes (one pair, or any views), which views are
+encoded by the query and by the key network, its loss, and the output evaluation reads as its dense features.
+
+A method sees views by name (``<group><k>``: ``pair0``, ``global1``, ``local3``) and the matched pairs the
+pipeline provides (``contract.matched_views``: ``{(view i, view j): (matches, match_xy)}``), whatever the spec:
+a view pair is the one-pair case. The flow is one way, as in moco's ``builder.py``: the holder (``builder.MoCo``)
+runs the networks and hands their outputs and the queues to ``Method.loss``, which returns the loss, its parts
+and the keys to enqueue; a method never calls back into its holder.
 """
 
 from __future__ import annotations
@@ -56,31 +60,43 @@ class Method:
         ``output`` attribute names (``network.DenseNetwork``)."""
         raise NotImplementedError
 
-    def directions(self) -> tuple[tuple[int, int], ...]:
-        """(query view, key view) pairs to encode, in order: view 1 queries and view 2 gives keys by default."""
-        return ((1, 2),)
+    def takes_pairs_only(self) -> bool:
+        """Whether this method (with its settings) learns from one pair of views only, and refuses any other
+        views (``check``)."""
+        return False
 
     def keys_per_pair(self, num_matches: int) -> int:
-        """Keys each pair adds to each of its queues per step."""
+        """Keys each matched pair of views adds to each of its queues per step."""
         return 1
 
     def keys_per_sample(self, views) -> int:
-        """Keys each sample adds to each queue per step, for ``views``: a view pair (``PairSpec``), or groups of
-        views (a ``ViewSpec``: multi-crop), which a method takes only if it overrides ``loss_views``."""
-        if getattr(views, "groups", None) is not None:
-            raise ValueError(f"views.crops: method.name={self.cfg.name} trains on view pairs only; use "
-                             "method.name=vader for multi-crop views, or a views section without crops")
-        return self.keys_per_pair(views.num_matches)
+        """Keys each sample adds to each queue per step, for ``views`` (a ``ViewSpec`` or a preset): the sum over
+        its matched pairs."""
+        return sum(self.keys_per_pair(rule.num_matches) for _, _, rule in views.view_spec.pairs()
+                   if rule.num_matches)
+
+    def encodes(self, pairs) -> tuple[list[str], list[str]]:
+        """The views the query network and the key network encode, in order, given the matched pairs ``(view i,
+        view j)``: by default each pair's first view queries (in the pairs' order) and its second gives keys (in
+        name order: the order shuffle-BN draws its permutations in)."""
+        queries = list(dict.fromkeys(i for i, _ in pairs))
+        return queries, sorted({j for _, j in pairs})
 
     def check(self, views, global_batch: int) -> None:
-        """The rules that tie this method to the views (a ``PairSpec`` or a ``ViewSpec``) and the batch, as
-        one-line ``ValueError``s that name the keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
-        stride = views.stride
+        """The rules that tie this method to the views (a ``ViewSpec`` or a preset) and the batch, as one-line
+        ``ValueError``s that name the keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
+        spec = views.view_spec
+        if self.takes_pairs_only() and (len(spec.views()) != 2 or sum(r.num_matches > 0 for _, _, r in
+                                                                        spec.pairs()) != 1):
+            raise ValueError(f"views: method.name={self.cfg.name}{self._pairs_only_reason()} learns from one pair "
+                             f"of views, not {len(spec.views())} views; use method.name=vader (not symmetric) or "
+                             "mocov2 for multi-crop views, or a views section without crops")
+        stride = spec.stride
         if self.dense_stride not in (None, stride):
             raise ValueError(f"views.stride={stride}: method.name={self.cfg.name} embeds pixels at stride "
                              f"{self.dense_stride}, so its matches must index that grid; set views.stride="
                              f"{self.dense_stride}")
-        keys = global_batch * self.keys_per_sample(views)
+        keys = global_batch * self.keys_per_sample(spec)
         if self.queues and keys == 0:
             raise ValueError("views: no pair of views has matches, so this method has no keys to learn from; set "
                              "views.num_matches (and a rule between views) above 0")
@@ -89,22 +105,13 @@ class Method:
             raise ValueError(f"method.queue_size={size} is not a multiple of the {keys} keys enqueued per step "
                              f"(optim.batch_size x keys per sample); pick e.g. {keys * max(1, size // keys)}")
 
-    def loss(self, queries: dict[int, dict[str, torch.Tensor]], keys: dict[int, dict[str, torch.Tensor]],
-             queues: dict[str, torch.Tensor], matches: torch.Tensor | None, match_xy2: torch.Tensor | None,
+    def _pairs_only_reason(self) -> str:
+        return ""
+
+    def loss(self, queries: dict[str, dict[str, torch.Tensor]], keys: dict[str, dict[str, torch.Tensor]],
+             queues: dict[str, torch.Tensor], pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
              step: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(loss, stats, {queue name: keys to enqueue}) from the query network's outputs per view, the key
-        network's outputs per view (``directions``), the queues, the batch's matches and the 0-based step
-        (``None``: outside training, schedules at their end)."""
+        """(loss, stats, {queue name: keys to enqueue}) from the query network's outputs per view and the key
+        network's (``encodes``), the queues, the matched pairs ``{(view i, view j): (matches, match_xy)}`` and
+        the 0-based step (``None``: outside training, schedules at their end)."""
         raise NotImplementedError
-
-    def key_views(self, pairs) -> list[str]:
-        """Multi-crop: the views the key network encodes, given the matched pairs ``{(view i, view j): ...}``
-        (by default each pair's second view)."""
-        return sorted({j for _, j in pairs})
-
-    def loss_views(self, queries: dict[str, dict], keys: dict[str, dict], queues: dict[str, torch.Tensor],
-                   pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], step: int | None):
-        """Multi-crop: ``loss`` over named views (``global0``, ``local3``, ...) and their matched pairs
-        ``{(view i, view j): (matches, match_xy)}``; the query network's outputs for every view, the key network's
-        for ``key_views``."""
-        raise NotImplementedError(f"method {self.cfg.name} trains on view pairs only")

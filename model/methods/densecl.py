@@ -41,9 +41,13 @@ class DenseCL(Method):
         c5 = channels[-1]
         return {"global_head": GlobalHead(c5, c5, dim), "dense_head": DenseHead(c5, c5, dim)}
 
-    def loss(self, queries, keys, queues, matches, match_xy2, step):
+    def takes_pairs_only(self) -> bool:
+        return True  # the dense term matches each query cell against one key view's cells
+
+    def loss(self, queries, keys, queues, pairs, step):
         """``step=None`` (outside training): the full dense weight."""
-        cfg, q, k = self.cfg, queries[1], keys[2]
+        (i, j), = pairs
+        cfg, q, k = self.cfg, queries[i], keys[j]
         lam = 0.0 if step is not None and step < cfg.warmup_steps else cfg.dense_weight
         loss_g, keys_g = global_loss(q, k, queues["queue_global"], cfg.temperature)
         loss_d = densecl_dense_loss(q["dense"].flatten(2), k["dense"].flatten(2), q["c5"].flatten(2),

@@ -33,17 +33,7 @@ class MoCoV2(Method):
     def heads(self, channels, dim):
         return {"global_head": GlobalHead(channels[-1], channels[-1], dim)}
 
-    def loss(self, queries, keys, queues, matches, match_xy2, step):
-        loss, new = global_loss(queries[1], keys[2], queues["queue_global"], self.cfg.temperature)
-        return loss, {}, {"queue_global": new}
-
-    def keys_per_sample(self, views) -> int:
-        """Multi-crop: one key per matched pair of views."""
-        if getattr(views, "groups", None) is None:
-            return super().keys_per_sample(views)
-        return sum(1 for _, _, rule in views.pairs() if rule.num_matches)
-
-    def loss_views(self, queries, keys, queues, pairs, step):
+    def loss(self, queries, keys, queues, pairs, step):
         """The mean over the matched pairs ``(i, j)`` of view ``i``'s query against view ``j``'s key."""
         losses, new = zip(*(global_loss(queries[i], keys[j], queues["queue_global"], self.cfg.temperature)
                             for i, j in pairs))

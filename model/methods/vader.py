@@ -52,20 +52,21 @@ class Vader(Method):
     def heads(self, channels, dim):
         return {"decoder": FPNDecoder(channels, dim=dim)}
 
-    def directions(self):
-        return ((1, 2), (2, 1)) if self.cfg.symmetric else ((1, 2),)
+    def takes_pairs_only(self) -> bool:
+        return self.cfg.symmetric  # keys at view 1's cells too: with multi-crop, keys come from global views only
+
+    def _pairs_only_reason(self) -> str:
+        return " with method.symmetric=true"
 
     def keys_per_pair(self, num_matches: int) -> int:
-        return num_matches * len(self.directions())
+        return num_matches * (2 if self.cfg.symmetric else 1)
 
-    def keys_per_sample(self, views) -> int:
-        """Multi-crop: every matched pair's matches (keys come from each pair's second view, a global one)."""
-        if getattr(views, "groups", None) is None:
-            return super().keys_per_sample(views)
-        if self.cfg.symmetric:
-            raise ValueError("method.symmetric=true takes two views: with views.crops, keys come from the global "
-                             "views only")
-        return sum(rule.num_matches for _, _, rule in views.pairs())
+    def encodes(self, pairs):
+        """Symmetric: each pair both ways, queries (i, j) and keys (j, i)."""
+        if not self.cfg.symmetric:
+            return super().encodes(pairs)
+        (i, j), = pairs
+        return [i, j], [j, i]
 
     def _negatives(self, queue: torch.Tensor):
         """``vader_loss``'s queue (``None``: in-batch negatives) and exclusion radius, per ``negatives``."""
@@ -84,21 +85,10 @@ class Vader(Method):
     def _enqueued(self, new: torch.Tensor) -> dict:
         return {} if self.cfg.negatives == "batch" else {"queue_dense": new}
 
-    def loss(self, queries, keys, queues, matches, match_xy2, step):
-        cfg = self.cfg
-        queue, radius = self._negatives(queues["queue_dense"])
-        loss, new = vader_loss(queries[1]["dense"], keys[2]["dense"], self._queries_at(matches, queries[1]["dense"]),
-                               match_xy2, queue, cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
-        if cfg.symmetric:  # view 2's points query, keys at view 1's cells
-            loss2, new2 = vader_loss(queries[2]["dense"], keys[1]["dense"], self._queries_at(matches, keys[1]["dense"]),
-                                     match_xy2, queue, cfg.temperature, cfg.loss_scale, reverse=True,
-                                     exclusion_radius=radius)
-            loss, new = (loss + loss2) / 2, torch.cat([new, new2])
-        return loss, {}, self._enqueued(new)
-
-    def loss_views(self, queries, keys, queues, pairs, step):
-        """The mean of every matched pair's loss: each view's own stride-4 embedding queries at its matched
-        cells; the keys are the pair's global view's, sampled at the exact corresponding points."""
+    def loss(self, queries, keys, queues, pairs, step):
+        """The mean of every matched pair's loss: view i's own embedding queries at its matched cells; the keys are
+        view j's, sampled at the exact corresponding points (symmetric: also view j's points query, keys at view
+        i's cells)."""
         cfg = self.cfg
         queue, radius = self._negatives(queues["queue_dense"])
         losses, new = [], []
@@ -107,6 +97,12 @@ class Vader(Method):
                                  match_xy, queue, cfg.temperature, cfg.loss_scale, exclusion_radius=radius)
             losses.append(loss)
             new.append(k)
+            if cfg.symmetric:
+                loss, k = vader_loss(queries[j]["dense"], keys[i]["dense"], self._queries_at(matches, keys[i]["dense"]),
+                                     match_xy, queue, cfg.temperature, cfg.loss_scale, reverse=True,
+                                     exclusion_radius=radius)
+                losses.append(loss)
+                new.append(k)
         return torch.stack(losses).mean(), {}, self._enqueued(torch.cat(new))
 
 
