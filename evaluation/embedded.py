@@ -16,7 +16,7 @@ from .propagation import evaluate_videos
 
 PROBE_SIZE = (128, 160)  # probe input (H, W): the embedded set's frame size
 # Each probe's protocol version, raised whenever that probe's protocol or outputs change: the scores it gave
-# before are stale and computed again, the other probes' are kept (``experiments.compare.evaluate``).
+# before are stale and computed again, the other probes' are kept (``experiments.scores.evaluate``).
 # classification 2: a linear probe on features pooled over the largest shape (1: a k-NN vote on globally pooled
 # features, at chance for every model).
 PROBES = {"segmentation": 1, "depth": 1, "propagation": 1, "classification": 2}

@@ -25,7 +25,9 @@ from densessl.pipeline.owned import NotOurs
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import ConfigError, with_overrides
 
-from .compare import PRESETS, TINY_DATA, base_config, evaluate, pretrain, random_baseline, summarise, table, verdict
+from .presets import PRESETS, TINY_DATA, base_config
+from .scores import evaluate, pretrain, random_baseline
+from .tables import summarise, table, verdict
 
 KINDS = ("hypercolumn", "dense")
 

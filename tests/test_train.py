@@ -334,8 +334,9 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     kind, finite scores, run costs for trained rows, the trivial baselines, the verdict and the plot. Called
     again, it trains and evaluates nothing: the table is rebuilt from what the run folders keep."""
     from densessl.evaluation.embedded import PROBES, score_embedded
-    from densessl.experiments import compare
-    from densessl.experiments.compare import main, pretrain
+    from densessl.experiments import scores
+    from densessl.experiments.compare import main
+    from densessl.experiments.scores import pretrain
     out = tmp_path / "compare"
     assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -350,7 +351,7 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
         asked.append(tuple(probes))
         return score_embedded(*args, probes=probes, **kwargs)
 
-    monkeypatch.setattr(compare, "score_embedded", recording)
+    monkeypatch.setattr(scores, "score_embedded", recording)
     monkeypatch.setitem(PROBES, "classification", PROBES["classification"] + 1)
     assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     said = capsys.readouterr().out
@@ -413,7 +414,8 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
 def test_ablations_run_at_tiny_size(tmp_path):
     """``make ablations`` in seconds: each reviewer question trains VADeR under its own key, the MoCo v2
     initialisation reads the MoCo v2 run of the same seed, and each gets a row."""
-    from densessl.experiments.compare import ABLATIONS, main
+    from densessl.experiments.compare import main
+    from densessl.experiments.presets import ABLATIONS
     out = tmp_path / "ablations"
     assert main(["--tiny", "--ablations", "--kinds", "c5", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -440,7 +442,7 @@ def test_ablations_run_at_tiny_size(tmp_path):
 def test_ablation_differences_within_their_spread_are_marked():
     """The ablation table's 'against VADeR' part: best read-out against best read-out, RMSE's sign flipped so
     that positive is better, and a difference no larger than the larger std marked as no answer."""
-    from densessl.experiments.compare import against
+    from densessl.experiments.tables import against
 
     def row(model, kind, miou, jf, rmse, std, random=False):
         mean = {"mIoU": miou, "J&F": jf, "RMSE": rmse, "top-1": 0.5}
@@ -456,7 +458,7 @@ def test_ablation_differences_within_their_spread_are_marked():
     assert cells == ["-0.050 ± 0.020", "+0.005 ± 0.020 (within spread)", "+0.050 ± 0.020",
                      "+0.000 ± 0.020 (within spread)"]
     # the verdict against random init reads spreads the same way
-    from densessl.experiments.compare import verdict
+    from densessl.experiments.tables import verdict
     rows["random init [hypercolumn]"] = row("random init", "hypercolumn", 0.39, 0.70, 0.44, 0.02, random=True)
     lines = {v["metric"]: v["line"] for v in verdict(rows)}
     assert lines["mIoU"].endswith("+0.010 ± 0.020 (within spread)") and lines["J&F"].endswith("(better)")
@@ -465,7 +467,7 @@ def test_ablation_differences_within_their_spread_are_marked():
 
 def test_the_table_names_every_seed_whose_probe_loses_to_its_trivial_baseline():
     """A row whose mean beats the trivial baseline can hide a seed that does not: the table names that seed."""
-    from densessl.experiments.compare import table
+    from densessl.experiments.tables import table
     trivial = {"trivial mIoU": 0.2, "trivial RMSE": 1.4, "trivial top-1": 0.25}
 
     def scores(top1):
