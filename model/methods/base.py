@@ -2,7 +2,7 @@
 
 A method says what is learned: its settings (a ``MethodConfig`` subclass, the ``method`` section of the training
 configuration, checked when it is built), the heads it puts on the encoder, the key queues it keeps and how many
-keys each matched pair of views adds to them, which views it takes (one pair, or any views), which views are
+keys each matched pair of views adds to them, which views it takes (one pair, or any views: ``pairs_only``), which views are
 encoded by the query and by the key network, its loss, and the output evaluation reads as its dense features.
 
 A method sees views by name (``<group><k>``: ``pair0``, ``global1``, ``local3``) and the matched pairs the
@@ -60,10 +60,10 @@ class Method:
         ``output`` attribute names (``network.DenseNetwork``)."""
         raise NotImplementedError
 
-    def takes_pairs_only(self) -> bool:
-        """Whether this method (with its settings) learns from one pair of views only, and refuses any other
-        views (``check``)."""
-        return False
+    def pairs_only(self) -> str | None:
+        """None, or why this method (with its settings) learns from one pair of views only: other views are then
+        refused in one line (``check``)."""
+        return None
 
     def keys_per_pair(self, num_matches: int) -> int:
         """Keys each matched pair of views adds to each of its queues per step."""
@@ -86,11 +86,11 @@ class Method:
         """The rules that tie this method to the views (a ``ViewSpec`` or a preset) and the batch, as one-line
         ``ValueError``s that name the keys to change (``method.*``, ``views.*``, ``optim.batch_size``)."""
         spec = views.view_spec
-        if self.takes_pairs_only() and (len(spec.views()) != 2 or sum(r.num_matches > 0 for _, _, r in
-                                                                        spec.pairs()) != 1):
-            raise ValueError(f"views: method.name={self.cfg.name}{self._pairs_only_reason()} learns from one pair "
-                             f"of views, not {len(spec.views())} views; use method.name=vader (not symmetric) or "
-                             "mocov2 for multi-crop views, or a views section without crops")
+        why = self.pairs_only()
+        if why and (len(spec.views()) != 2 or sum(r.num_matches > 0 for _, _, r in spec.pairs()) != 1):
+            raise ValueError(f"views: method.name={self.cfg.name} learns from one pair of views ({why}), not "
+                             f"{len(spec.views())} views; use method.name=vader (not symmetric) or mocov2 for "
+                             "multi-crop views, or a views section without crops")
         stride = spec.stride
         if self.dense_stride not in (None, stride):
             raise ValueError(f"views.stride={stride}: method.name={self.cfg.name} embeds pixels at stride "
@@ -104,9 +104,6 @@ class Method:
         if self.queues and size % keys:
             raise ValueError(f"method.queue_size={size} is not a multiple of the {keys} keys enqueued per step "
                              f"(optim.batch_size x keys per sample); pick e.g. {keys * max(1, size // keys)}")
-
-    def _pairs_only_reason(self) -> str:
-        return ""
 
     def loss(self, queries: dict[str, dict[str, torch.Tensor]], keys: dict[str, dict[str, torch.Tensor]],
              queues: dict[str, torch.Tensor], pairs: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],

@@ -41,8 +41,8 @@ class DenseCL(Method):
         c5 = channels[-1]
         return {"global_head": GlobalHead(c5, c5, dim), "dense_head": DenseHead(c5, c5, dim)}
 
-    def takes_pairs_only(self) -> bool:
-        return True  # the dense term matches each query cell against one key view's cells
+    def pairs_only(self) -> str | None:
+        return "its dense term matches every query cell against one key view's cells"
 
     def loss(self, queries, keys, queues, pairs, step):
         """``step=None`` (outside training): the full dense weight."""

@@ -52,11 +52,8 @@ class Vader(Method):
     def heads(self, channels, dim):
         return {"decoder": FPNDecoder(channels, dim=dim)}
 
-    def takes_pairs_only(self) -> bool:
-        return self.cfg.symmetric  # keys at view 1's cells too: with multi-crop, keys come from global views only
-
-    def _pairs_only_reason(self) -> str:
-        return " with method.symmetric=true"
+    def pairs_only(self) -> str | None:
+        return "method.symmetric=true: each pair is also read from view 2's side" if self.cfg.symmetric else None
 
     def keys_per_pair(self, num_matches: int) -> int:
         return num_matches * (2 if self.cfg.symmetric else 1)
