@@ -47,20 +47,21 @@ BATCH = {
     "index": Field(torch.int64, "[B]", "dataset index (ImageFolder order: sorted classes, then sorted files)"),
 }
 
-# a PairSpec's batch (``as_pair``): each key is the one batch's (group ``pair``, views ``pair0`` and ``pair1``)
+# a PairSpec's batch (``as_pair``): each key is a view of the one batch's (group ``pair``, views ``pair0`` and
+# ``pair1``): its key, and the view it takes along dimension 1 (None: the whole tensor)
 PAIR_BATCH = {
-    "view1": ("views/pair[:, 0]", Field(torch.uint8, "[B,3,H,W]", "view 1, RGB, unnormalised, channels_last")),
-    "view2": ("views/pair[:, 1]", Field(torch.uint8, "[B,3,H,W]", "view 2, as view 1")),
-    "geometry1": ("affines/pair[:, 0]", Field(torch.float32, "[B,2,3]", "view 1's affine from source pixels to "
-                                                                        "view pixels")),
-    "geometry2": ("affines/pair[:, 1]", Field(torch.float32, "[B,2,3]", "view 2's affine, as geometry1")),
-    "matches": ("matches/pair0-pair1", Field(torch.int64, "[B,K,2]", "flat row-major grid indices (view-1 cell, "
-                                                                      "view-2 cell) of K matches")),
-    "match_xy2": ("match_xy/pair0-pair1", Field(torch.float32, "[B,K,2]", "continuous view-2 grid position (x, y) "
-                                                "of each view-1 cell centre; its floor is the view-2 cell")),
-    "index": ("index", BATCH["index"]),
-    "tries": ("tries/pair[:, 0]", Field(torch.int64, "[B]", "pair draws the overlap rule needed (1: the first; "
-                                        "0: none overlapped enough and view 2 reuses view 1's window)")),
+    "view1": ("views/pair", 0, Field(torch.uint8, "[B,3,H,W]", "view 1, RGB, unnormalised, channels_last")),
+    "view2": ("views/pair", 1, Field(torch.uint8, "[B,3,H,W]", "view 2, as view 1")),
+    "geometry1": ("affines/pair", 0, Field(torch.float32, "[B,2,3]", "view 1's affine from source pixels to view "
+                                                                     "pixels")),
+    "geometry2": ("affines/pair", 1, Field(torch.float32, "[B,2,3]", "view 2's affine, as geometry1")),
+    "matches": ("matches/pair0-pair1", None, Field(torch.int64, "[B,K,2]", "flat row-major grid indices (view-1 "
+                                                                          "cell, view-2 cell) of K matches")),
+    "match_xy2": ("match_xy/pair0-pair1", None, Field(torch.float32, "[B,K,2]", "continuous view-2 grid position "
+                                                      "(x, y) of each view-1 cell centre; its floor is the view-2 cell")),
+    "index": ("index", None, BATCH["index"]),
+    "tries": ("tries/pair", 0, Field(torch.int64, "[B]", "pair draws the overlap rule needed (1: the first; 0: none "
+                                     "overlapped enough and view 2 reuses view 1's window)")),
 }
 
 
@@ -68,8 +69,8 @@ def batch_table(pairs: bool = False) -> str:
     """``BATCH`` (or, ``pairs``, ``PAIR_BATCH`` with the key of the one batch each is a view of) as the markdown
     table the READMEs show."""
     if pairs:
-        rows = [f"| `{key}` | {str(f.dtype).removeprefix('torch.')} `{f.shape}` | {f.meaning} | `{source}` |"
-                for key, (source, f) in PAIR_BATCH.items()]
+        rows = [f"| `{key}` | {str(f.dtype).removeprefix('torch.')} `{f.shape}` | {f.meaning} | `{source}"
+                + ("" if k is None else f"[:, {k}]") + "` |" for key, (source, k, f) in PAIR_BATCH.items()]
         return "\n".join(["| key | dtype, shape | meaning | view of |", "| --- | --- | --- | --- |", *rows])
     rows = [f"| `{key}` | {str(f.dtype).removeprefix('torch.')} `{f.shape}` | {f.meaning} |"
             for key, f in BATCH.items()]
@@ -159,10 +160,7 @@ def matched_views(batch: dict[str, torch.Tensor], spec: ViewSpec) -> MatchedView
 def as_pair(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A ``PairSpec``'s batch under the pair keys (``PAIR_BATCH``): each a view of the one batch's tensor, no
     copy. ``view1`` and ``view2`` are each channels_last; in memory a sample's two views lie end to end."""
-    return {"view1": batch["views/pair"][:, 0], "view2": batch["views/pair"][:, 1],
-            "geometry1": batch["affines/pair"][:, 0], "geometry2": batch["affines/pair"][:, 1],
-            "matches": batch["matches/pair0-pair1"], "match_xy2": batch["match_xy/pair0-pair1"],
-            "index": batch["index"], "tries": batch["tries/pair"][:, 0]}
+    return {name: batch[key] if k is None else batch[key][:, k] for name, (key, k, _) in PAIR_BATCH.items()}
 
 
 def _check_matches(problems: list, key: str, m, xy, k: int, grid_i, grid_j) -> None:
@@ -194,7 +192,7 @@ def check_batch(batch: dict, spec: ViewSpec | PairSpec) -> None:
         if set(batch) != set(PAIR_BATCH):
             raise ValueError(f"batch breaks the loader contract: keys {sorted(batch)} are not {sorted(PAIR_BATCH)}")
         dims = {"B": b, "K": spec.num_matches, "H": spec.size[0], "W": spec.size[1]}
-        for key, (_, field) in PAIR_BATCH.items():
+        for key, (_, _, field) in PAIR_BATCH.items():
             _check_field(problems, key, batch[key], field, dims)
         for key in ("view1", "view2"):
             if not problems and not batch[key][:1].is_contiguous(memory_format=torch.channels_last):
