@@ -70,7 +70,7 @@ def _os_cache_reader(self):
 
 def use_private_state_types() -> None:
     """Give FFCV's memory managers state types of their own; call before building any FFCV ``Loader`` in the
-    process (idempotent; ``FfcvViewPairLoader`` calls it).
+    process (idempotent; ``FfcvLoader`` calls it).
 
     FFCV 1.0.2's managers declare their state read-only by setting ``mutable = False`` on Numba's shared, interned
     array types (``nb.uint8[::1]`` is the one ``array(uint8, 1d, C)`` of the process). That turns every such array

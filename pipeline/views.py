@@ -77,7 +77,7 @@ class PairRule:
 
 
 class SamplerArgs(NamedTuple):
-    """``multi_view_params``' arguments after (seed, height, width), as ``ViewSpec.arrays`` computes them: per
+    """``geometry.draw_views``' arguments after (seed, height, width), as ``ViewSpec.arrays`` computes them: per
     group, per view and per constrained pair (views numbered as in ``ViewSpec.views``). Passed to the Numba
     kernels unpacked (``*spec.arrays``), in this order."""
 
@@ -187,7 +187,7 @@ class ViewSpec:
 
     @cached_property
     def arrays(self) -> SamplerArgs:
-        """The sampler's arguments after (seed, height, width) (``multi_view_params``), computed once."""
+        """The sampler's arguments after (seed, height, width) (``geometry.draw_views``), computed once."""
         views = self.views()
         index = {g.name: n for n, g in enumerate(self.groups)}
         first = np.cumsum([0] + [g.count for g in self.groups])[:-1].astype(np.int64)
