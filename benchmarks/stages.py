@@ -119,7 +119,7 @@ def naive(files, size: int, n: int = 64) -> dict[str, float]:
 def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> dict[str, float]:
     """DALI's graph grown stage by stage (one thread); differences give each stage's cost. The pair sampler
     runs before the decode (the CPU graph decodes only the two windows' union box), so they are one stage."""
-    from densessl.pipeline.dali import view_pair_pipeline
+    from densessl.pipeline.dali import views_pipeline
 
     from .common import time_loader
     from .dali_stages import decode_pipeline, time_pipe
@@ -128,8 +128,8 @@ def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> d
     kw = dict(batch_size=batch, num_threads=1, device_id=device, seed=0)
     batches = max(1, len(files) // batch)
     rates = [time_pipe("sampler", decode_pipeline(files, dev, spec, **kw), batches, 1, batch).median,
-             time_pipe("views", view_pair_pipeline(files, list(range(len(files))), spec, 0, 1, dev, **kw), batches, 1,
-                       batch).median,
+             time_pipe("views", views_pipeline(files, list(range(len(files))), spec.view_spec, 0, 1, dev, **kw),
+                       batches, 1, batch).median,
              time_loader("loader", build_loader("dali", files, spec, batch_size=batch, workers=1, device=device), 1,
                          1).median]
     ms = [1000 / r for r in rates]
@@ -139,7 +139,7 @@ def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> d
 
 def ffcv(beton, spec: PairSpec, batch: int = 32) -> dict[str, float]:
     """FFCV's compiled decode + both crops (one thread), then our batch assembly (matches, tensors)."""
-    loader = build_loader("ffcv", beton, spec, batch_size=batch, workers=1, order="sequential")
+    loader = build_loader("ffcv", beton, spec.view_spec, batch_size=batch, workers=1, order="sequential")
     raw = list(loader.loader)  # warm-up: compiles
     start = time.perf_counter()
     raw = [(views.copy(), index.reshape(-1).astype(np.int64)) for views, _, index in loader.loader]

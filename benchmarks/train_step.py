@@ -223,7 +223,7 @@ def main(argv=None) -> None:
         root = resolve_data(args.data, args.copies)
         for backend in args.backends.split(","):
             loader = build_loader(backend, backend_data(backend, root, args.workers),
-                                  PairSpec(size=(args.size, args.size)), batch_size=args.batch,
+                                  PairSpec(size=(args.size, args.size)).view_spec, batch_size=args.batch,
                                   workers=args.workers, device=device)
             rate, wait = timed_steps(first, forever(loader), args.steps, args.warmup)
             print(f"{first.cfg.method.name + ' fed by ' + backend + f', {args.workers} workers':44s} {rate:10.1f} "

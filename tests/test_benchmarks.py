@@ -13,7 +13,7 @@ import torch
 
 from densessl.benchmarks import stages
 from densessl.benchmarks.__main__ import BACKENDS, main
-from densessl.pipeline import BATCH, PairSpec, build_loader, scan_image_folder
+from densessl.pipeline import PAIR_BATCH, PairSpec, build_loader, scan_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_stage_profile_does_what_the_loader_does(synthetic_root):
     loader = build_loader("torch", files, spec, batch_size=4, workers=0, seed=3, order="sequential")
     assert len(made) == 2
     for got, want in zip(made, loader):
-        for key in BATCH:
+        for key in PAIR_BATCH:
             assert torch.equal(got[key], want[key]), key
 
 
