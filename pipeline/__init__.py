@@ -6,7 +6,7 @@ separate modules that ``build_loader`` imports on demand. The specs live in ``vi
 """
 
 from .augment import PhotometricAugment
-from .contract import BATCH, PAIR_BATCH, ViewLoader, as_pair, check_batch, pack_views, unpack_views
+from .contract import BATCH, PAIR_BATCH, ViewLoader, as_pair, check_batch, matched_views, pack_views, unpack_views
 from .correspondence import flow, sample_matches
 from .factory import BACKENDS, DataConfig, build_loader, preview_images
 from .folder import decode_rgb, scan_image_folder
@@ -17,6 +17,6 @@ from .views import MultiCropViews, PairRule, PairSpec, ViewGroup, ViewSpec
 __all__ = [
     "BACKENDS", "BATCH", "Crop", "DataConfig", "MultiCropViews", "PAIR_BATCH", "PairRule", "PairSpec",
     "PhotometricAugment", "SeededSampler", "ViewGroup", "ViewLoader", "ViewPair", "ViewSpec", "as_pair",
-    "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine", "pack_views",
+    "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine", "matched_views", "pack_views",
     "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder", "unpack_views", "view_params",
 ]

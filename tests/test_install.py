@@ -27,17 +27,17 @@ USER_SCRIPT = textwrap.dedent("""
     from densessl.evaluation.features import feature_extractor
     from densessl.model.builder import MoCo, ModelConfig
     from densessl.model.methods import method_config
-    from densessl.pipeline import PairSpec, PhotometricAugment, build_loader
+    from densessl.pipeline import PairSpec, PhotometricAugment, build_loader, matched_views
 
-    loader = build_loader("torch", sys.argv[1], PairSpec(size=(64, 64), num_matches=8, min_matches=8),
-                          batch_size=4, workers=0, seed=0)
-    batch = next(iter(loader))
+    spec = PairSpec(size=(64, 64), num_matches=8, min_matches=8).view_spec
+    batch = next(iter(build_loader("torch", sys.argv[1], spec, batch_size=4, workers=0, seed=0)))
     augment = PhotometricAugment()
     moco = MoCo(ModelConfig(arch="resnet18"), method_config("vader", queue_size=256))
-    loss, stats = moco(augment(batch["view1"]), augment(batch["view2"]), batch["matches"], batch["match_xy2"], 0)
+    views, pairs = matched_views(batch, spec)
+    loss, stats = moco({name: augment(v) for name, v in views.items()}, pairs, 0)
     assert torch.isfinite(loss), loss
     (extract,) = feature_extractor("random:resnet18", kinds=("hypercolumn",)).values()
-    feats = extract(augment(batch["view1"]))
+    feats = extract(augment(views["pair0"]))
     for mine in (model, pipeline, train, evaluation):
         assert sys.modules[mine.__name__] is mine and mine.WHOSE == f"the user's {mine.__name__}", mine
     print(f"loss {float(loss):.4f} features {tuple(feats.shape)}")
