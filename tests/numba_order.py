@@ -2,13 +2,12 @@
 spec's loader on one backend and checks a batch against the contract. ``stock`` first runs FFCV's own decoder,
 as a user's other FFCV pipeline would. Prints ``<step> ok`` per step; any failure exits non-zero.
 
-    python tests/numba_order.py DATA_DIR dali stock ffcv dali
+    python tests/numba_order.py DATA_DIR WORK_DIR dali stock ffcv dali      # .betons are written into WORK_DIR
 """
 
 import contextlib
 import io
 import sys
-import tempfile
 from pathlib import Path
 
 from densessl.pipeline import MultiCropViews, PairSpec, build_loader, check_batch
@@ -42,8 +41,7 @@ def stock(root: Path, tmp: Path) -> None:
 
 
 def main() -> None:
-    root, steps = Path(sys.argv[1]), sys.argv[2:]
-    tmp = Path(tempfile.mkdtemp(prefix="numba_order-"))
+    root, tmp, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     for step in steps:
         if step == "stock":
             stock(root, tmp)

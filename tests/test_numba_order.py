@@ -25,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 def test_every_backend_order_works_with_a_cold_cache(synthetic_root, tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba_cache")}  # cold: nothing compiled yet
     for steps in (["dali", "stock", "ffcv", "dali"],):
-        run = subprocess.run([sys.executable, str(HERE / "numba_order.py"), str(synthetic_root / "train"), *steps],
+        run = subprocess.run([sys.executable, str(HERE / "numba_order.py"), str(synthetic_root / "train"),
+                              str(tmp_path), *steps],
                              env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
         assert run.stdout.split() == [w for s in steps for w in (s, "ok")]
