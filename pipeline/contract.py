@@ -90,9 +90,10 @@ def matched_pairs(spec: ViewSpec) -> list[tuple[str, str]]:
 
 def pack_views(rows, windows: np.ndarray, seeds: np.ndarray, source_hw, index, spec: ViewSpec,
                parallel: bool = True) -> dict[str, torch.Tensor]:
-    """What a backend produced, with every matched pair's matches computed, in six tensors (cheap to send between
-    processes): ``rows`` uint8 ``[B, spec.offsets[-1]]`` (every view end to end, on any device), the sampler's
-    ``[B,V,6]`` windows and ``[B,P]`` pair seeds, ``[B,2]`` source sizes and ``[B]`` dataset indices.
+    """What a backend produced, with every view's affine and every matched pair's matches computed, in seven
+    tensors (cheap to send between processes), from ``rows`` uint8 ``[B, spec.offsets[-1]]`` (every view end to
+    end, on any device), the sampler's ``[B,V,6]`` windows and ``[B,P]`` pair seeds, ``[B,2]`` source sizes and
+    ``[B]`` dataset indices.
     ``unpack_views`` makes the batch. ``parallel=False`` inside DataLoader workers (a forked worker must not use
     Numba's thread pool)."""
     windows = np.ascontiguousarray(windows, np.int64)
@@ -109,6 +110,7 @@ def pack_views(rows, windows: np.ndarray, seeds: np.ndarray, source_hw, index, s
             xy.append(x)
     b = windows.shape[0]
     return {"rows": torch.as_tensor(rows), "windows": torch.from_numpy(windows),
+            "affines": torch.from_numpy(np.stack(affines, 1).astype(np.float32)),
             "matches": torch.from_numpy(np.concatenate(matches, 1) if matches else np.zeros((b, 0, 2), np.int64)),
             "match_xy": torch.from_numpy(np.concatenate(xy, 1) if xy else np.zeros((b, 0, 2), np.float32)),
             "source_hw": torch.as_tensor(np.asarray(source_hw, np.int64).reshape(-1, 2)),
@@ -125,10 +127,7 @@ def unpack_views(packed: dict[str, torch.Tensor], spec: ViewSpec) -> dict[str, t
         group = rows.as_strided((b, g.count, h, w, 3), (rows.stride(0), h * w * 3, w * 3, 3, 1),
                                 rows.storage_offset() + start)
         batch[f"views/{g.name}"] = group.permute(0, 1, 4, 2, 3)  # each view channels_last
-        win = windows[:, v:v + g.count].numpy()
-        batch[f"affines/{g.name}"] = torch.from_numpy(crop_affines(
-            win[..., 0], win[..., 1], win[..., 2], win[..., 3], win[..., 4], g.size).astype(np.float32)
-        ).reshape(b, g.count, 2, 3)
+        batch[f"affines/{g.name}"] = packed["affines"][:, v:v + g.count]
         batch[f"tries/{g.name}"] = windows[:, v:v + g.count, 5]
         v += g.count
     k = 0
