@@ -9,14 +9,15 @@ from .augment import PhotometricAugment
 from .contract import BATCH, PAIR_BATCH, ViewLoader, as_pair, check_batch, matched_views, pack_views, unpack_views
 from .correspondence import flow, sample_matches
 from .factory import BACKENDS, DataConfig, build_loader, preview_images
-from .folder import decode_rgb, scan_image_folder
+from .folder import decode_rgb
 from .geometry import Crop, ViewPair, crop_affine, invert_affine, sample_view_pair, view_params
+from .index import DataIndex, data_index, scan_image_folder
 from .loader import SeededSampler
 from .views import MultiCropViews, PairRule, PairSpec, ViewGroup, ViewSpec
 
 __all__ = [
-    "BACKENDS", "BATCH", "Crop", "DataConfig", "MultiCropViews", "PAIR_BATCH", "PairRule", "PairSpec",
+    "BACKENDS", "BATCH", "Crop", "DataConfig", "DataIndex", "MultiCropViews", "PAIR_BATCH", "PairRule", "PairSpec",
     "PhotometricAugment", "SeededSampler", "ViewGroup", "ViewLoader", "ViewPair", "ViewSpec", "as_pair",
-    "build_loader", "check_batch", "crop_affine", "decode_rgb", "flow", "invert_affine", "matched_views", "pack_views",
-    "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder", "unpack_views", "view_params",
+    "build_loader", "check_batch", "crop_affine", "data_index", "decode_rgb", "flow", "invert_affine",
+    "matched_views", "pack_views", "preview_images", "sample_matches", "sample_view_pair", "scan_image_folder", "unpack_views", "view_params",
 ]

@@ -18,6 +18,10 @@ redraw conditional made the sampler, not the decoder, the loader's bottleneck.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -30,7 +34,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "(nvidia-dali-cuda130, or nvidia-dali-cuda120 for CUDA 12 drivers)") from err
 
 from .contract import Position, pack_views, unpack_views
-from .folder import screen_files
+from .index import DataIndex
 from .geometry import draw_views
 from .resize import cut_views
 from .views import ViewSpec
@@ -130,16 +134,31 @@ def resize_views_op(image, windows, spec: ViewSpec):
 
 
 @pipeline_def(enable_checkpointing=True)
-def views_pipeline(files, indices, spec: ViewSpec, shard_id: int, num_shards: int, decode_device: str):
+def views_pipeline(source: dict, spec: ViewSpec, shard_id: int, num_shards: int, decode_device: str):
     """The one graph: one decode (on the CPU of the union box of the windows, with ``mixed`` of the whole image),
-    every view cut from it into the sample's row."""
+    every view cut from it into the sample's row. ``source``: the file reader's ``files`` and ``labels`` (each
+    file's index), or ``file_root`` and ``file_list`` (``write_file_list``)."""
     # shuffle_after_epoch draws every shard's order from one fixed seed, whatever the pipeline's seed: the
     # shards of an epoch partition the data while each rank's random operators draw their own numbers
-    jpegs, index = fn.readers.file(files=files, labels=indices, shard_id=shard_id, num_shards=num_shards,
-                                   shuffle_after_epoch=True, name="Reader")
+    jpegs, index = fn.readers.file(**source, shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=True,
+                                   name="Reader")
     windows, seeds, shape, anchor, box = views_params_op(jpegs, spec)
     image = decode_op(jpegs, anchor, box, decode_device)
     return cut_views_op(image, windows, anchor, spec), windows, seeds, shape, index
+
+
+def write_file_list(index: DataIndex, order: np.ndarray) -> Path:
+    """The files ``order`` names, one ``<path relative to index.root> <index>`` line each, in a new temporary
+    file (in the index folder when the index is cached there): DALI's reader parses such a list itself, where a
+    Python list of 1.28M paths took it seconds to take in (benchmarks/RESULTS.md, "ImageNet-scale folders")."""
+    blob, offsets = index.paths.blob.tobytes(), index.paths.offsets
+    fd, name = tempfile.mkstemp(".txt", ".dali-files-", index.file.parent if index.file else None)
+    with os.fdopen(fd, "wb") as f:
+        for a in range(0, len(order), 65536):  # in blocks: no Python object per file outlives its block
+            block = order[a:a + 65536]
+            f.write(b"".join([b"%s %d\n" % (blob[s:e], i) for s, e, i in
+                              zip(offsets[block].tolist(), (offsets[block + 1] - 1).tolist(), block.tolist())]))
+    return Path(name)
 
 
 class DaliLoader(Position):
@@ -153,16 +172,14 @@ class DaliLoader(Position):
     is rebuilt from ``state_dict()`` (DALI pipeline checkpointing): pass it back as ``state``.
     """
 
-    def __init__(self, files, spec: ViewSpec, batch_size: int, threads: int = 4,
-                 device_id: int | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True, prefetch: int = 2,
-                 skip_log: str | None = None, state: dict | None = None):
-        files = list(files)
-        # DALI's decoder aborts the pipeline on a broken file: screen headers and end markers first (rank 0
-        # logs what was left out; every rank drops the same files, so shards still partition the data)
-        keep = np.asarray(screen_files(files, skip_log if rank == 0 else None), np.int64)
+    def __init__(self, index: DataIndex, keep: np.ndarray, spec: ViewSpec, batch_size: int, threads: int = 4,
+                 device_id: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, prefetch: int = 2, state: dict | None = None):
+        # ``keep``: the indices of the files that passed screening (``screening.screen_index``): DALI's decoder
+        # aborts the pipeline on a broken file. Every rank keeps the same files, so shards still partition the data
+        keep = np.asarray(keep, np.int64)
         if len(keep) == 0:
-            raise ValueError(f"none of the {len(files)} files is a readable image")
+            raise ValueError(f"none of the {len(index)} files is a readable image")
         order = keep[np.random.default_rng([seed, 0xDA11]).permutation(len(keep))]  # epoch 0 shuffled too
         self.spec, self.seed, self.size = spec, seed, len(keep)
         if state is not None and state.get("graph") != GRAPH:
@@ -175,12 +192,16 @@ class DaliLoader(Position):
         Position.__init__(self, state)
         self.skip = 0
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
-        self.pipe = views_pipeline(
-            [files[i] for i in order], order.tolist(), spec, rank, world_size,
-            "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
-            device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
-            checkpoint=state["dali"] if state else None)
-        self.pipe.build()
+        file_list = write_file_list(index, order)
+        try:
+            self.pipe = views_pipeline(
+                {"file_root": str(index.root), "file_list": str(file_list)}, spec, rank, world_size,
+                "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
+                device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
+                checkpoint=state["dali"] if state else None)
+            self.pipe.build()  # the reader has read the list
+        finally:
+            file_list.unlink()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.pipe, list(OUTPUTS), reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)

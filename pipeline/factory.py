@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .contract import PairLoader, ViewLoader
-from .folder import read_first_readable, scan_image_folder
+from .folder import read_first_readable
+from .index import DataIndex, data_index, index_of
 from .geometry import Crop
 from .loader import render_view
 from .views import PairSpec, ViewSpec
@@ -45,7 +46,10 @@ class DataConfig:
     """Where the images come from and how they are read: the ``data`` section of the training configuration.
 
     ``path`` is an ImageFolder root, ``synthetic`` for the embedded set (generated into ``synthetic_dir``), or a
-    ``.beton`` (``backend=ffcv``); an ImageFolder given to FFCV is written to a ``.beton`` once (``prepare``)."""
+    ``.beton`` (``backend=ffcv``); an ImageFolder given to FFCV is written to a ``.beton`` once (``prepare``).
+    An ImageFolder is read through its index (``pipeline.index``), cached in ``index_dir`` (default:
+    ``$DENSESSL_INDEX_DIR`` or ``~/.cache/densessl/index``) and built from ``file_list`` (paths relative to
+    ``path``, as ImageNet's ``train_cls.txt``) instead of a folder walk when one is given."""
 
     path: str = "synthetic"
     synthetic_dir: str = "data/synthetic"
@@ -53,6 +57,8 @@ class DataConfig:
     workers: int = 8  # loader processes or threads per rank
     order: str = "random"  # random; sequential (torch, ffcv); quasi_random (ffcv: data larger than RAM, 1 process)
     max_bad_images: int = 100  # unreadable files are skipped and listed in RUN/skipped.txt; more aborts the run
+    file_list: str = ""  # the images of path, one per line, instead of a folder walk
+    index_dir: str = ""  # where the data index is cached ("": $DENSESSL_INDEX_DIR or ~/.cache/densessl/index)
 
     legacy: ClassVar[dict[str, str]] = {"data": "path", "ffcv_order": "order"}
 
@@ -77,6 +83,10 @@ class DataConfig:
                 raise ValueError(f"path={self.path!r}: no such file")
         elif self.path != "synthetic" and not Path(self.path).is_dir():
             raise ValueError(f"path={self.path!r}: no such folder")
+        if self.file_list and (self.path == "synthetic" or self.path.endswith(".beton")):
+            raise ValueError(f"file_list={self.file_list!r} names images of an ImageFolder: set path to its folder")
+        if self.file_list and not Path(self.file_list).is_file():
+            raise ValueError(f"file_list={self.file_list!r}: no such file")
 
     def prepare(self, work_dir: str | Path, write: bool = True, progress: bool = True) -> Path:
         """What ``build_loader`` reads for this data: the ImageFolder, or ``work_dir/train.beton`` written from it
@@ -96,7 +106,8 @@ class DataConfig:
                 print(f"writing {beton} from {root} (once; pass data.path=<file>.beton to reuse one)", flush=True)
                 partial = beton.with_suffix(".partial")
                 partial.unlink(missing_ok=True)  # an interrupted write's, in this run's own folder (run_folder)
-                write_beton(root, partial, workers=self.workers, max_bad_images=self.max_bad_images).rename(beton)
+                write_beton(self.source(root), partial, workers=self.workers,
+                            max_bad_images=self.max_bad_images).rename(beton)
                 bad = partial.with_name(partial.name + ".skipped.txt")
                 if bad.exists():  # the writer's list joins the run's
                     with open(Path(work_dir) / "skipped.txt", "a") as f:
@@ -104,20 +115,27 @@ class DataConfig:
             root = beton
         return root
 
+    def source(self, root: str | Path) -> DataIndex | Path:
+        """What ``build_loader`` reads from the path ``prepare`` returned: a ``.beton``, or the ImageFolder's index
+        (cached: built once per data set, by one process while the others wait)."""
+        root = Path(root)
+        if root.suffix == ".beton":
+            return root
+        return data_index(root, self.file_list or None, self.index_dir or None)
 
-def preview_images(root: str | Path, n: int, size: int) -> torch.Tensor:
-    """``n`` images spread over the data ``prepare`` returned, centre-cropped square and resized to ``size``:
-    uint8 ``[n, 3, size, size]``, the same for every run and resume on this data (unreadable files are replaced
-    by their readable neighbours)."""
-    root = Path(root)
-    if root.suffix == ".beton":
+
+def preview_images(data: str | Path | DataIndex, n: int, size: int) -> torch.Tensor:
+    """``n`` images spread over ``data`` (an ImageFolder, its index, or a ``.beton``), centre-cropped square and
+    resized to ``size``: uint8 ``[n, 3, size, size]``, the same for every run and resume on this data (unreadable
+    files are replaced by their readable neighbours)."""
+    if not isinstance(data, DataIndex) and Path(data).suffix == ".beton":
         from ffcv.reader import Reader
 
         from .ffcv import read_stored_image
-        count = Reader(str(root)).num_samples
-        read = lambda i: read_stored_image(root, i)  # noqa: E731
+        count = Reader(str(data)).num_samples
+        read = lambda i: read_stored_image(data, i)  # noqa: E731
     else:
-        files = scan_image_folder(root).files
+        files = index_of(data).paths
         count = len(files)
         read = lambda i: read_first_readable(files, i, warn=False)[1]  # noqa: E731
     out = []
@@ -137,7 +155,8 @@ def build_loader(backend: str, data, spec: PairSpec | ViewSpec = PairSpec(), *, 
 
     backend    ``torch`` (reference: DataLoader workers), ``dali`` (GPU decode when ``device`` is a GPU, else
                CPU) or ``ffcv``
-    data       an ImageFolder root or a list of image files (``torch``, ``dali``), a ``.beton`` (``ffcv``)
+    data       an ImageFolder root (read through its cached index, ``pipeline.index.data_index``), a
+               ``DataIndex``, or a list of image files (``torch``, ``dali``); a ``.beton`` (``ffcv``)
     spec       a ``ViewSpec`` (groups of views and their rules), or a preset: ``PairSpec``, ``MultiCropViews``
     batch_size per rank; ``workers``: loader processes or threads
     seed       every sample, view and match follows from it (and ``rank`` / ``world_size`` for the shard)
@@ -155,22 +174,24 @@ def build_loader(backend: str, data, spec: PairSpec | ViewSpec = PairSpec(), *, 
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cpu")
     views = spec.view_spec
     if backend == "ffcv":
-        if isinstance(data, (list, tuple)) or Path(data).suffix != ".beton":
+        if not isinstance(data, (str, Path)) or Path(data).suffix != ".beton":
             raise ValueError(f"backend=ffcv reads a .beton, not {data!r}: write one with "
                              "python -m densessl.pipeline.ffcv DIR OUT.beton")
         from .ffcv import FfcvLoader
         loader = FfcvLoader(data, views, batch_size, max(1, workers), seed, order=order,
                             distributed=world_size > 1, drop_last=drop_last, state=state)
     else:
-        files = list(data) if isinstance(data, (list, tuple)) else scan_image_folder(data).files
+        index = index_of(data)
         if backend == "dali":
             from .dali import DaliLoader
-            loader = DaliLoader(files, views, batch_size, max(1, workers),
+            from .screening import screen_index
+            index, keep = screen_index(index, skip_log, rank, world_size)  # DALI's decoder aborts on a broken file
+            loader = DaliLoader(index, keep, views, batch_size, max(1, workers),
                                 (device.index or 0) if device.type == "cuda" else None, seed, rank, world_size,
-                                drop_last, skip_log=skip_log, state=state)
+                                drop_last, state=state)
         else:
             from .loader import ReferenceLoader
-            loader = ReferenceLoader(files, views, batch_size, workers, seed, rank, world_size,
+            loader = ReferenceLoader(index.paths, views, batch_size, workers, seed, rank, world_size,
                                      shuffle=order == "random", drop_last=drop_last,
                                      pin_memory=device.type == "cuda", skip_log=skip_log, state=state)
     if len(loader) == 0:

@@ -44,7 +44,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .contract import Position, pack_views, unpack_views
 from .correspondence import splitmix64
-from .folder import MAX_PIXELS, BadImage, read_first_readable, scan_image_folder
+from .folder import MAX_PIXELS, BadImage, read_first_readable
+from .index import index_of
 from .geometry import draw_views
 from .owned import NotOurs
 from .resize import cut_views
@@ -135,14 +136,14 @@ def write_beton(data, out: str | Path, max_resolution: int | None = None, jpeg_q
     if out.exists() and not _written_by_us(out):  # FFCV's writer truncates whatever the path holds
         raise NotOurs(f"{option}={out} exists and was not written by densessl (no .beton of ours); choose a new "
                       "file")
-    folder = scan_image_folder(data)
+    folder = index_of(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     skip_log = out.with_name(out.name + ".skipped.txt")
     skip_log.unlink(missing_ok=True)
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
-    samples = _Samples(folder.files, folder.labels, skip_log)
+    samples = _Samples(folder.paths, folder.labels, skip_log)
     DatasetWriter(str(out), fields, num_workers=workers).from_indexed_dataset(samples)
     bad = {line.split("\t")[0] for line in skip_log.read_text().splitlines()} if skip_log.exists() else set()
     if bad:

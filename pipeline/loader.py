@@ -82,7 +82,9 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, files, spec: ViewSpec, skip_log: str | None = None):
-        self.files, self.spec, self.skip_log = list(files), spec, skip_log
+        # ``files``: a sequence of paths, kept as given: an index's ``Paths`` (arrays) keeps each worker's memory
+        # flat over an epoch, where a list of strings is copied page by page as workers read it
+        self.files, self.spec, self.skip_log = files, spec, skip_log
 
     def __len__(self) -> int:
         return len(self.files)

@@ -259,9 +259,15 @@ def run(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"data.{err}") from None
     distributed.barrier(world)
     loader_state = saved_loader_state(resumed and resumed[0], rank, world)
+    try:  # the folder's index, once: cached for every rank and requeue, and never rescanned by a rebuild
+        data = cfg.data.source(root)
+    except owned.NotOurs as err:  # the index folder: the message names data.index_dir
+        raise ConfigError(f"{err}") from None
+    except (FileNotFoundError, ValueError) as err:  # no images, an unreadable file list
+        raise ConfigError(f"data.path={cfg.data.path!r}: {err}") from None
 
     def build(state):  # the loader at a position (RestartingLoader rebuilds it there when a worker dies)
-        return build_loader(cfg.data.backend, root, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
+        return build_loader(cfg.data.backend, data, cfg.view_spec(), batch_size=cfg.optim.batch_size // world,
                             workers=cfg.data.workers, seed=cfg.run.seed, rank=rank, world_size=world, device=device,
                             state=state, skip_log=str(run_dir / "skipped.txt"), order=cfg.data.order)
     try:
@@ -287,7 +293,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     monitor = None
     if rank == 0:
         pictures = cfg.run.tensorboard and cfg.run.log_images
-        images = preview_images(root, cfg.run.log_images, cfg.view_sizes()[0][0]) if pictures else None
+        images = preview_images(data, cfg.run.log_images, cfg.view_sizes()[0][0]) if pictures else None
         keys = cfg.optim.batch_size * model.method.keys_per_sample(cfg.view_spec())
         monitor = Monitor(cfg, keys, total, iteration, images)
     heartbeat = distributed.Heartbeat(run_dir, rank, world)
