@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def index_dir(tmp_path_factory):
+    """Data indexes (``pipeline.index``) go to the session's temporary folder, not the user's ~/.cache; child
+    processes (torchrun, Slurm jobs) inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("index")
+        patch.setenv("DENSESSL_INDEX_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("synthetic"), TINY, progress=False)

@@ -55,6 +55,31 @@ def write_corpus(root: Path, good: int = 8) -> Path:
     return root
 
 
+def write_screening_extras(root: Path) -> Path:
+    """ROOT/x/*: JPEG structures that screening reads in parts (large metadata segments, progressive scans,
+    trailing bytes, headers cut short) and PNGs whole or cut."""
+    x = root / "x"
+    x.mkdir(parents=True)
+    image = _scene(300, 400, 21)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010E] = "x" * 30000  # an EXIF segment of 30 KB before the frame header
+    Image.fromarray(image).save(x / "bigexif.jpg", exif=exif.tobytes(), quality=90)
+    Image.fromarray(image).save(x / "progressive.jpg", progressive=True, quality=90)
+    Image.fromarray(image).save(x / "icc.jpg", icc_profile=b"\0" * 20000, quality=90)
+    big = (x / "bigexif.jpg").read_bytes()
+    (x / "bigexif_cut.jpg").write_bytes(big[:len(big) - 5000])
+    (x / "header_only.jpg").write_bytes(big[:1500])
+    progressive = (x / "progressive.jpg").read_bytes()
+    (x / "trailing3k.jpg").write_bytes(progressive + b"\0" * 3000)
+    (x / "trailing5k.jpg").write_bytes(progressive + b"\0" * 5000)
+    (x / "soi_then_zeros.jpg").write_bytes(b"\xff\xd8" + b"\0" * 5000 + b"\xff\xd9")
+    (x / "three_bytes.jpg").write_bytes(b"\xff\xd8\xff")
+    Image.fromarray(image).save(x / "whole.png")
+    (x / "cut.png").write_bytes((x / "whole.png").read_bytes()[:-20])
+    return root
+
+
 if __name__ == "__main__":
     import sys
     out = Path(sys.argv[1])

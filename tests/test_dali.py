@@ -28,7 +28,7 @@ def dali_loader(root, spec=SPEC, **kw):
 
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_batch_contract_and_ramp_end_to_end(ramp_root, device_id):
-    files = scan_image_folder(ramp_root).files
+    files = list(scan_image_folder(ramp_root).files)
     batches = list(dali_loader(ramp_root, device=device_id))
     for batch in batches:
         check_batch(batch, SPEC)
@@ -40,7 +40,7 @@ def test_batch_contract_and_ramp_end_to_end(ramp_root, device_id):
 
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_views_rebuilt_from_returned_geometry(synthetic_root, device_id):
-    files = scan_image_folder(synthetic_root / "train").files
+    files = list(scan_image_folder(synthetic_root / "train").files)
     batch = next(iter(dali_loader(synthetic_root / "train", batch_size=8, device=device_id)))
     right, wrong = [], []
     for b in range(8):
@@ -141,7 +141,7 @@ def test_cpu_graph_decodes_the_union_box_with_the_whole_images_pixels(tmp_path):
     pytest.importorskip("skimage")
     from densessl.benchmarks.photos import write_photo_set
     root = write_photo_set(tmp_path / "photos", count=24)
-    files = scan_image_folder(root).files
+    files = list(scan_image_folder(root).files)
     spec = PairSpec(size=(128, 128))
     compared = 0
     for batch in dali_loader(root, spec, batch_size=8):
@@ -179,7 +179,7 @@ def test_gpu_cutter_lays_out_rows_as_the_numba_cutter(synthetic_root, views):
 
     spec = (PairSpec(size=64, num_matches=8, min_matches=64).view_spec if views == "pairs" else
             MultiCropViews(crops="2x64,4x32", min_cells=16, num_matches=8).view_spec)
-    files = scan_image_folder(synthetic_root / "train").files
+    files = list(scan_image_folder(synthetic_root / "train").files)
     order = list(range(len(files)))
 
     @pipeline_def
@@ -192,7 +192,7 @@ def test_gpu_cutter_lays_out_rows_as_the_numba_cutter(synthetic_root, views):
 
     kw = dict(batch_size=4, num_threads=1, device_id=None, seed=1)
     rows, windows = (np.stack([np.array(t) for t in out]) for out in whole_image(files, **kw).run())
-    cpu = views_pipeline(files, order, spec, 0, 1, "cpu", **kw).run()
+    cpu = views_pipeline(dict(files=files, labels=order), spec, 0, 1, "cpu", **kw).run()
     cpu_rows, cpu_windows = (np.stack([np.array(t) for t in out]) for out in cpu[:2])
     np.testing.assert_array_equal(windows, cpu_windows)
     assert rows.shape == cpu_rows.shape == (4, spec.offsets[-1])

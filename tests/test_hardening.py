@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image
 
-from densessl.pipeline.folder import BadImage, decode_rgb, read_first_readable, scan_image_folder, screen_file
+from densessl.pipeline.folder import BadImage, decode_rgb, read_first_readable
+from densessl.pipeline.index import scan_image_folder
+from densessl.pipeline.screening import screen_file
 
 
 def _jpeg(path: Path, h: int = 32, w: int = 48, seed: int = 0) -> Path:

@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 from corpus import BAD, write_corpus
 from densessl.model import checkpoint
 from densessl.pipeline import PairSpec, build_loader, check_batch, scan_image_folder
-from densessl.pipeline.folder import BadImage, decode_rgb, screen_file
+from densessl.pipeline.folder import BadImage, decode_rgb
+from densessl.pipeline.screening import screen_file
 from densessl.train.config import parse
 
 SPEC = PairSpec(size=(64, 64), num_matches=8, min_matches=8)
