@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from densessl.pipeline import PairSpec, build_loader, owned  # noqa: E402
-from densessl.pipeline.folder import scan_image_folder  # noqa: E402
+from densessl.pipeline.index import scan_image_folder  # noqa: E402
 
 from . import stages  # noqa: E402
 from .common import machine, time_loader  # noqa: E402

@@ -16,7 +16,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from densessl.pipeline import PairSpec, build_loader
 from densessl.pipeline.dali import decode_op, views_params_op, views_pipeline
-from densessl.pipeline.folder import scan_image_folder
+from densessl.pipeline.index import scan_image_folder
 
 from .common import Rate, machine, time_loader
 from .loader import DATA_HELP, resolve_data
@@ -66,8 +66,9 @@ def main(argv=None) -> None:
                       args.batch),
             time_pipe("read + pair sampler + the loader's decode", decode_pipeline(files, dev, spec, **kw), batches,
                       args.reps, args.batch),
-            time_pipe("+ both views cut (full graph)", views_pipeline(files, order, spec.view_spec, 0, 1, dev,
-                                                                      **kw), batches, args.reps, args.batch)]
+            time_pipe("+ both views cut (full graph)",
+                      views_pipeline(dict(files=files, labels=order), spec.view_spec, 0, 1, dev, **kw), batches,
+                      args.reps, args.batch)]
     loader = build_loader("dali", files, spec, batch_size=args.batch, workers=args.threads, device=args.device)
     rows.append(time_loader("full loader (iterator, matches)", loader, 1, args.reps))
     print(f"DALI stages: {len(files)} images in {root}, {dev} decode, {args.threads} threads, batch {args.batch}; "

@@ -23,7 +23,8 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from densessl.pipeline import PairSpec, build_loader
-from densessl.pipeline.folder import decode_rgb, scan_image_folder
+from densessl.pipeline.folder import decode_rgb
+from densessl.pipeline.index import scan_image_folder
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 
 from .common import machine, time_loader

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from densessl.pipeline import PairSpec, ViewSpec, build_loader
-from densessl.pipeline.folder import scan_image_folder
+from densessl.pipeline.index import scan_image_folder
 
 from .common import machine, time_loader
 from .loader import DATA_HELP, backend_data, resolve_data
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="torch", help="comma-separated: torch, ffcv, dali (CPU)")
     args = p.parse_args(argv)
     root = resolve_data(args.data)
-    files = scan_image_folder(root).files
+    files = list(scan_image_folder(root).files)
     spec = ViewSpec.multicrop(args.views)
     only_global = ViewSpec.multicrop(args.views.split(",")[0])
     torch.set_num_threads(1)

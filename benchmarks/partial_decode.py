@@ -31,7 +31,7 @@ import numpy as np
 import simplejpeg
 
 from densessl.pipeline import PairSpec
-from densessl.pipeline.folder import scan_image_folder
+from densessl.pipeline.index import scan_image_folder
 from densessl.pipeline.geometry import view_params
 
 from .common import machine

@@ -128,8 +128,8 @@ def dali(files, spec: PairSpec, batch: int = 32, device: int | None = None) -> d
     kw = dict(batch_size=batch, num_threads=1, device_id=device, seed=0)
     batches = max(1, len(files) // batch)
     rates = [time_pipe("sampler", decode_pipeline(files, dev, spec, **kw), batches, 1, batch).median,
-             time_pipe("views", views_pipeline(files, list(range(len(files))), spec.view_spec, 0, 1, dev, **kw),
-                       batches, 1, batch).median,
+             time_pipe("views", views_pipeline(dict(files=files, labels=list(range(len(files)))), spec.view_spec,
+                                               0, 1, dev, **kw), batches, 1, batch).median,
              time_loader("loader", build_loader("dali", files, spec, batch_size=batch, workers=1, device=device), 1,
                          1).median]
     ms = [1000 / r for r in rates]
