@@ -192,16 +192,21 @@ class DaliLoader(Position):
         Position.__init__(self, state)
         self.skip = 0
         rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # ranks draw apart
-        file_list = write_file_list(index, order)
+        if (index.paths.blob == ord("\n")).any():  # a name with a line break cannot be a line of a file list
+            file_list, source = None, {"files": [index.paths[i] for i in order], "labels": order.tolist()}
+        else:
+            file_list = write_file_list(index, order)
+            source = {"file_root": str(index.root), "file_list": str(file_list)}
         try:
             self.pipe = views_pipeline(
-                {"file_root": str(index.root), "file_list": str(file_list)}, spec, rank, world_size,
+                source, spec, rank, world_size,
                 "mixed" if device_id is not None else "cpu", batch_size=batch_size, num_threads=threads,
                 device_id=device_id, seed=rank_seed, prefetch_queue_depth=prefetch,
                 checkpoint=state["dali"] if state else None)
             self.pipe.build()  # the reader has read the list
         finally:
-            file_list.unlink()
+            if file_list is not None:
+                file_list.unlink()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.pipe, list(OUTPUTS), reader_name="Reader",
                                             last_batch_policy=policy, auto_reset=True)

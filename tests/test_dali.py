@@ -199,3 +199,16 @@ def test_gpu_cutter_lays_out_rows_as_the_numba_cutter(synthetic_root, views):
     for v in range(len(spec.views())):  # each view in its place: a swapped or mirrored view differs by ~40 levels
         a, b = (r[:, spec.offsets[v]:spec.offsets[v + 1]].astype(int) for r in (rows, cpu_rows))
         assert np.abs(a - b).mean() < 0.5, v
+
+
+def test_names_with_spaces_and_line_breaks_are_read(tmp_path, ramp_root):
+    """DALI reads the index through a file list (``dali.write_file_list``): a space in a name is fine there, a
+    line break is not, and such an index goes to DALI as a list of paths instead."""
+    source = next(p for p in sorted(ramp_root.rglob("*.jpg")))
+    for names in (["a b.jpg", "c.jpg"], ["a b.jpg", "c\nd.jpg"]):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        (root / "class one").mkdir(parents=True)
+        for name in names:
+            (root / "class one" / name).write_bytes(source.read_bytes())
+        batch = next(iter(dali_loader(root, batch_size=2, workers=1)))
+        assert sorted(batch["index"].tolist()) == [0, 1]
