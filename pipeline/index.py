@@ -383,7 +383,8 @@ def main(argv=None) -> None:
     p.add_argument("--index-dir", default=None, help="where indexes are cached (data.index_dir; default "
                    f"{default_index_dir()})")
     p.add_argument("--rebuild", action="store_true", help="build it again even when the cached one is fresh")
-    p.add_argument("--screen", action="store_true", help="also screen every file, as backend=dali does")
+    p.add_argument("--screen", action="store_true",
+                   help="also screen every file, as the GPU-decoding backend does on its first start")
     args = p.parse_args(argv)
     index = data_index(args.data, args.file_list, args.index_dir, rebuild=args.rebuild)
     if args.screen:
