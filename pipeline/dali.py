@@ -150,7 +150,8 @@ def views_pipeline(source: dict, spec: ViewSpec, shard_id: int, num_shards: int,
 def write_file_list(index: DataIndex, order: np.ndarray) -> Path:
     """The files ``order`` names, one ``<path relative to index.root> <index>`` line each, in a new temporary
     file (in the index folder when the index is cached there): DALI's reader parses such a list itself, where a
-    Python list of 1.28M paths took it seconds to take in (benchmarks/RESULTS.md, "ImageNet-scale folders")."""
+    Python list of 1.28M paths took it seconds to take in (one-off numbers: benchmarks/RESULTS.md,
+    "ImageNet-scale folders")."""
     blob, offsets = index.paths.blob.tobytes(), index.paths.offsets
     fd, name = tempfile.mkstemp(".txt", ".dali-files-", index.file.parent if index.file else None)
     with os.fdopen(fd, "wb") as f:

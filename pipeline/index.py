@@ -34,7 +34,7 @@ import struct
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -366,11 +366,6 @@ def read_index(path: Path) -> DataIndex:
     return DataIndex(root, Paths(arrays["blob"], arrays["offsets"], f"{root}{os.sep}"), arrays["labels"],
                      tuple(header["classes"]), header["source"], arrays["sizes"], arrays["mtimes"],
                      arrays["verdicts"], {int(k): v for k, v in header["reasons"].items()}, header["build"], path)
-
-
-def with_verdicts(index: DataIndex, verdicts: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray,
-                  reasons: dict[int, str]) -> DataIndex:
-    return replace(index, verdicts=verdicts, sizes=sizes, mtimes=mtimes, reasons=reasons)
 
 
 def main(argv=None) -> None:

@@ -18,13 +18,14 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import simplejpeg
 
 from .folder import MAX_PIXELS, BadImage, _check_size, _open
-from .index import BAD, READABLE, DataIndex, read_index, with_verdicts, write_index
+from .index import BAD, READABLE, DataIndex, read_index, write_index
 from .one_writer import one_writer
 from .progress import progress
 
@@ -135,7 +136,7 @@ BLOCK = 2048  # files per task of a screening process
 def _screen_range(paths, start: int, stop: int, pool=None, threads: int = 2, show: bool = False):
     """``(verdicts, sizes, mtimes, reasons)`` of ``paths[start:stop]``, in blocks of ``BLOCK`` files shared by the
     processes of ``pool`` (``_screening_pool``; None: this process), each reading with ``threads`` threads: on a
-    hot page cache more threads only contend for the interpreter (8 were 1.3x slower than 1 here), while on a
+    hot page cache more threads only contend for the interpreter (8 were 1.3x slower than 1 in a one-off run), while on a
     network file system a second read in flight hides some of each open's latency."""
     blocks = [(a, min(stop, a + BLOCK), threads) for a in range(start, stop, BLOCK)]
     if pool is not None:
@@ -208,7 +209,7 @@ def screen_index(index: DataIndex, skip_log: str | None = None, rank: int = 0,
             with _screening_pool(index.paths, len(index)) as pool:
                 verdicts, sizes, mtimes, reasons = _screen_range(index.paths, 0, len(index), pool,
                                                                  show=len(index) >= 50_000)
-            index = with_verdicts(index, verdicts, sizes, mtimes, reasons)
+            index = replace(index, verdicts=verdicts, sizes=sizes, mtimes=mtimes, reasons=reasons)
         else:
             index = _screen_shared(index, rank, world_size)
     if rank == 0:
@@ -269,8 +270,8 @@ def _join(index: DataIndex, folder: Path, n: int) -> DataIndex:
     reasons = {}
     for p in parts:
         reasons.update(zip(p["bad"].tolist(), p["reasons"].tolist()))
-    joined = with_verdicts(index, *(np.concatenate([p[k] for p in parts]) for k in ("verdicts", "sizes", "mtimes")),
-                           reasons)
+    joined = replace(index, reasons=reasons, **{k: np.concatenate([p[k] for p in parts])
+                                                for k in ("verdicts", "sizes", "mtimes")})
     with one_writer(index.file.with_name(index.file.name + ".lock")) as writing:
         if writing:
             current = read_index(index.file)

@@ -147,15 +147,19 @@ def test_ranks_share_the_first_screening_and_every_later_start_reads_it(tmp_path
     root, cache = write_corpus(tmp_path / "corpus"), tmp_path / "cache"
     data_index(root, index_dir=cache)
     code = f"""
+        import contextlib, io
         from densessl.pipeline import screening
         from densessl.pipeline.index import data_index
-        screening.CHUNK = 4  # a chunk per four files: both ranks get some
-        index, keep = screening.screen_index(data_index({str(root)!r}, index_dir={str(cache)!r}), rank=RANK,
-                                             world_size=2)
-        print(json.dumps({{"keep": keep.tolist()}}))
+        screening.CHUNK = 4  # a chunk per four files
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            index, keep = screening.screen_index(data_index({str(root)!r}, index_dir={str(cache)!r}), rank=RANK,
+                                                 world_size=2)
+        print(json.dumps({{"keep": keep.tolist(), "screened": said.getvalue().count("screened chunk")}}))
     """
     a, b = _in_processes(code, 2)
-    assert a == b
+    assert a["keep"] == b["keep"]
+    assert a["screened"] + b["screened"] == -(-len(data_index(root, index_dir=cache)) // 4)  # each chunk once
     index = data_index(root, index_dir=cache)
     assert index.screened and np.flatnonzero(index.verdicts == 1).tolist() == a["keep"]
     assert sorted(p.name for p in cache.iterdir()) == [".densessl", index_name(root, None)]
