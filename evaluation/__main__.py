@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("protocol", choices=["all", "segmentation", "depth", "propagation", "visualize", "export"])
     p.add_argument("--checkpoint", help="our training checkpoint (all, export)")
     p.add_argument("--features", nargs="+", default=[], help="extractors: checkpoint:P random:ARCH torchvision:P "
-                                                             "mocov2:P")
-    p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2 weights")
+                                                             "mocov2:P timm:P")
+    p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2/timm weights (a ResNet or a timm ViT name)")
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"], choices=KINDS,
                    help="how each model is read (evaluation/features.py): hypercolumn = C2..C5 at stride 4, the "
                         "same for every model; dense = the method's dense output; c5 = the last stage")
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
                    help="where the networks run (default: the GPU when there is one)")
     args = p.parse_args(argv)
     out, size, device = Path(args.out), tuple(args.size), torch.device(args.device)
-    if any(s % 32 for s in size):
-        p.error(f"--size {size[0]} {size[1]}: both must be multiples of 32 (the encoder's stride)")
+    if any(s % 32 for s in size):  # a ViT pads to its patch (evaluation.features)
+        p.error(f"--size {size[0]} {size[1]}: both must be multiples of 32 (a ResNet's stride)")
     try:
         if args.protocol in ("all", "export") and not args.checkpoint:
             p.error(f"{args.protocol} needs --checkpoint")

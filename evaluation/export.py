@@ -2,10 +2,11 @@
 
     python -m densessl.evaluation export --checkpoint runs/vader/checkpoints/step_00100000.pt --out exported/
 
-writes ``encoder_torchvision.pth`` (a plain torchvision ResNet state dict, no ``fc``), ``encoder_detectron2.pkl``
-(detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any leftover names) with
-``encoder_detectron2.yaml`` beside it, and each head of the model's method on its own, by its name (VADeR's FPN
-decoder as ``decoder.pth``).
+writes, for a ResNet, ``encoder_torchvision.pth`` (a plain torchvision ResNet state dict, no ``fc``),
+``encoder_detectron2.pkl`` (detectron2's naming, numpy arrays, ``matching_heuristics`` set so detectron2 maps any
+leftover names) with ``encoder_detectron2.yaml`` beside it; for a ViT, ``encoder_timm.pth`` with
+``encoder_timm.json``, the ``timm.create_model(model_name, **kwargs)`` call whose model loads it strictly; and
+each head of the model's method on its own, by its name (VADeR's FPN decoder as ``decoder.pth``).
 
 The weights are torchvision's ResNet trained on RGB images in [0, 1] normalised by ImageNet's mean and std.
 detectron2's defaults are its own MSRA ResNet: stride in the 1x1 convolution, BGR input, mean-only
@@ -15,13 +16,14 @@ else, so the YAML holds the config lines that make detectron2 compute what was t
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from densessl.model import checkpoint
+from densessl.model import checkpoint, vit
 
 _D2_RULES = [  # torchvision name -> detectron2 name, applied in order
     (r"^conv1\.", "stem.conv1."),
@@ -67,18 +69,29 @@ def detectron2_config() -> str:
                                     std=", ".join(f"{255 * s:.3f}" for s in IMAGENET_STD))
 
 
+def timm_call(arch: str) -> dict:
+    """The ``timm.create_model`` arguments whose model loads ``encoder_timm.pth`` as it is (no classifier)."""
+    name, kwargs = vit.timm_model(arch)
+    return {"model_name": name, "kwargs": {**kwargs, "num_classes": 0, "dynamic_img_size": True}}
+
+
 def export(path: str | Path, out: str | Path) -> list[Path]:
-    """Write the encoder (torchvision, detectron2) and the heads (VADeR's decoder, projection MLPs) of a
-    checkpoint or run."""
+    """Write the encoder (a ResNet: torchvision, detectron2; a ViT: timm) and the heads (VADeR's decoder,
+    projection MLPs) of a checkpoint or run."""
     model = checkpoint.load_model(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = model.encoder_q.encoder.net.state_dict()
-    written = [out / "encoder_torchvision.pth", out / "encoder_detectron2.pkl", out / "encoder_detectron2.yaml"]
-    torch.save(encoder, written[0])
-    with open(written[1], "wb") as f:
-        pickle.dump(to_detectron2(encoder), f)
-    written[2].write_text(detectron2_config())
+    if vit.timm_model(model.cfg.arch):
+        written = [out / "encoder_timm.pth", out / "encoder_timm.json"]
+        torch.save(encoder, written[0])
+        written[1].write_text(json.dumps(timm_call(model.cfg.arch), indent=2) + "\n")
+    else:
+        written = [out / "encoder_torchvision.pth", out / "encoder_detectron2.pkl", out / "encoder_detectron2.yaml"]
+        torch.save(encoder, written[0])
+        with open(written[1], "wb") as f:
+            pickle.dump(to_detectron2(encoder), f)
+        written[2].write_text(detectron2_config())
     for name in model.encoder_q.heads:  # the method's heads, each by its name (VADeR: decoder.pth)
         written.append(out / f"{name}.pth")
         torch.save(getattr(model.encoder_q, name).state_dict(), written[-1])

@@ -5,6 +5,7 @@ A model is named by a spec:
     checkpoint:PATH   our training checkpoint or run folder
     random:ARCH       randomly initialised VADeR network (encoder + decoder), seed 0 (``random:ARCH@SEED``)
     torchvision:PATH  supervised ResNet weights (a torchvision state dict)
+    timm:PATH         ViT weights of timm, DINO or DINOv2 (``--arch`` names the timm ViT)
     mocov2:PATH       a MoCo v2 checkpoint (``module.encoder_q.*``; DenseCL and MoCo v3 files load too)
 
 and each model is read as one or more kinds of features (``KINDS``), so models are compared on equal footing:
@@ -15,7 +16,7 @@ and each model is read as one or more kinds of features (``KINDS``), so models a
                  upsampled from stride 32); models without one (MoCo v2, supervised weights) have no such row
     c5           the last stage at stride 4: dilated for ResNet-50 and deeper, as in the VADeR paper
                  (``replace_stride_with_dilation``); upsampled from stride 32 for ResNet-18/34, which torchvision
-                 cannot dilate
+                 cannot dilate; a ViT's last block's patch tokens, upsampled
 
 Every extractor is a module that moves its input to the device its weights are on, so callers can hand it
 CPU tensors wherever the model lives.
@@ -32,9 +33,10 @@ from torch.nn import functional as F
 from densessl.model import checkpoint
 from densessl.model.builder import MoCo, ModelConfig
 from densessl.model.methods import method_config
-from densessl.model.network import ResNetEncoder, load_weights
+from densessl.model.network import build_encoder
 
 KINDS = ("hypercolumn", "dense", "c5")
+FOREIGN_WEIGHTS = ("torchvision", "mocov2", "timm")  # the specs of other projects' weights (file formats)
 
 
 class Extractor(nn.Module):
@@ -52,10 +54,11 @@ class Extractor(nn.Module):
         raise NotImplementedError
 
 
-def _encoder(arch: str, state: dict, what: str, dilate: bool = False) -> ResNetEncoder:
-    """The model's encoder (``ResNetEncoder``) holding all of ``state`` (checked; a classifier is ignored)."""
-    encoder = ResNetEncoder(arch, dilate)
-    load_weights(encoder.net, state, what, optional=("fc.",))
+def _encoder(arch: str, state: dict, what: str, dilate: bool = False) -> torch.nn.Module:
+    """The model's encoder (``network.build_encoder``; a ViT pads images to its patch) holding all of ``state``
+    (checked; a classifier is ignored)."""
+    encoder = build_encoder(arch, dilate, pad=True)
+    encoder.load_encoder_state(state, what)
     return encoder
 
 
@@ -64,8 +67,9 @@ def _at_stride4(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if y.shape[-2:] == size else F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
-class GlobalResNet(Extractor):
-    """A ResNet's last stage as dense features at stride 4 (the ``c5`` kind): dilated where torchvision can."""
+class LastStage(Extractor):
+    """An encoder's last stage as dense features at stride 4 (the ``c5`` kind): dilated where torchvision can,
+    a ViT's patch tokens upsampled."""
 
     def __init__(self, arch: str, state: dict, what: str = "weights"):
         super().__init__()
@@ -106,9 +110,9 @@ def _check_kinds(kinds) -> None:
 
 
 def encoder_extractors(arch: str, state: dict, what: str, kinds=KINDS) -> dict[str, Extractor]:
-    """The encoder-only kinds (``hypercolumn``, ``c5``) of a ResNet state dict, by kind."""
+    """The encoder-only kinds (``hypercolumn``, ``c5``) of an encoder state dict (ResNet or ViT), by kind."""
     _check_kinds(kinds)
-    build = {"hypercolumn": Hypercolumn, "c5": GlobalResNet}
+    build = {"hypercolumn": Hypercolumn, "c5": LastStage}
     return {k: build[k](arch, state, what).eval() for k in kinds if k in build}
 
 
@@ -139,12 +143,12 @@ def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KIN
         arch_arg, _, seed = arg.partition("@")
         name = "random init" + (f" seed {seed}" if seed else "")
         found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
-    elif source in ("torchvision", "mocov2"):
+    elif source in FOREIGN_WEIGHTS:
         name = f"{source} {Path(arg).name}"
         found = encoder_extractors(arch, checkpoint.read_encoder_state(arg), arg, kinds)
     else:
-        raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH or "
-                         "mocov2:PATH")
+        raise ValueError(f"unknown feature spec {spec!r}: use checkpoint:PATH, random:ARCH, torchvision:PATH, "
+                         "mocov2:PATH or timm:PATH")
     if not found:
         raise ValueError(f"{spec}: has none of the feature kinds {list(kinds)} (a global model has no 'dense')")
     return {f"{name} [{kind}]": module.to(device) for kind, module in found.items()}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .methods import DEFAULT, MethodConfig, method_class, method_config
-from .network import DenseNetwork, ResNetEncoder, check_arch
+from .network import DenseNetwork, build_encoder, check_arch
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class ModelConfig:
     """The networks: the ``model`` section of the training configuration. With the method's settings it is
     everything that defines a model, saved in every checkpoint (``model_config``) and rebuilt from it."""
 
-    arch: str = "resnet50"
+    arch: str = "resnet50"  # a torchvision ResNet or a timm ViT (network.check_arch)
     dim: int = 128  # embedding size of every head
     init_encoder: str | None = None  # MoCo v1/v2/v3, DenseCL or torchvision weights for the encoder
     sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN in the key encoder
@@ -80,18 +80,21 @@ class MoCo(nn.Module):
         super().__init__()
         self.cfg, self.method_cfg = cfg, method or method_config()
         self.method = method_class(self.method_cfg.name)(self.method_cfg)
-        encoder = ResNetEncoder(cfg.arch)
+        encoder = build_encoder(cfg.arch)
         self.encoder_q = DenseNetwork(encoder, self.method.heads(encoder.channels, cfg.dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
+        self._batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder_k.modules())
         for name in self.method.queues:
             self.register_buffer(name, F.normalize(torch.randn(cfg.dim, self.method_cfg.queue_size), dim=0))
             self.register_buffer(name + "_ptr", torch.zeros((), dtype=torch.long))
 
     @property
     def shuffle_bn(self) -> bool:
-        return not self.cfg.sync_bn
+        """Shuffled BatchNorm statistics for the keys: without BatchNorm (a ViT, whose norms are per token, and
+        GroupNorm heads) a query cannot find its key through batch statistics, so keys are encoded at once."""
+        return not self.cfg.sync_bn and self._batchnorm
 
     @torch.no_grad()
     def momentum_update(self) -> None:

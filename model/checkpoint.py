@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from .builder import MoCo, configs_from_checkpoint
-from .network import ResNetEncoder, load_weights
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -199,14 +198,15 @@ ENCODER_PREFIXES = ("encoder_q.encoder.net.", "encoder_q.0.", "encoder_q.", "bas
 
 
 def read_encoder_state(path: str | Path) -> dict:
-    """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision or densessl checkpoint as a plain torchvision
-    ResNet state dict, without the classifier or projection head (``fc.*``).
+    """The query encoder of a MoCo v1/v2/v3, DenseCL, torchvision, timm, DINO, DINOv2 or densessl checkpoint as a
+    plain torchvision ResNet or timm ViT state dict, without a ResNet's classifier (``fc.*``).
 
-    The keys are unwrapped from ``state_dict`` or ``model`` and from DDP's ``module.``; then only the keys of the
-    first ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the
-    queue, which are not the encoder's)."""
+    The keys are unwrapped from ``state_dict``, ``model`` or ``teacher`` (a DINO training checkpoint: its
+    evaluations read the teacher) and from DDP's ``module.``; then only the keys of the first
+    ``ENCODER_PREFIXES`` entry found are kept (a MoCo checkpoint also holds the momentum encoder and the queue,
+    which are not the encoder's)."""
     state = load_file(path)
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
@@ -218,6 +218,6 @@ def read_encoder_state(path: str | Path) -> dict:
             if k.startswith(prefix) and not k[len(prefix):].startswith("fc.") and torch.is_tensor(v)}
 
 
-def load_encoder_weights(encoder: ResNetEncoder, path: str | Path) -> None:
-    """Load ``read_encoder_state(path)`` into ``encoder``, all of it (``load_weights``)."""
-    load_weights(encoder.net, read_encoder_state(path), str(path))
+def load_encoder_weights(encoder, path: str | Path) -> None:
+    """Load ``read_encoder_state(path)`` into ``encoder`` (a ``network.build_encoder`` module), all of it."""
+    encoder.load_encoder_state(read_encoder_state(path), str(path))

@@ -1,10 +1,10 @@
-"""Networks: a torchvision ResNet encoder, and the heads methods put on it (an FPN decoder to stride 4, a global
-projection MLP, a dense 1x1 projection).
+"""Networks: the encoders (a torchvision ResNet here, a timm ViT in ``vit``), and the heads methods put on them (an
+FPN decoder to stride 4, a global projection MLP, a dense 1x1 projection).
 
-The encoder is torchvision's own ResNet module (minus ``fc``), so torchvision and MoCo v2 checkpoints load into
-it unchanged and trained encoders export as plain torchvision state dicts. Every head reads the encoder's
-C2..C5 and names the output it adds (``output``); which heads a network has is its method's choice
-(``methods``), not the network's.
+A ResNet encoder is torchvision's own module (minus ``fc``), so torchvision and MoCo v2 checkpoints load into it
+unchanged and trained encoders export as plain torchvision state dicts. Every encoder returns C2..C5 (strides 4,
+8, 16, 32) and every head reads them and names the output it adds (``output``); which heads a network has is its
+method's choice (``methods``), not the network's.
 """
 
 from __future__ import annotations
@@ -16,12 +16,28 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from . import vit
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHS)}")
+    """A one-line ``ValueError`` for a name that is neither one of ``ARCHS`` nor a timm ViT (``vit``)."""
+    if arch not in ARCHS and vit.timm_model(arch) is None:
+        raise ValueError(f"arch={arch!r}: choose a ResNet ({', '.join(ARCHS)}) or {vit.choices_hint(arch)}")
+
+
+def build_encoder(arch: str, dilate: bool = False, pad: bool = False) -> nn.Module:
+    """The encoder ``arch`` names: ``ResNetEncoder`` or ``vit.ViTEncoder`` (``pad``: a ViT takes any image size,
+    as a ResNet does; evaluation's images)."""
+    check_arch(arch)
+    return ResNetEncoder(arch, dilate) if arch in ARCHS else vit.ViTEncoder(arch, dilate, pad)
+
+
+def size_multiple(arch: str) -> int:
+    """What every view side must be a multiple of for ``arch``: a ResNet's stride 32, a ViT's patch."""
+    check_arch(arch)
+    return 32 if arch in ARCHS else vit.patch_size(arch)
 
 
 class ResNetEncoder(nn.Module):
@@ -46,6 +62,10 @@ class ResNetEncoder(nn.Module):
         c3 = n.layer2(c2)
         c4 = n.layer3(c3)
         return [c2, c3, c4, n.layer4(c4)]
+
+    def load_encoder_state(self, state: dict, what: str) -> None:
+        """Load a torchvision ResNet state dict, all of it (a classifier, ``fc.*``, is ignored)."""
+        load_weights(self.net, state, what, optional=("fc.",))
 
 
 class BilinearUp2(nn.Module):
@@ -121,7 +141,7 @@ class DenseNetwork(nn.Module):
     """An encoder and the heads its method gave it, each an attribute of its own name (checkpoints name their
     weights so). ``forward`` returns ``c5`` and each head's output, under the name the head gives it."""
 
-    def __init__(self, encoder: ResNetEncoder, heads: dict[str, nn.Module]):
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]):
         super().__init__()
         self.encoder = encoder
         self.heads = tuple(heads)

@@ -16,7 +16,7 @@ from PIL import Image
 from densessl.evaluation import datasets
 from densessl.evaluation.__main__ import main as evaluation_main
 from densessl.evaluation.export import detectron2_name, export
-from densessl.evaluation.features import GlobalResNet, Hypercolumn, feature_extractor, feature_extractors
+from densessl.evaluation.features import LastStage, Hypercolumn, feature_extractor, feature_extractors
 from densessl.evaluation.metrics import (boundary_f, boundary_map, boundary_radius, confusion, davis_statistics, depth_errors,
                                 eigen_crop, iou_per_class, jaccard, mean_errors, mean_iou)
 from densessl.evaluation.probe import fit_probe, trivial_probe
@@ -324,7 +324,7 @@ def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
 def test_baseline_extractors_give_stride_4_features(tmp_path):
     x = torch.randn(1, 3, 64, 96)
     r50 = torchvision.models.resnet50(weights=None).state_dict()
-    assert GlobalResNet("resnet50", r50).eval()(x).shape == (1, 2048, 16, 24)  # dilated, as in the paper
+    assert LastStage("resnet50", r50).eval()(x).shape == (1, 2048, 16, 24)  # dilated, as in the paper
     column = Hypercolumn("resnet50", r50).eval()(x)
     assert column.shape == (1, 256 + 512 + 1024 + 2048, 16, 24)
     norms = [part.norm(dim=1) for part in column.split([256, 512, 1024, 2048], 1)]

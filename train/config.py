@@ -21,6 +21,7 @@ a traceback. A flat key of densessl 0.1 (``view_size=224``) is refused with the 
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import types
 import typing
@@ -31,6 +32,8 @@ from typing import ClassVar
 import yaml
 
 from densessl.model.builder import ModelConfig
+from densessl.model.network import size_multiple
+from densessl.model.vit import nearest_sizes
 from densessl.model.methods import DEFAULT, METHODS, MethodConfig, method_class
 from densessl.pipeline import DataConfig, PairSpec
 from densessl.pipeline.views import MultiCropViews, ViewSpec
@@ -136,11 +139,16 @@ class TrainConfig:
             raise ConfigError(f"model.init_encoder={self.model.init_encoder!r}: no such file")
         if self.run.resume not in ("", "auto") and not Path(self.run.resume).is_file():
             raise ConfigError(f"run.resume={self.run.resume!r}: no such checkpoint file (use auto or a path)")
+        unit = size_multiple(self.model.arch)
+        multiple = math.lcm(unit, self.view_spec().stride)
         for size in self.view_sizes():
-            if size[0] % 32 or size[1] % 32:
+            if size[0] % multiple or size[1] % multiple:
                 where = (f"views.crops={self.views.crops!r}: a view of {size[0]}x{size[1]} pixels"
                          if isinstance(self.views, MultiCropViews) else f"views.size={size}")
-                raise ConfigError(f"{where}: sizes must be multiples of 32 (the encoder's stride)")
+                why = (f"{self.model.arch}'s stride 32" if unit == 32 else f"{self.model.arch}'s {unit}-pixel patch")
+                raise ConfigError(f"{where}: sizes must be multiples of {multiple} ({why}, views.stride "
+                                  f"{self.view_spec().stride}); nearest valid: {nearest_sizes(size[0], multiple)} x "
+                                  f"{nearest_sizes(size[1], multiple)}")
         if self.optim.batch_size % world_size:
             raise ConfigError(f"optim.batch_size={self.optim.batch_size} is not divisible by the world size "
                               f"{world_size}")

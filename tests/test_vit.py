@@ -1,0 +1,145 @@
+"""timm ViT encoders (model.vit): every method on a ViT-Tiny, pairs and multi-crop, exact resumption, foreign
+weights with another position grid, export into timm, and the one-line errors."""
+
+import shutil
+
+import pytest
+import timm
+import torch
+from runs import losses, tiny_args
+
+from densessl.model import checkpoint
+from densessl.model.builder import ModelConfig
+from densessl.model.network import build_encoder
+from densessl.train.config import ConfigError, parse
+
+VIT = "vit_tiny_patch8_224"  # ViT-Tiny with 8-pixel patches: a 64-pixel view is an 8x8 grid
+MULTICROP = {"views.crops": "2x64,2x32", "views.min_cells": 16, "views.num_matches": 8, "method.queue_size": 640}
+
+
+def vit_args(root, run_dir, **extra):
+    """A tiny ViT run; ``views.crops`` in ``extra`` replaces the pair's views section."""
+    args = tiny_args(root, run_dir, **{"model.arch": VIT, "data.workers": 0, **extra})
+    if "views.crops" in extra:
+        args = [a for a in args if not a.startswith("views.") or a.split("=")[0] in extra]
+    return args
+
+
+def test_the_pyramid_has_the_resnet_strides_and_reads_the_last_blocks_tokens():
+    torch.manual_seed(0)
+    encoder = build_encoder(VIT).eval()
+    x = torch.randn(2, 3, 64, 96)
+    feats = encoder(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 192, 16, 24), (2, 192, 8, 12), (2, 192, 4, 6), (2, 192, 2, 3)]
+    tokens = encoder.net.forward_features(x)[:, 1:].transpose(1, 2).reshape(2, 192, 8, 12)
+    assert torch.allclose(feats[1], tokens)  # stride 8 = the patch: the tokens themselves
+    assert torch.allclose(feats[3], torch.nn.functional.avg_pool2d(tokens, 4), atol=1e-6)
+    assert encoder.channels == (192,) * 4
+
+
+def test_each_method_trains_two_steps_on_a_vit_with_pairs_and_multicrop(synthetic_root, tmp_path):
+    from densessl.train.trainer import run
+    for method in ("vader", "densecl", "mocov2"):
+        for views in ({}, MULTICROP):
+            extra = {"method.name": method, "optim.steps": 2, **views}
+            name = f"{method}-{'multicrop' if views else 'pairs'}"
+            if method == "densecl" and views:  # DenseCL learns from one pair: refused in one line
+                with pytest.raises(ConfigError, match="method.name=densecl learns from one pair of views"):
+                    parse(vit_args(synthetic_root, tmp_path / name, **extra)).validate()
+                continue
+            trainer = run(parse(vit_args(synthetic_root, tmp_path / name, **extra)))
+            assert trainer.step == 2
+            assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / name).values()), name
+            assert not trainer.model.shuffle_bn  # no BatchNorm: keys are encoded at once
+
+
+def test_a_multicrop_vit_run_with_32_pixel_locals_resumes_exactly(synthetic_root, tmp_path):
+    from densessl.train.trainer import run
+    extra = {**MULTICROP, "optim.steps": 4, "run.checkpoint_every": 2}
+    full = run(parse(vit_args(synthetic_root, tmp_path / "full", **extra)))
+    assert full.step == 4
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "step_00000002.pt", tmp_path / "cut" / "checkpoints")
+    run(parse(vit_args(synthetic_root, tmp_path / "cut", **extra, **{"run.resume": "auto"})))
+    full_losses, cut_losses = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [cut_losses[s] for s in (3, 4)] == [full_losses[s] for s in (3, 4)]
+
+
+def test_timm_and_dino_state_dicts_with_another_position_grid_load_through_init_encoder(tmp_path):
+    torch.manual_seed(0)
+    small = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10)  # a 4x4 position grid
+    state = small.state_dict()
+    torch.save(state, tmp_path / "timm.pth")
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in state.items() if not k.startswith("head.")},
+                "student": {}}, tmp_path / "dino_checkpoint.pth")  # DINO's training checkpoint layout
+    for name in ("timm.pth", "dino_checkpoint.pth"):
+        encoder = build_encoder("vit_tiny_patch16_224")
+        assert encoder.net.pos_embed.shape == (1, 1 + 14 * 14, 192)
+        checkpoint.load_encoder_weights(encoder, tmp_path / name)
+        assert torch.equal(encoder.net.blocks[3].mlp.fc1.weight, state["blocks.3.mlp.fc1.weight"])
+        assert torch.equal(encoder.net.cls_token, state["cls_token"])
+        # the 4x4 grid resampled to the model's 14x14 one, as timm resamples it
+        want = timm.layers.resample_abs_pos_embed(state["pos_embed"], (14, 14), num_prefix_tokens=1)
+        assert torch.allclose(encoder.net.pos_embed, want)
+    with pytest.raises(ValueError, match="does not fit"):
+        checkpoint.load_encoder_weights(build_encoder("vit_small_patch16_224"), tmp_path / "timm.pth")
+
+
+def test_dinov2_weights_load_with_their_own_names(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_small_patch14_dinov2", num_classes=0, dynamic_img_size=True)
+    state = dict(reference.state_dict())
+    state["mask_token"] = torch.zeros(1, 384)  # as in DINOv2's hub files
+    torch.save(state, tmp_path / "dinov2_vits14_pretrain.pth")
+    encoder = build_encoder("vit_small_patch14_dinov2")
+    checkpoint.load_encoder_weights(encoder, tmp_path / "dinov2_vits14_pretrain.pth")
+    assert torch.equal(encoder.net.blocks[0].ls1.gamma, reference.blocks[0].ls1.gamma)
+    x = torch.randn(1, 3, 98, 98)
+    with torch.no_grad():
+        assert torch.allclose(encoder.eval().net.forward_features(x), reference.eval().forward_features(x),
+                              atol=1e-5)
+
+
+def test_export_round_trips_into_timm_create_model(synthetic_root, tmp_path):
+    import json
+
+    from densessl.evaluation.export import export
+    from densessl.train.trainer import run
+    run(parse(vit_args(synthetic_root, tmp_path / "run", **{"optim.steps": 1})))
+    written = export(tmp_path / "run", tmp_path / "out")
+    assert {p.name for p in written} >= {"encoder_timm.pth", "encoder_timm.json", "decoder.pth"}
+    call = json.loads((tmp_path / "out" / "encoder_timm.json").read_text())
+    assert call == {"model_name": "vit_tiny_patch16_224", "kwargs": {"patch_size": 8, "num_classes": 0,
+                                                                     "dynamic_img_size": True}}
+    net = timm.create_model(call["model_name"], **call["kwargs"])
+    net.load_state_dict(torch.load(tmp_path / "out" / "encoder_timm.pth", weights_only=True))  # strict
+    model = checkpoint.load_model(tmp_path / "run")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        tokens = net.eval().forward_features(x)[:, 1:].transpose(1, 2).reshape(1, 192, 8, 8)
+        assert torch.allclose(model.encoder_q.encoder(x)[1], tokens, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.arch=vit_tiny_patch16"], "model.arch='vit_tiny_patch16': choose a ResNet .* or a timm ViT such as "
+                                      "[^;]*; closest: .*vit_tiny_patch16_224"),
+    (["model.arch=resnet51"], "model.arch='resnet51': choose a ResNet"),
+    (["model.arch=vit_small_patch14_dinov2", "views.size=96"],
+     r"views.size=.96, 96.: sizes must be multiples of 28 \(vit_small_patch14_dinov2's 14-pixel patch, "
+     r"views.stride 4\); nearest valid: 84 or 112 x 84 or 112"),
+    (["model.arch=vit_small_patch16_224", "views.crops=2x64,2x40"], "a view of 40x40 pixels: sizes must be "
+                                                                     "multiples of 16 .*nearest valid: 32 or 48"),
+])
+def test_a_bad_architecture_or_view_size_is_one_line(args, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse(["optim.batch_size=256", *args]).validate()
+    assert "\n" not in str(err.value)
+
+
+def test_a_vit_refuses_a_view_off_its_patch_in_one_line_and_evaluation_pads():
+    with pytest.raises(ValueError, match=r"^a view of 60x64 pixels is not a multiple of vit_tiny_patch8_224's "
+                                         r"8-pixel patch; nearest valid sizes: 56 or 64 x 64 or 72$"):
+        build_encoder(VIT)(torch.randn(1, 3, 60, 64))
+    feats = build_encoder(VIT, pad=True)(torch.randn(1, 3, 60, 70))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(15, 17), (7, 8), (3, 4), (1, 2)]
+    assert ModelConfig(arch=VIT).arch == VIT
