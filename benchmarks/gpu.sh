@@ -11,7 +11,7 @@
 #
 # Steps, each time-boxed, all within DEADLINE seconds (default 540): 1. pytest with CUDA visible (the gpu tests
 # and the tests whose code runs on CUDA when it is there); 2. the step benchmark, the ResNet-50 anchor then VADeR,
-# DenseCL and MoCo v2, eager and compiled; 3. the trainer end to end on 4,096 files, compiled, with the torch
+# DenseCL and MoCo v2, eager and compiled, then VADeR and MoCo v2 on a ViT-S/16 (eager); 3. the trainer end to end on 4,096 files, compiled, with the torch
 # loader (and DALI's when it was carried), against the model-only step; 4. make demo's run and evaluation all on
 # the GPU; 5. make compare and make ablations with the GPU preset (PRESET=gpu) in the time left. Every step's
 # output goes to OUT/results.md.
@@ -105,6 +105,8 @@ if [ -n "$rehearse" ]; then  # the same steps, tiny
   step pytest 120 $py -m pytest -q -rs -p no:cacheprovider -m gpu tests/
   step train_step 120 $py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --arch resnet18 \
     --size 64 --batch 4 --warmup 1 --steps 1 --workers 1 --data "$data/train" --no-anchor
+  step train_step_vit 120 $py -m densessl.benchmarks.train_step --objectives vader,mocov2 --arch vit_tiny_patch8_224 \
+    --size 64 --batch 4 --warmup 1 --steps 1 --no-anchor
   step trainer_e2e 120 $py -m densessl.train data.path="$data/train" model.arch=resnet18 views.size=64 \
     optim.batch_size=8 data.workers=1 optim.steps=3 method.queue_size=256 views.num_matches=8 views.min_matches=8 \
     run.dir="$out/e2e-torch" run.progress=false run.tensorboard=false
@@ -125,6 +127,8 @@ else
     --warmup 10 --steps 30 --workers $((cores - 2))
   step train_step_compiled 100 $py -m densessl.benchmarks.train_step --objectives vader,densecl,mocov2 --batch 128 \
     --warmup 15 --steps 40 --compile --sync-every 20 --no-anchor --workers $((cores - 2))
+  step train_step_vit 80 $py -m densessl.benchmarks.train_step --objectives vader,mocov2 \
+    --arch vit_small_patch16_224 --batch 128 --warmup 5 --steps 20 --sync-every 10 --no-anchor
   backends=torch; [ $dali = yes ] && backends="torch dali"
   for backend in $backends; do
     step "trainer_e2e_$backend" 90 bash -c "$py -m densessl.train data.path='$root' model.arch=resnet50 \

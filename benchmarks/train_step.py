@@ -2,13 +2,15 @@
 peak for each objective, next to a plain torchvision ResNet-50 supervised step timed in the same run (the
 anchor: "x of a tuned RN50 step on this GPU"), and the same step fed by each loader backend.
 
-    python -m densessl.benchmarks.train_step [--objectives vader,densecl,mocov2] [--arch resnet50] [--size 224]
+    python -m densessl.benchmarks.train_step [--objectives vader,densecl,mocov2] [--arch resnet50,vit_small_patch16_224]
+                                    [--size 224]
                                     [--batch 8] [--steps 5] [--compile] [--sync-every 1]
                                     [--data synthetic] [--backends torch,dali,ffcv] [--workers 2]
                                     [--profile DIR]
 
 FLOPs are counted on the real step (``torch.utils.flop_counter`` around one ``Trainer.step``: forward,
-backward, key encoder), not estimated by hand. ``--profile DIR`` writes a torch profiler trace of a few steps
+backward, key encoder), not estimated by hand; a ViT's fused attention on the CPU is counted with torch's own
+formulas for fused attention on CUDA, which the counter does not apply to the CPU kernel by itself. ``--profile DIR`` writes a torch profiler trace of a few steps
 (open it in Perfetto or chrome://tracing) and prints the kernels that took the most time.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import replace
 import torch
 import torchvision
 from torch.nn import functional as F
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from densessl.model.builder import ModelConfig
@@ -89,19 +92,32 @@ def timed_steps(trainer: Trainer, batches, steps: int, warmup: int = 2):
     return pairs / total, wait / total
 
 
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# the CPU's fused attention kernels, which torch's counter has no formula for (its CUDA ones have these)
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
 def step_flops(trainer: Trainer, batch: dict, step: int = 0) -> int:
-    """FLOPs of one real training step, counted by torch's FLOP counter (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one real training step, counted by torch's FLOP counter (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         trainer.step(batch, step)
     return counter.get_total_flops()
 
 
-def make_trainer(objective: str, args, device: torch.device, batch: dict) -> tuple[Trainer, int]:
+def make_trainer(objective: str, arch: str, args, device: torch.device, batch: dict) -> tuple[Trainer, int]:
     """The trainer, and the FLOPs of one of its steps on ``batch``, counted on the eager step before the
     model is compiled (under the FLOP counter's dispatch mode torch.compile would run the model eagerly)."""
     views = PairSpec(size=args.size)
     keys = method_class(objective)(method_config(objective)).keys_per_sample(views)
-    cfg = TrainConfig(views=views, model=ModelConfig(arch=args.arch),
+    cfg = TrainConfig(views=views, model=ModelConfig(arch=arch),
                       method=method_config(objective, queue_size=args.batch * keys * 16),
                       optim=OptimConfig(batch_size=args.batch),
                       run=RunConfig(dir=tempfile.mkdtemp(prefix="train_step-"), progress=False, compile=False,
@@ -176,7 +192,7 @@ def forever(loader):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", default=DEFAULT, help=f"comma-separated methods: {', '.join(METHODS)}")
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--arch", default="resnet50", help="comma-separated encoders: ResNets, timm ViTs (a row each)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
@@ -207,18 +223,19 @@ def main(argv=None) -> None:
         print(f"{'anchor: torchvision resnet50 supervised':44s} {rate:10.1f} img/s   {flops / args.batch / 1e9:6.1f} "
               f"GFLOP/img   {anchor_tflops:7.2f} TFLOP/s {share}")
     first = None
-    for objective in args.objectives.split(","):
-        batches = synthetic_batches(args.batch, args.size, pin=device.type == "cuda")
-        trainer, flops = make_trainer(objective, args, device, next(batches))
-        first = first or trainer
-        rate, _ = timed_steps(trainer, batches, args.steps, args.warmup)
-        tflops = rate / args.batch * flops / 1e12
-        share = f"{100 * tflops / peak:5.1f}% of peak" if peak else ""
-        anchor = f"{tflops / anchor_tflops:5.2f}x anchor" if anchor_tflops else ""
-        print(f"{objective + ' ' + args.arch + ' (model only)':44s} {rate:10.1f} pairs/s {flops / args.batch / 1e9:6.1f} "
-              f"GFLOP/pair  {tflops:7.2f} TFLOP/s {share} {anchor}")
-        if args.profile:
-            profile(trainer, batches, args.profile)
+    for arch in args.arch.split(","):
+        for objective in args.objectives.split(","):
+            batches = synthetic_batches(args.batch, args.size, pin=device.type == "cuda")
+            trainer, flops = make_trainer(objective, arch, args, device, next(batches))
+            first = first or trainer
+            rate, _ = timed_steps(trainer, batches, args.steps, args.warmup)
+            tflops = rate / args.batch * flops / 1e12
+            share = f"{100 * tflops / peak:5.1f}% of peak" if peak else ""
+            anchor = f"{tflops / anchor_tflops:5.2f}x anchor" if anchor_tflops else ""
+            print(f"{objective + ' ' + arch + ' (model only)':44s} {rate:10.1f} pairs/s "
+                  f"{flops / args.batch / 1e9:6.1f} GFLOP/pair  {tflops:7.2f} TFLOP/s {share} {anchor}")
+            if args.profile:
+                profile(trainer, batches, args.profile)
     if args.backends:
         root = resolve_data(args.data, args.copies)
         for backend in args.backends.split(","):

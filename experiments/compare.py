@@ -43,7 +43,7 @@ from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import ConfigError, with_overrides
 from densessl.train.distributed import resolve_device
 
-from .presets import ABLATIONS, ARCH, NAMES, PRESETS, TINY, TINY_DATA, base_config
+from .presets import ABLATIONS, ARCH, NAMES, PRESETS, TINY, TINY_DATA, arch_of, base_config
 from .scores import score_random, train_and_score
 from .tables import against, costs, plot, summarise, table, verdict
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     # --- data: the embedded set (tiny: a few scenes and one short clip)
     data = generate(args.synthetic_dir, TINY_DATA if args.tiny else SyntheticConfig(), progress=not args.tiny,
                     option="--synthetic-dir")
-    randoms = score_random(args, data, runs)
+    randoms = score_random(args, data, runs, () if args.ablations or args.curve else args.objectives)
     if args.curve:
         return curve(args, data, runs, out, randoms, started)
 
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     expected = sum(1 for label, *_ in plans if not (args.ablations and label == "MoCo v2"))  # the table's runs
     where = position_depth(EmbeddedTasks.load(data))
     what = "ablations of VADeR" if args.ablations else "objectives"
-    header = (f"# Comparison of {what} on the embedded set\n\n{ARCH}, {args.steps} steps, batch {args.batch}, "
+    archs = dict.fromkeys(arch_of(key) for _, key, *_ in plans)
+    header = (f"# Comparison of {what} on the embedded set\n\n{', '.join(archs)}, {args.steps} steps, batch {args.batch}, "
               f"{args.view_size} px views, seeds {args.seeds}, device {resolve_device(args.device)}; probes at "
               f"{PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
 

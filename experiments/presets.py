@@ -14,11 +14,14 @@ from densessl.pipeline.synthetic import SyntheticConfig
 from densessl.pipeline.views import MultiCropViews
 from densessl.train.config import OptimConfig, RunConfig, TrainConfig
 
-ARCH = "resnet18"  # every preset's encoder
+ARCH = "resnet18"  # the encoder of every objective but the ViT ones
+VIT_ARCH = "vit_tiny_patch8_224"  # ``<objective>_vit``'s: ViT-Ti with 8-pixel patches (a 64-pixel view: 8x8 tokens)
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
 # --tiny (the tests, seconds): these where no flag is given, on TINY_DATA
 TINY = {"seeds": [0], "steps": 4, "batch": 8, "view_size": 64, "objectives": ["vader", "mocov2", "vader_multicrop"]}
-NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop"}
+NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop",
+         "vader_vit": "VADeR ViT-Ti/8", "mocov2_vit": "MoCo v2 ViT-Ti/8"}
+RANDOM_NAMES = {ARCH: "random init", VIT_ARCH: "random init ViT-Ti/8"}  # each encoder's random baseline
 # (metric, higher is better, title): what the verdict, the ablations' differences and the plot's panels read
 METRICS = (("mIoU", True, "segmentation mIoU ↑"), ("J&F", True, "propagation J&F ↑"),
            ("RMSE", False, "depth RMSE (m) ↓"), ("top-1", True, "shape classification top-1 ↑"))
@@ -27,8 +30,8 @@ METRICS = (("mIoU", True, "segmentation mIoU ↑"), ("J&F", True, "propagation J
 # on propagation; it runs on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
 PRESETS = {
     "cpu": {"steps": 400, "batch": 32, "view_size": 64, "workers": 2, "device": "auto",
-            "objectives": ["vader", "densecl", "mocov2"],  # VADeR multi-crop's step is ~20x slower here: its
-            # queue holds 8 batches of its 288 keys per image (RESULTS.md)
+            "objectives": ["vader", "densecl", "mocov2", "vader_vit", "mocov2_vit"],  # VADeR multi-crop's step is
+            # ~20x slower here: its queue holds 8 batches of its 288 keys per image (RESULTS.md)
             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
     "gpu": {"steps": 1600, "batch": 32, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
             "objectives": list(NAMES), "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
@@ -59,10 +62,17 @@ def multicrop_views(view_size: int) -> MultiCropViews:
     return MultiCropViews(f"2x{view_size},4x{local}")
 
 
+def arch_of(objective: str) -> str:
+    """The encoder an objective trains: ``VIT_ARCH`` for ``<method>_vit``, else ``ARCH``."""
+    return VIT_ARCH if objective.endswith("_vit") else ARCH
+
+
 def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     """One run of the comparison (and the demo): resnet18, ``args``' steps, batch, views and device, a queue of 8
     batches of keys, cosine schedule after a short warm-up, DenseCL's dense term from a tenth of the steps.
-    ``<method>_multicrop`` is the method on ``multicrop_views``, with the same budget."""
+    ``<method>_multicrop`` is the method on ``multicrop_views``, and ``<method>_vit`` the method on ``VIT_ARCH``,
+    with the same budget."""
+    arch, method = arch_of(method), method.removesuffix("_vit")
     extra = {"warmup_steps": args.steps // 10} if method == "densecl" else {}
     crops = method.endswith("_multicrop")
     views = multicrop_views(args.view_size) if crops else PairSpec(size=args.view_size)
@@ -71,7 +81,7 @@ def base_config(data: Path, args, method: str = "vader") -> TrainConfig:
     # queue alike for every method (a multiple of what any of them enqueues: one key per matched pair, or its matches)
     return TrainConfig(
         data=DataConfig(path=str(data / "train"), workers=args.workers), views=views,
-        model=ModelConfig(arch=ARCH), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
+        model=ModelConfig(arch=arch), method=method_config(method, queue_size=args.batch * keys * 8, **extra),
         optim=OptimConfig(batch_size=args.batch, steps=args.steps, lr=0.3, decoder_lr=0.3,
                           warmup_steps=min(20, args.steps // 10)),
         run=RunConfig(checkpoint_every=max(1, args.steps // 2), keep_checkpoints=1, resume="auto", device=args.device,

@@ -17,7 +17,7 @@ from densessl.train.config import ConfigError, TrainConfig, different_training, 
 from densessl.train.distributed import resolve_device
 from densessl.train.trainer import run
 
-from .presets import ARCH, budget
+from .presets import ARCH, RANDOM_NAMES, arch_of, budget
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Train (or finish, or reuse) one run: the model, and the run's training time and pairs/s read back from
@@ -123,18 +123,19 @@ def random_baseline(arch: str, seed: int, data: Path, device, kinds, folder: Pat
     evaluated in (or read back from) ``folder``."""
     model = random_model(arch, seed).to(device)
     scores, eval_s = evaluate(model, data, device, kinds, folder, f"random {arch} seed {seed}", rescore)
-    return model, {"model": "random init", "objective": None, "seed": seed, "random": True, "run": str(folder),
-                   "eval_s": eval_s, "scores": scores}
+    return model, {"model": RANDOM_NAMES.get(arch, f"random init {arch}"), "objective": None, "arch": arch,
+                   "seed": seed, "random": True, "run": str(folder), "eval_s": eval_s, "scores": scores}
 
 
-def score_random(args, data: Path, runs: Path) -> list[dict]:
-    """The random baselines, one per seed, scored once for every budget: they live beside the budgets'
-    folders."""
+def score_random(args, data: Path, runs: Path, objectives=()) -> list[dict]:
+    """The random baselines, one per seed and encoder (that of each of ``objectives``; none given: ``ARCH``'s),
+    scored once for every budget: they live beside the budgets' folders."""
     results = []
-    for seed in args.seeds:
-        print(f"== random init, seed {seed}: evaluating", flush=True)
-        results.append(random_baseline(ARCH, seed, data, resolve_device(args.device), args.kinds,
-                                       runs / f"random_init_{ARCH}_seed{seed}", args.rescore)[1])
+    for arch in dict.fromkeys(map(arch_of, objectives)) or [ARCH]:
+        for seed in args.seeds:
+            print(f"== {RANDOM_NAMES.get(arch, arch)}, seed {seed}: evaluating", flush=True)
+            results.append(random_baseline(arch, seed, data, resolve_device(args.device), args.kinds,
+                                           runs / f"random_init_{arch}_seed{seed}", args.rescore)[1])
     return results
 
 
@@ -160,7 +161,8 @@ def train_and_score(plans, args, data: Path, runs: Path, on_result=None) -> list
         device = next(model.parameters()).device
         scores, eval_s = evaluate(model, data, device, args.kinds, Path(cfg.run.dir), trained["checkpoint"],
                                   args.rescore)
-        results.append({"model": label, "objective": key, "seed": seed, "random": False, "run": cfg.run.dir,
+        results.append({"model": label, "objective": key, "arch": cfg.model.arch, "seed": seed, "random": False,
+                        "run": cfg.run.dir,
                         **trained, "eval_s": eval_s, "scores": scores})
         if on_result:
             on_result(results)

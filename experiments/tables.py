@@ -9,7 +9,7 @@ import numpy as np
 
 from densessl.evaluation.report import markdown_table
 
-from .presets import METRICS
+from .presets import ARCH, METRICS
 
 def summarise(results: list[dict]) -> dict[str, dict]:
     """Rows ``model [kind]`` with mean and std over seeds of every score, and each model's run costs."""
@@ -17,8 +17,8 @@ def summarise(results: list[dict]) -> dict[str, dict]:
     for r in results:
         for kind, scores in r["scores"].items():
             row = rows.setdefault(f"{r['model']} [{kind}]", {"model": r["model"], "kind": kind, "seeds": {},
-                                                             "random": r["random"], "wall_s": [],
-                                                             "pairs_per_s": []})
+                                                             "random": r["random"], "arch": r.get("arch", ARCH),
+                                                             "wall_s": [], "pairs_per_s": []})
             row["seeds"][r["seed"]] = scores
             if not r["random"]:
                 row["wall_s"].append(r["wall_s"])
@@ -32,9 +32,16 @@ def summarise(results: list[dict]) -> dict[str, dict]:
 
 
 def verdict(rows: dict[str, dict]) -> list[dict]:
-    """Per score, the best trained row against the strongest random baseline (means over seeds): the margin
-    is positive when the trained row is better (higher, or lower for RMSE). With seeds on both sides, a margin
-    no larger than the larger of their stds is called within spread, not better or worse."""
+    """Per encoder and score, the best trained row against the strongest random baseline of the same encoder
+    (means over seeds): the margin is positive when the trained row is better (higher, or lower for RMSE). With
+    seeds on both sides, a margin no larger than the larger of their stds is called within spread, not better or
+    worse. With more than one encoder, each line starts with its encoder's name."""
+    archs = list(dict.fromkeys(r.get("arch", ARCH) for r in rows.values()))
+    return [v for arch in archs for v in _verdict({n: r for n, r in rows.items() if r.get("arch", ARCH) == arch},
+                                                  f"{arch}: " if len(archs) > 1 else "")]
+
+
+def _verdict(rows: dict[str, dict], prefix: str) -> list[dict]:
     out = []
     trained = [n for n, r in rows.items() if not r["random"]]
     baselines = [n for n, r in rows.items() if r["random"]]
@@ -50,7 +57,7 @@ def verdict(rows: dict[str, dict]) -> list[dict]:
         word = ("within spread" if seeded and abs(margin) <= spread else "better" if margin > 0 else "not better")
         out.append({"metric": metric, "best": best, "baseline": base, "margin": margin,
                     "values": (rows[best]["mean"][metric], rows[base]["mean"][metric]),
-                    "line": f"- {metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
+                    "line": f"- {prefix}{metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
                             f"baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
                             + (f"± {spread:.3f} " if seeded else "") + f"({word})"})
     return out

@@ -167,13 +167,13 @@ def test_the_gpu_script_rehearses_on_the_cpu(synthetic_root, tmp_path):
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     bundle(["--out", str(tmp_path / "bundle"), "--python", version])
     wheels = sorted(p.name.split("-")[0] for p in (tmp_path / "bundle" / "core").glob("*.whl"))
-    assert wheels == ["densessl", "simplejpeg", "submitit"]
+    assert wheels == ["densessl", "simplejpeg", "submitit", "timm"]
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--rehearse", str(tmp_path / "gpu")],
                          env={**os.environ, "BUNDLE": str(tmp_path / "bundle"), "DATA": str(synthetic_root),
                               "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     results = (tmp_path / "gpu" / "results.md").read_text()
     assert out.returncode == 0, results[-4000:] + out.stderr[-2000:]
-    for step in ("pytest", "train_step", "trainer_e2e", "demo_and_evaluation", "compare"):
+    for step in ("pytest", "train_step", "train_step_vit", "trainer_e2e", "demo_and_evaluation", "compare"):
         assert f"## {step}: ok" in results, results[-4000:]
     assert "densessl from /tmp/densessl-site." in results  # the carried wheel, not this checkout
     assert "Every probe beats its trivial baseline" in results or "| random init [hypercolumn] |" in results

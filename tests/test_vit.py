@@ -143,3 +143,42 @@ def test_a_vit_refuses_a_view_off_its_patch_in_one_line_and_evaluation_pads():
     feats = build_encoder(VIT, pad=True)(torch.randn(1, 3, 60, 70))
     assert [tuple(f.shape[-2:]) for f in feats] == [(15, 17), (7, 8), (3, 4), (1, 2)]
     assert ModelConfig(arch=VIT).arch == VIT
+
+
+def test_make_compare_has_vit_rows_judged_against_a_random_vit(tmp_path):
+    """``make compare``'s ViT objectives at tiny size: their rows, a random ViT of each seed as their baseline,
+    and their own verdict lines."""
+    import json
+
+    from densessl.experiments.compare import main
+    out = tmp_path / "compare"
+    assert main(["--tiny", "--objectives", "vader_vit", "mocov2_vit", "vader", "--synthetic-dir",
+                 str(tmp_path / "data"), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert set(rows) == {"VADeR ViT-Ti/8 [hypercolumn]", "VADeR ViT-Ti/8 [dense]", "MoCo v2 ViT-Ti/8 [hypercolumn]",
+                         "random init ViT-Ti/8 [hypercolumn]", "random init ViT-Ti/8 [dense]", "VADeR [hypercolumn]",
+                         "VADeR [dense]", "random init [hypercolumn]", "random init [dense]"}
+    assert rows["VADeR ViT-Ti/8 [dense]"]["arch"] == VIT and rows["random init [dense]"]["arch"] == "resnet18"
+    held = parse(["--config", str(out / "runs" / "resnet18_4steps_batch8_64px" / "vader_vit_ti_8_seed0" /
+                                  "config.yaml")])
+    assert held.model.arch == VIT and held.method.name == "vader"
+    table = (out / "table.md").read_text()
+    assert "vit_tiny_patch8_224, resnet18, 4 steps" in table
+    for arch, trained, baseline in ((VIT, "VADeR ViT-Ti/8", "random init ViT-Ti/8"), ("resnet18", "VADeR", "random init")):
+        assert f"- {arch}: mIoU: best trained {trained} [" in table and f"baseline {baseline} [" in table
+
+
+def test_the_step_benchmark_has_vit_rows_and_counts_fused_attention(capsys):
+    from torch.nn import functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from densessl.benchmarks.train_step import CPU_ATTENTION, main
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 50 * 50 * 16)  # q k^T and (softmax) v, as two bmm's
+    main(["--objectives", "vader", "--arch", f"resnet18,{VIT}", "--size", "64", "--batch", "4", "--steps", "1",
+          "--warmup", "1", "--no-anchor"])
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if "GFLOP" in line}
+    assert set(rows) == {"resnet18", VIT}
+    assert all(float(r.split("TFLOP/s")[0].split()[-1]) > 0 for r in rows.values())
