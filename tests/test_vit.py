@@ -182,3 +182,20 @@ def test_the_step_benchmark_has_vit_rows_and_counts_fused_attention(capsys):
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if "GFLOP" in line}
     assert set(rows) == {"resnet18", VIT}
     assert all(float(r.split("TFLOP/s")[0].split()[-1]) > 0 for r in rows.values())
+
+
+def test_evaluation_all_scores_a_vit_run_against_a_random_vit(tmp_path):
+    import json
+
+    from densessl.evaluation.__main__ import main
+    from densessl.experiments.presets import TINY_DATA
+    from densessl.pipeline.synthetic import generate
+    from densessl.train.trainer import run
+    data = generate(tmp_path / "data", TINY_DATA, progress=False)
+    run(parse(vit_args(data, tmp_path / "run", **{"optim.steps": 1})))
+    assert main(["all", "--checkpoint", str(tmp_path / "run"), "--root", str(data), "--probe-steps", "3",
+                 "--size", "64", "96", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(rows) == {"run/step_00000001 [hypercolumn]", "run/step_00000001 [dense]", "random init [hypercolumn]",
+                         "random init [dense]"}
+    assert all(0 <= row["seg mIoU"] <= 1 and row["depth RMSE (m)"] > 0 for row in rows.values())
