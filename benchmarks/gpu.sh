@@ -11,10 +11,10 @@
 #
 # Steps, each time-boxed, all within DEADLINE seconds (default 540): 1. pytest with CUDA visible (the gpu tests
 # and the tests whose code runs on CUDA when it is there); 2. the step benchmark, the ResNet-50 anchor then VADeR,
-# DenseCL and MoCo v2, eager and compiled, then VADeR and MoCo v2 on a ViT-S/16 (eager); 3. the trainer end to end on 4,096 files, compiled, with the torch
-# loader (and DALI's when it was carried), against the model-only step; 4. make demo's run and evaluation all on
-# the GPU; 5. make compare and make ablations with the GPU preset (PRESET=gpu) in the time left. Every step's
-# output goes to OUT/results.md.
+# DenseCL and MoCo v2, eager and compiled, then VADeR and MoCo v2 on a ViT-S/16 (eager); 3. the trainer end to end
+# on 4,096 files, compiled, with the torch loader (and DALI's when it was carried), against the model-only step;
+# 4. make demo's run and evaluation all on the GPU; 5. make compare and make ablations with the GPU preset
+# (PRESET=gpu) in the time left. Every step's output goes to OUT/results.md.
 #
 # The DALI parts wait between commands in DALI_DIR (default /tmp/densessl-dali-UID), with the SHA256 they came
 # with. What is installed from there runs as this user (root on the GPU machine), so that folder must be private:

@@ -10,8 +10,9 @@ anchor: "x of a tuned RN50 step on this GPU"), and the same step fed by each loa
 
 FLOPs are counted on the real step (``torch.utils.flop_counter`` around one ``Trainer.step``: forward,
 backward, key encoder), not estimated by hand; a ViT's fused attention on the CPU is counted with torch's own
-formulas for fused attention on CUDA, which the counter does not apply to the CPU kernel by itself. ``--profile DIR`` writes a torch profiler trace of a few steps
-(open it in Perfetto or chrome://tracing) and prints the kernels that took the most time.
+formulas for fused attention on CUDA, which the counter does not apply to the CPU kernel by itself. ``--profile
+DIR`` writes a torch profiler trace of a few steps (open it in Perfetto or chrome://tracing) and prints the
+kernels that took the most time.
 """
 
 from __future__ import annotations

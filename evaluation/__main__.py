@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="our training checkpoint (all, export)")
     p.add_argument("--features", nargs="+", default=[], help="extractors: checkpoint:P random:ARCH torchvision:P "
                                                              "mocov2:P timm:P")
-    p.add_argument("--arch", default="resnet50", help="architecture of torchvision/mocov2/timm weights (a ResNet or a timm ViT name)")
+    p.add_argument("--arch", default="resnet50",
+                   help="architecture of torchvision/mocov2/timm weights (a ResNet or a timm ViT name)")
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"], choices=KINDS,
                    help="how each model is read (evaluation/features.py): hypercolumn = C2..C5 at stride 4, the "
                         "same for every model; dense = the method's dense output; c5 = the last stage")

@@ -57,8 +57,8 @@ def _verdict(rows: dict[str, dict], prefix: str) -> list[dict]:
         word = ("within spread" if seeded and abs(margin) <= spread else "better" if margin > 0 else "not better")
         out.append({"metric": metric, "best": best, "baseline": base, "margin": margin,
                     "values": (rows[best]["mean"][metric], rows[base]["mean"][metric]),
-                    "line": f"- {prefix}{metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest random "
-                            f"baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
+                    "line": f"- {prefix}{metric}: best trained {best} {rows[best]['mean'][metric]:.3f} vs strongest "
+                            f"random baseline {base} {rows[base]['mean'][metric]:.3f}: {margin:+.3f} "
                             + (f"± {spread:.3f} " if seeded else "") + f"({word})"})
     return out
 

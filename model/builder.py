@@ -26,7 +26,7 @@ class ModelConfig:
 
     arch: str = "resnet50"  # a torchvision ResNet or a timm ViT (network.check_arch)
     dim: int = 128  # embedding size of every head
-    init_encoder: str | None = None  # MoCo v1/v2/v3, DenseCL or torchvision weights for the encoder
+    init_encoder: str | None = None  # encoder weights: MoCo v1/v2/v3, DenseCL, torchvision; timm, DINO, DINOv2
     sync_bn: bool = False  # SyncBatchNorm (GPU DDP) instead of shuffle-BN in the key encoder
     shuffle_groups: int = 2  # single process: key BN statistics over this many shuffled sub-batches
 

@@ -164,7 +164,8 @@ def test_make_compare_has_vit_rows_judged_against_a_random_vit(tmp_path):
     assert held.model.arch == VIT and held.method.name == "vader"
     table = (out / "table.md").read_text()
     assert "vit_tiny_patch8_224, resnet18, 4 steps" in table
-    for arch, trained, baseline in ((VIT, "VADeR ViT-Ti/8", "random init ViT-Ti/8"), ("resnet18", "VADeR", "random init")):
+    for arch, trained, baseline in ((VIT, "VADeR ViT-Ti/8", "random init ViT-Ti/8"),
+                                    ("resnet18", "VADeR", "random init")):
         assert f"- {arch}: mIoU: best trained {trained} [" in table and f"baseline {baseline} [" in table
 
 
