@@ -120,7 +120,21 @@ def test_export_round_trips_into_timm_create_model(synthetic_root, tmp_path):
         assert torch.allclose(model.encoder_q.encoder(x)[1], tokens, atol=1e-5)
 
 
+def test_adamw_trains_a_vit_and_its_state_resumes(synthetic_root, tmp_path):
+    from densessl.train.trainer import run
+    extra = {"optim.optimizer": "adamw", "optim.lr": 0.0005, "optim.decoder_lr": 0.0005, "optim.steps": 2}
+    trainer = run(parse(vit_args(synthetic_root, tmp_path / "run", **extra)))
+    assert trainer.step == 2
+    state = checkpoint.load_file(tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+    assert "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))  # Adam's second moments
+    with pytest.raises(ConfigError, match="optim.optimizer") as err:  # a run's optimiser is part of the run
+        run(parse(vit_args(synthetic_root, tmp_path / "run", **{**extra, "optim.optimizer": "sgd",
+                                                                 "optim.steps": 3, "run.resume": "auto"})))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("args,message", [
+    (["optim.optimizer=adam"], "optim.optimizer='adam': choose sgd or adamw"),
     (["model.arch=vit_tiny_patch16"], "model.arch='vit_tiny_patch16': choose a ResNet .* or a timm ViT such as "
                                       "[^;]*; closest: .*vit_tiny_patch16_224"),
     (["model.arch=resnet51"], "model.arch='resnet51': choose a ResNet"),

@@ -45,8 +45,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with momentum, linear warm-up then cosine decay per step; learning rates are for a global batch of
-    256 and scale linearly with ``batch_size``."""
+    """SGD with momentum (or AdamW, what ViT recipes use), linear warm-up then cosine decay per step; learning
+    rates are for a global batch of 256 and scale linearly with ``batch_size``."""
 
     batch_size: int = 256  # global, over all ranks
     epochs: int = 200
@@ -55,7 +55,8 @@ class OptimConfig:
     decoder_lr: float = 0.03  # heads (decoder, projections)
     warmup_steps: int = 0
     sgd_momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # on every parameter, with either optimiser
+    optimizer: str = "sgd"  # sgd, or adamw (betas 0.9, 0.999; e.g. lr=5e-4 weight_decay=0.04, as DINO's ViTs)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -67,6 +68,8 @@ class OptimConfig:
             raise ValueError("steps=0 and epochs=0: set epochs or steps to a positive number")
         if not 0 <= self.sgd_momentum < 1:
             raise ValueError(f"sgd_momentum={self.sgd_momentum} must be in [0, 1)")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r}: choose sgd or adamw")
 
 
 @dataclass(frozen=True)

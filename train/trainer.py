@@ -1,4 +1,4 @@
-"""The training loop: loader -> device augmentation -> the method's loss -> SGD, with exact resume.
+"""The training loop: loader -> device augmentation -> the method's loss -> SGD (or AdamW), with exact resume.
 
 Launch with ``python -m densessl.train section.key=value ...`` on one process, or under torchrun / Slurm
 (``WORLD_SIZE`` set)
@@ -74,8 +74,12 @@ class Trainer:
         head_params = [p for p in model.encoder_q.parameters() if id(p) not in ids]
         scale = optim.batch_size / 256
         self.base_lrs = [optim.lr * scale, optim.decoder_lr * scale]
-        self.optimizer = torch.optim.SGD([{"params": encoder_params}, {"params": head_params}], lr=self.base_lrs[0],
-                                         momentum=optim.sgd_momentum, weight_decay=optim.weight_decay)
+        groups = [{"params": encoder_params}, {"params": head_params}]
+        if optim.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=self.base_lrs[0], weight_decay=optim.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=self.base_lrs[0], momentum=optim.sgd_momentum,
+                                             weight_decay=optim.weight_decay)
         self.augment = PhotometricAugment().to(device)
         self.augment_gen = torch.Generator(device).manual_seed(run.seed * 1000 + rank)
         torch.manual_seed(run.seed * 1000 + rank)  # shuffle-BN permutations
