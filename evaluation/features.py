@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from densessl.model import checkpoint
 from densessl.model.builder import MoCo, ModelConfig
 from densessl.model.methods import method_config
+from densessl.model import vit
 from densessl.model.network import build_encoder
 
 KINDS = ("hypercolumn", "dense", "c5")
@@ -121,6 +122,8 @@ def model_extractors(model: MoCo, kinds=KINDS) -> dict[str, Extractor]:
     its method has a dense output. The query encoder is read, as the projects we compare with do."""
     out = encoder_extractors(model.cfg.arch, model.encoder_q.encoder.net.state_dict(), "the model's encoder", kinds)
     if "dense" in kinds and model.method.dense_output is not None:
+        if hasattr(model.encoder_q.encoder, "pad"):  # a ViT reads evaluation's images of any size
+            model.encoder_q.encoder.pad = True
         out["dense"] = DenseOutput(model.encoder_q, model.method.dense_output).eval()
     return {k: out[k] for k in kinds if k in out}
 
@@ -141,9 +144,13 @@ def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KIN
         name, found = checkpoint.run_and_step(path), model_extractors(checkpoint.load_model(path), kinds)
     elif source == "random":
         arch_arg, _, seed = arg.partition("@")
-        name = "random init" + (f" seed {seed}" if seed else "")
+        name = "random init" + (f" {arch_arg}" if arch_arg and arch_arg != arch else "") + \
+            (f" seed {seed}" if seed else "")
         found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
     elif source in FOREIGN_WEIGHTS:
+        if source == "timm" and vit.timm_model(arch) is None:
+            raise ValueError(f"{spec}: --arch={arch!r} is no timm ViT: name the file's model, e.g. --arch "
+                             "vit_small_patch16_224 (DINO ViT-S/16) or vit_small_patch14_dinov2 (DINOv2 ViT-S/14)")
         name = f"{source} {Path(arg).name}"
         found = encoder_extractors(arch, checkpoint.read_encoder_state(arg), arg, kinds)
     else:

@@ -7,12 +7,14 @@ section and the method's settings, ``builder.model_config``), so training, evalu
 model from the file alone.
 
 Every file is read by ``load_file`` and nothing else: torch's weights-only unpickler, which builds tensors, plain
-Python containers and numbers, and the numpy array types in ``NUMPY_ARRAY_GLOBALS``, and refuses any other type
-before building it. A shared checkpoint is someone else's pickle, and a pickle may name any function to call.
+Python containers and numbers, and the types in ``SAFE_GLOBALS`` (numpy arrays, ``argparse.Namespace``), and
+refuses any other type before building it (a ``.safetensors`` file holds tensors only and is read by its own
+library). A shared checkpoint is someone else's pickle, and a pickle may name any function to call.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -97,9 +99,10 @@ class RefusedCheckpoint(CheckpointError):
 
 
 # What unpickling a plain numpy array needs: our training checkpoints hold numpy's RNG state (a uint32 array)
-# beside the weights. Building these runs no code of the file's choosing.
-NUMPY_ARRAY_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
-                       type(np.dtype(np.uint32))]
+# beside the weights. Building these runs no code of the file's choosing; nor does an ``argparse.Namespace`` (a bag
+# of attributes), which DINO's and timm's training checkpoints hold as their ``args``.
+SAFE_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct, np.ndarray, np.dtype,
+                type(np.dtype(np.uint32)), argparse.Namespace]
 # How torch's weights-only unpickler names what it refused: a global (a function, a class), or an instance of an
 # unlisted class. Its other errors ("Unsupported operand") mean the bytes are no pickle of ours at all.
 _REFUSED = re.compile(r"GLOBAL (\S+)|allowlisted.*? but got (.+)")
@@ -110,8 +113,17 @@ def load_file(path: str | Path, map_location="cpu"):
 
     Raises ``RefusedCheckpoint`` naming the first type the file asked for and was refused, and ``CheckpointError``
     for a file that is truncated, corrupt or not a torch file at all."""
+    if str(path).endswith(".safetensors"):  # timm's weights on the Hugging Face hub: tensors only, by design
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(path, device=str(map_location))
+        except (OSError, MemoryError):
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
+                                  f"{_detail(err)})") from None
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         found = _REFUSED.search(str(err))
@@ -177,7 +189,7 @@ def read(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a densessl training checkpoint (no 'model')")
     if "model_config" not in state:
         raise CheckpointError(f"{path} has no 'model_config': it was written by an older densessl; export its encoder "
-                         "with that version, or load it as weights (torchvision:/mocov2:)")
+                         "with that version, or load it as weights (torchvision:/mocov2:/timm:)")
     return state
 
 

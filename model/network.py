@@ -74,11 +74,16 @@ class BilinearUp2(nn.Module):
     On CUDA the input is made channels_last first. The decoder's GroupNorm returns NCHW tensors, and CUDA's NCHW
     bilinear kernel gives one thread per output position that loops over every image and channel, which made
     these upsamplings the largest cost of the VADeR step on an H100 (benchmarks/RESULTS.md). The channels_last
-    kernel gives a thread per output value."""
+    kernel gives a thread per output value.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ``size``: the finer level's grid instead, when it is not twice this one (a ViT's pyramid of a view whose side
+    is no multiple of 32); where it is twice, the result is the same."""
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
@@ -110,7 +115,16 @@ class FPNDecoder(nn.Module):
         p = [lat(f) for lat, f in zip(self.lateral, feats)]
         for i in range(len(p) - 1, 0, -1):
             p[i - 1] = p[i - 1] + F.interpolate(p[i], size=p[i - 1].shape[-2:], mode="nearest")
-        return self.out(sum(block(x) for block, x in zip(self.levels, p)))
+        sizes = [f.shape[-2:] for f in feats]
+        return self.out(sum(self._level(block, x, sizes[:level]) for level, (block, x) in
+                            enumerate(zip(self.levels, p))))
+
+    @staticmethod
+    def _level(block: nn.Sequential, x: torch.Tensor, finer: list) -> torch.Tensor:
+        """One level's blocks, each upsampling to the next finer level's grid (``finer``, finest first)."""
+        for layer in block:
+            x = layer(x, finer.pop()) if isinstance(layer, BilinearUp2) else layer(x)
+        return x
 
 
 class GlobalHead(nn.Sequential):

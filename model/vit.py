@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -110,6 +111,10 @@ class ViTEncoder(nn.Module):
         from timm.models.vision_transformer import checkpoint_filter_fn
         from .network import load_weights
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        theirs = state.get("patch_embed.proj.weight")
+        if theirs is not None and theirs.ndim == 4 and theirs.shape[-1] != self.patch:
+            warnings.warn(f"{what}: its {theirs.shape[-1]}-pixel patch embedding is resampled to {self.arch}'s "
+                          f"{self.patch} pixels (FlexiViT's resampling): a different model than the file's")
         try:
             state = checkpoint_filter_fn(state, self.net)
         except (RuntimeError, ValueError, KeyError) as err:
@@ -124,14 +129,17 @@ def nearest_sizes(size: int, multiple: int) -> str:
 
 
 def _resample(grid: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
-    """The token grid at a level's size: itself where it fits, else bilinear up (finer strides) or average
-    pooling down (coarser); the padded part of a padded view is cut off."""
-    full = (grid.shape[-2] * patch // stride, grid.shape[-1] * patch // stride)
-    if stride < patch:
-        out = F.interpolate(grid, size=full, mode="bilinear", align_corners=False) if full != grid.shape[-2:] \
-            else grid
-    elif stride > patch:
-        out = F.adaptive_avg_pool2d(grid, full if min(full) > 0 else size)
-    else:
+    """The token grid (stride ``patch``) at a level's stride, cut to ``size`` (a padded view's padding goes):
+    itself where the strides agree, average pooling where the level's stride is a multiple of the patch, else
+    bilinear resampling by exactly ``patch / stride`` (pixel centres kept in place; antialiased going down), so
+    cell ``i`` of every level covers pixels ``[i * stride, (i + 1) * stride)``."""
+    if stride == patch:
         out = grid
+    elif stride % patch == 0 and min(grid.shape[-2:]) >= stride // patch:
+        out = F.avg_pool2d(grid, stride // patch)
+    elif min(grid.shape[-2:]) * patch >= stride:
+        out = F.interpolate(grid, scale_factor=patch / stride, mode="bilinear", align_corners=False,
+                            antialias=stride > patch)
+    else:  # a view smaller than one cell of this level: its one cell
+        out = F.adaptive_avg_pool2d(grid, size)
     return out[..., :size[0], :size[1]]

@@ -1,13 +1,16 @@
 """timm ViT encoders (model.vit): every method on a ViT-Tiny, pairs and multi-crop, exact resumption, foreign
 weights with another position grid, export into timm, and the one-line errors."""
 
+import argparse
 import shutil
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from runs import losses, tiny_args
 
+from densessl.evaluation.features import feature_extractor
 from densessl.model import checkpoint
 from densessl.model.builder import ModelConfig
 from densessl.model.network import build_encoder
@@ -71,8 +74,10 @@ def test_timm_and_dino_state_dicts_with_another_position_grid_load_through_init_
     state = small.state_dict()
     torch.save(state, tmp_path / "timm.pth")
     torch.save({"teacher": {f"module.backbone.{k}": v for k, v in state.items() if not k.startswith("head.")},
-                "student": {}}, tmp_path / "dino_checkpoint.pth")  # DINO's training checkpoint layout
-    for name in ("timm.pth", "dino_checkpoint.pth"):
+                "student": {}, "args": argparse.Namespace(arch="vit_tiny", patch_size=16, lr=0.0005)},
+               tmp_path / "dino_checkpoint.pth")  # DINO's training checkpoint layout, its arguments included
+    safetensors.torch.save_file(state, tmp_path / "model.safetensors")  # timm's files on the Hugging Face hub
+    for name in ("timm.pth", "dino_checkpoint.pth", "model.safetensors"):
         encoder = build_encoder("vit_tiny_patch16_224")
         assert encoder.net.pos_embed.shape == (1, 1 + 14 * 14, 192)
         checkpoint.load_encoder_weights(encoder, tmp_path / name)
@@ -83,6 +88,27 @@ def test_timm_and_dino_state_dicts_with_another_position_grid_load_through_init_
         assert torch.allclose(encoder.net.pos_embed, want)
     with pytest.raises(ValueError, match="does not fit"):
         checkpoint.load_encoder_weights(build_encoder("vit_small_patch16_224"), tmp_path / "timm.pth")
+    with pytest.warns(UserWarning, match="16-pixel patch embedding is resampled to vit_tiny_patch8_224's 8 pixels"):
+        checkpoint.load_encoder_weights(build_encoder(VIT), tmp_path / "timm.pth")
+    with pytest.raises(ValueError, match=r"^timm:.*timm.pth: --arch='resnet50' is no timm ViT: name the file's "
+                                         r"model, e.g. --arch vit_small_patch16_224 \(DINO ViT-S/16\)"):
+        feature_extractor(f"timm:{tmp_path / 'timm.pth'}", "resnet50")
+
+
+def test_the_decoder_reads_views_whose_sides_are_no_multiple_of_32_and_evaluation_pads_to_the_patch():
+    """The FPN upsamples each level to the next finer one's grid, so a ViT's views need only be multiples of the
+    patch and of the stride-4 grid (48 and 80 pixels at patch 16, 84 at patch 14); evaluation's images need not
+    even be that."""
+    from densessl.evaluation.features import model_extractors, random_model
+    torch.manual_seed(0)
+    for arch, size in (("vit_tiny_patch16_224", 48), ("vit_tiny_patch16_224", 80), ("vit_small_patch14_dinov2", 84)):
+        model = random_model(arch)
+        with torch.no_grad():
+            assert model.encoder_q(torch.randn(1, 3, size, size))["dense"].shape == (1, 128, size // 4, size // 4)
+    extractors = model_extractors(model)  # patch 14, read at 64x96 pixels
+    with torch.no_grad():
+        assert {k: tuple(m(torch.randn(1, 3, 64, 96)).shape[-2:]) for k, m in extractors.items()} == \
+            {"hypercolumn": (16, 24), "dense": (16, 24), "c5": (16, 24)}
 
 
 def test_dinov2_weights_load_with_their_own_names(tmp_path):
