@@ -30,10 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from densessl.model import checkpoint
+from densessl.model import checkpoint, vit
 from densessl.model.builder import MoCo, ModelConfig
 from densessl.model.methods import method_config
-from densessl.model import vit
 from densessl.model.network import build_encoder
 
 KINDS = ("hypercolumn", "dense", "c5")

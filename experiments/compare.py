@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     what = "ablations of VADeR" if args.ablations else "objectives"
     archs = dict.fromkeys(arch_of(key) for _, key, *_ in plans)
     header = (f"# Comparison of {what} on the embedded set\n\n{', '.join(archs)}, {args.steps} steps, "
-              f"batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device {resolve_device(args.device)}; probes at "
-              f"{PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
+              f"batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device "
+              f"{resolve_device(args.device)}; probes at {PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
 
     def report(results: list[dict], final: bool = False) -> str:
         rows = summarise(results + randoms)
