@@ -114,8 +114,11 @@ class ViewSpec:
                              "takes its fallback window)")
         for g in self.groups:
             if g.size[0] % self.stride or g.size[1] % self.stride:
+                near = " x ".join(" or ".join(str(n) for n in (s // self.stride * self.stride,
+                                                                s // self.stride * self.stride + self.stride) if n)
+                                  for s in g.size)
                 raise ValueError(f"group {g.name}: size={g.size} is not a multiple of the feature stride "
-                                 f"{self.stride}")
+                                 f"{self.stride} (nearest: {near})")
         seen = set()
         for rule in self.rules:
             unknown = [n for n in rule.groups if n not in names]
