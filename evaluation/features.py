@@ -134,17 +134,17 @@ def random_model(arch: str, seed: int = 0) -> MoCo:
     return MoCo(ModelConfig(arch=arch), method_config(queue_size=128)).eval()
 
 
-def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KINDS) -> dict[str, Extractor]:
+def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KINDS,
+                      name_arch: bool = False) -> dict[str, Extractor]:
     """Extractors on ``device`` for one ``SPEC:ARG`` (module docstring), by row name ``model [kind]``; a kind
-    the model does not have has no row."""
+    the model does not have has no row. A random model's name carries its arch where ``name_arch`` says so."""
     source, _, arg = spec.partition(":")
     if source == "checkpoint":
         path = checkpoint.find(arg)
         name, found = checkpoint.run_and_step(path), model_extractors(checkpoint.load_model(path), kinds)
     elif source == "random":
         arch_arg, _, seed = arg.partition("@")
-        name = "random init" + (f" {arch_arg}" if arch_arg and arch_arg != arch else "") + \
-            (f" seed {seed}" if seed else "")
+        name = "random init" + (f" {arch_arg or arch}" if name_arch else "") + (f" seed {seed}" if seed else "")
         found = model_extractors(random_model(arch_arg or arch, int(seed or 0)), kinds)
     elif source in FOREIGN_WEIGHTS:
         if source == "timm" and vit.timm_model(arch) is None:
@@ -161,10 +161,12 @@ def feature_extractor(spec: str, arch: str = "resnet50", device="cpu", kinds=KIN
 
 
 def feature_extractors(specs: list[str], arch: str = "resnet50", device="cpu", kinds=KINDS) -> dict[str, Extractor]:
-    """Named extractors for a table; two specs that would share a row name are an error, not a lost row."""
+    """Named extractors for a table; two specs that would share a row name are an error, not a lost row.
+    Random rows carry their arch only where the table holds random models of more than one arch."""
+    random_archs = {s.partition(":")[2].partition("@")[0] or arch for s in specs if s.startswith("random:")}
     out = {}
     for spec in specs:
-        for name, module in feature_extractor(spec, arch, device, kinds).items():
+        for name, module in feature_extractor(spec, arch, device, kinds, len(random_archs) > 1).items():
             if name in out:
                 raise ValueError(f"two --features would both be named {name!r} in the table ({spec!r} and an "
                                  "earlier one): compare checkpoints of different runs or steps")

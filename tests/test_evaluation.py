@@ -374,6 +374,10 @@ def test_checkpoints_of_two_runs_keep_two_rows(tmp_path):
                                                                           "m/step_00000002 [c5]"]
     with pytest.raises(ValueError, match="has none of the feature kinds"):
         feature_extractors([f"checkpoint:{mocov2}"], "resnet18", kinds=("dense",))
+    two_random = feature_extractors(["random:resnet18", "random:vit_tiny_patch8_224", "random:resnet18@1"],
+                                    kinds=("c5",))
+    assert list(two_random) == ["random init resnet18 [c5]", "random init vit_tiny_patch8_224 [c5]",
+                                "random init resnet18 seed 1 [c5]"]  # random rows of two archs name their arch
 
 
 def test_a_checkpoint_without_its_model_config_is_refused_clearly(tmp_path):
