@@ -24,9 +24,8 @@ def test_layout_and_labels(synthetic_root):
         # the folder names the largest visible shape
         areas = np.bincount(classes.ravel(), minlength=len(CLASSES) + 1)[1:]
         assert CLASSES[areas.argmax()] == folder.classes[label]
-        assert 1.0 <= depth.min() and depth.max() <= 6.0
-        # shapes stand in front of the ground plane behind them
-        assert (depth[classes > 0] <= 4.0 + 1e-3).all()
+        assert 1.5 - 1e-3 <= depth.min() and depth.max() <= 8.0 + 1e-3  # the floor's near edge, the back wall
+        assert (depth[classes > 0] <= 5.0 + 1e-3).all()  # shapes stand on the floor in front of the wall
 
 
 def test_videos_have_masks_per_frame(synthetic_root):
@@ -102,3 +101,56 @@ def test_validation_scenes_and_clip_frames_are_lit_differently(tmp_path):
     masks = sorted((lit / "videos" / "Annotations").glob("*/*.png"))
     plain_masks = sorted((plain / "videos" / "Annotations").glob("*/*.png"))
     assert (np.asarray(Image.open(masks[-1])) > 0).sum() > (np.asarray(Image.open(plain_masks[-1])) > 0).sum()
+
+
+def _spearman(a, b) -> float:
+    ranks = [np.argsort(np.argsort(np.asarray(x, np.float64))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def test_depth_shows_in_the_pixels_through_perspective():
+    """Over the default validation scenes: within each class, a shape's visible area falls with its depth
+    (perspective, then occlusion), and its base touches the floor at the row where the floor is as deep."""
+    from densessl.pipeline.synthetic import Camera, SyntheticConfig, render, scene
+    cfg = SyntheticConfig()
+    camera = Camera(cfg.height, cfg.width)
+    nothing = (np.zeros((cfg.height, cfg.width, 3), np.float32), np.full((cfg.height, cfg.width), 99, np.float32))
+    areas, depths, gaps = {}, {}, []
+    for cls in range(len(CLASSES)):
+        for i in range(cfg.val_per_class):
+            (_, _, instances, depth, shapes), _ = scene(cfg, "val", cls, i)
+            for k, shape in enumerate(shapes):
+                visible = instances == k + 1
+                if visible.any():
+                    areas.setdefault(shape.cls, []).append(int(visible.sum()))
+                    depths.setdefault(shape.cls, []).append(shape.depth)
+                    assert np.allclose(depth[visible], shape.depth)
+                alone = render(nothing, [shape])[2] > 0  # the whole shape, unoccluded
+                base = np.nonzero(alone.any(1))[0].max() + 0.5  # its lowest row's centre
+                gaps.append(abs(float(camera.depth_at_row(base)) - shape.depth) / shape.depth)
+    for cls, name in enumerate(CLASSES):
+        assert len(areas[cls]) >= 20 and _spearman(areas[cls], depths[cls]) < -0.6, name
+    assert max(gaps) < 0.05
+
+
+def test_camera_floor_and_wall():
+    from densessl.pipeline.synthetic import Camera
+    camera = Camera(144, 192)
+    rows = np.arange(144) + 0.5
+    depth = camera.depth_at_row(rows)
+    assert abs(depth[-1] - Camera.NEAR) < 0.05 and (depth[:20] == Camera.FAR).all()
+    assert (np.diff(depth) <= 0).all()  # nearer down the image
+    floor = depth < Camera.FAR
+    np.testing.assert_allclose(camera.floor_row(depth[floor]), rows[floor], rtol=1e-4)
+
+
+def test_haze_is_off_by_default_and_pales_the_far_wall(tmp_path):
+    from densessl.pipeline.synthetic import SyntheticConfig, scene
+    clear, hazy = SyntheticConfig(height=48, width=64), SyntheticConfig(height=48, width=64, haze=0.3)
+    (a, _, _, depth, _), _ = scene(clear, "train", 0, 0)
+    (b, _, _, _, _), _ = scene(hazy, "train", 0, 0)
+    far, near = depth >= 8.0, depth <= 2.0
+    grey = np.array([200, 205, 215], np.float32)
+    gap = lambda image, where: np.abs(image[where].astype(np.float32) - grey).mean()  # noqa: E731
+    assert gap(b, far) < 0.3 * gap(a, far)  # the wall at 8 m is mostly haze
+    assert gap(b, near) > 0.8 * gap(a, near)  # the nearest floor keeps its colours
