@@ -112,8 +112,8 @@ if [ -n "$rehearse" ]; then  # the same steps, tiny
     run.dir="$out/e2e-torch" run.progress=false run.tensorboard=false
   step demo_and_evaluation 180 bash -c "$py -m densessl.experiments.demo --tiny --synthetic-dir '$out/demo-data' \
     --out '$out/demo' --steps 2 --batch 8 --view-size 64 && $py -m densessl.evaluation all --checkpoint '$out/demo' \
-    --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5"
-  step compare 180 $py -m densessl.experiments.compare --tiny --preset gpu --device cpu \
+    --root '$out/demo-data' --out '$out/demo/eval' --probe-steps 5 --depth-bound-steps 2"
+  step compare 300 $py -m densessl.experiments.compare --tiny --preset gpu --device cpu \
     --synthetic-dir "$out/demo-data" --out "$out/compare"
 else
   cores=$(nproc); data_failed=

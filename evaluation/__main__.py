@@ -25,7 +25,8 @@ from densessl.model import checkpoint as checkpoints
 from densessl.pipeline import owned
 
 from . import datasets
-from .embedded import EmbeddedTasks, flat_scores, score_embedded
+from .depth_bound import BOUND_STEPS, depth_upper_bound, describe
+from .embedded import EmbeddedTasks, flat_scores, position_depth, score_embedded
 from .features import KINDS, feature_extractors
 from .metrics import DEPTH_METRICS
 from .probe import linear_probe, warn_if_unreliable
@@ -41,7 +42,9 @@ VIDEOS = {"davis": lambda root: datasets.davis(root, "val"), "synthetic": datase
 
 
 def _table(rows: dict[str, dict[str, float]], metrics: list[str]) -> str:
-    return markdown_table(metrics, {name: [f"{r[m]:.3f}" for m in metrics] for name, r in rows.items()})
+    """A markdown table; a row without a metric (a depth-only row) shows '-' there."""
+    return markdown_table(metrics, {name: [f"{r[m]:.3f}" if m in r else "-" for m in metrics]
+                                    for name, r in rows.items()})
 
 
 def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
@@ -52,18 +55,20 @@ def probe_row(result: dict, metric: str, label: str) -> dict[str, float]:
             "probe loss": result["probe loss"]}
 
 
-def _report(rows: dict, metrics: list[str], out: Path, title: str) -> str:
+def _report(rows: dict, metrics: list[str], out: Path, title: str, notes: str = "") -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = _table(rows, metrics)
+    table = _table(rows, metrics) + (f"\n\n{notes}" if notes else "")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(f"# {title}\n\n{table}\n")
     print(f"{title}\n{table}\n(written to {out})")
     return table
 
 
-def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kinds=("hypercolumn", "dense")) -> dict:
+def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kinds=("hypercolumn", "dense"),
+            bound_steps: int = BOUND_STEPS) -> dict:
     """Segmentation mIoU, depth RMSE, propagation J/F and the shape classifier's top-1 (``classify``) on the
-    embedded set: checkpoint vs random init, each read as every feature kind asked for."""
+    embedded set: checkpoint vs random init, each read as every feature kind asked for; and depth's two
+    references: from position alone, and the supervised upper bound (``depth_bound``; ``bound_steps`` 0: none)."""
     path = checkpoints.find(checkpoint)
     arch = checkpoints.read(path)["model_config"]["arch"]
     out.mkdir(parents=True, exist_ok=True)
@@ -74,10 +79,18 @@ def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kin
         r = flat_scores(score_embedded(fn, tasks, name, size, steps))
         rows[name] = {"seg mIoU": r["mIoU"], "depth RMSE (m)": r["RMSE"], "depth delta1": r["delta1"], "J": r["J"],
                       "F": r["F"], "J&F": r["J&F"], "shape top-1": r["top-1"]}
+    where = position_depth(tasks, size)
+    rows["depth from position alone"] = {"depth RMSE (m)": where["RMSE"], "depth delta1": where["delta1"]}
+    notes = "Depth from position alone: a probe that sees each pixel's row and column, nothing of the image."
+    if bound_steps:
+        bound = depth_upper_bound(arch, tasks.depth, size, bound_steps, device)
+        rows[f"supervised depth {arch}, {bound_steps} steps (upper bound) [hypercolumn]"] = {
+            "depth RMSE (m)": bound["RMSE"], "depth delta1": bound["delta1"], "cost (min)": bound["seconds"] / 60}
+        notes += "\n" + describe(bound)
     plot_pca(extractors, tasks.segmentation[1].images[:6], out / "pca.png", size)
     plot_retrieval(extractors, tasks.segmentation[1].images[:5], out / "retrieval.png", size)
     _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F", "shape top-1"], out,
-            f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init")
+            f"Embedded set, frozen features: {checkpoints.run_and_step(path)} vs random init", notes)
     return rows
 
 
@@ -97,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", nargs="+", default=[], help="images for visualize")
     p.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"), help="probe input size")
     p.add_argument("--probe-steps", type=int, default=300, help="segmentation probe: most L-BFGS iterations")
+    p.add_argument("--depth-bound-steps", type=int, default=BOUND_STEPS,
+                   help="all: steps the depth upper bound trains the checkpoint's architecture for depth, with "
+                        "labels (evaluation/depth_bound.py; minutes on a CPU); 0: no bound")
     p.add_argument("--save-masks", action="store_true", help="propagation: write the predicted masks to "
                    "OUT/masks/<features>/<video>/<frame>.png (DAVIS's results layout, for its official code)")
     p.add_argument("--out", default="runs/eval")
@@ -111,7 +127,10 @@ def main(argv=None) -> int:
             p.error(f"{args.protocol} needs --checkpoint")
         owned.claim(out, "evaluation", "--out")
         if args.protocol == "all":
-            run_all(args.checkpoint, args.root, out, size, args.probe_steps, device, args.kinds)
+            if args.depth_bound_steps < 0:
+                p.error(f"--depth-bound-steps {args.depth_bound_steps}: give 0 (no bound) or more")
+            run_all(args.checkpoint, args.root, out, size, args.probe_steps, device, args.kinds,
+                    args.depth_bound_steps)
             return 0
         if args.protocol == "export":
             from .export import export

@@ -83,9 +83,10 @@ def flat_scores(by_probe: dict[str, dict]) -> dict:
 
 def position_depth(tasks: EmbeddedTasks, size=PROBE_SIZE) -> dict:
     """The depth probe fitted on where each pixel is and nothing it shows: features are the row and column
-    coordinates (and their squares) on a stride-4 grid. The embedded set's ground plane recedes with the row and
-    its shapes' depths are drawn independently of how they look, so this probe bounds what depth can measure
-    here: features beat it only by finding the shapes. Returns ``linear_probe``'s depth result."""
+    coordinates (and their squares) on a stride-4 grid. The embedded set's floor recedes with the row, so this
+    probe gets the background roughly right and every shape wrong: features beat it by finding the shapes and
+    reading their depth from their size, texture and base (``pipeline.synthetic``), which is what the supervised
+    bound (``depth_bound``) shows the pixels allow. Returns ``linear_probe``'s depth result."""
     def where(x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         rows, cols = torch.meshgrid(torch.linspace(0, 1, h // 4), torch.linspace(0, 1, w // 4), indexing="ij")

@@ -32,7 +32,7 @@ def load_image(path, size: tuple[int, int]) -> torch.Tensor:
     return normalize(x.permute(2, 0, 1).float() / 255)
 
 
-def _resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     mode = "F" if target.dtype == np.float32 else "L"
     im = Image.fromarray(target, mode=mode).resize((size[1], size[0]), Image.NEAREST)
     return torch.from_numpy(np.array(im))
@@ -60,7 +60,7 @@ def extract(features_fn, data: DenseSet, size: tuple[int, int], batch: int = 16,
 
 def resized_targets(data: DenseSet, size: tuple[int, int]) -> torch.Tensor:
     """Targets ``[N, H, W]`` at ``size`` (nearest): long class ids or float metres, to fit a probe on."""
-    y = torch.stack([_resize_target(data.read_target(j), size) for j in range(len(data))])
+    y = torch.stack([resize_target(data.read_target(j), size) for j in range(len(data))])
     return y.float() if data.task == "depth" else y.long()
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from densessl.evaluation.depth_bound import describe
 from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth
 from densessl.evaluation.report import markdown_table
 from densessl.pipeline.owned import NotOurs, claim, json_keys
@@ -44,7 +45,7 @@ from densessl.train.config import ConfigError, with_overrides
 from densessl.train.distributed import resolve_device
 
 from .presets import ABLATIONS, ARCH, NAMES, PRESETS, TINY, TINY_DATA, arch_of, base_config
-from .scores import score_random, train_and_score
+from .scores import depth_bound, score_random, train_and_score
 from .tables import against, costs, plot, summarise, table, verdict
 
 
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--view-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--kinds", nargs="+", default=["hypercolumn", "dense"])
+    p.add_argument("--depth-bound-steps", dest="bound_steps", type=int,
+                   help="steps the supervised depth upper bound trains each encoder for depth (default: the "
+                        "preset's; 0: none)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablations", action="store_true", help="VADeR's ablations (ABLATIONS) instead of objectives")
     mode.add_argument("--curve", type=int, nargs="+", metavar="STEPS",
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     started = time.monotonic()
+    if args.bound_steps < 0:
+        p.error(f"--depth-bound-steps {args.bound_steps}: give 0 (no bound) or more")
     if args.data:
         p.error("--data is now --synthetic-dir: the folder the embedded set is written to (not a data set of yours)")
     out = claim(args.out, "comparison", "--out",  # before markers: its results.json (a comparison's, the ablations')
@@ -111,6 +117,8 @@ def main(argv=None) -> int:
     where = position_depth(EmbeddedTasks.load(data))
     what = "ablations of VADeR" if args.ablations else "objectives"
     archs = dict.fromkeys(arch_of(key) for _, key, *_ in plans)
+    bounds = [depth_bound(arch, args.bound_steps, data, resolve_device(args.device), runs / f"depth_bound_{arch}",
+                          args.rescore) for arch in archs] if args.bound_steps else []
     header = (f"# Comparison of {what} on the embedded set\n\n{', '.join(archs)}, {args.steps} steps, "
               f"batch {args.batch}, {args.view_size} px views, seeds {args.seeds}, device "
               f"{resolve_device(args.device)}; probes at {PROBE_SIZE[0]}x{PROBE_SIZE[1]}, mean ± std over seeds.")
@@ -120,11 +128,12 @@ def main(argv=None) -> int:
         text = "\n\n".join([
             table(rows, header), *([against(rows, "VADeR")] if args.ablations else []),
             f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
-            f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.",
+            f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}." + "".join(f"\n\n{describe(b)}" for b in bounds),
             costs(results + randoms, time.monotonic() - started)
             + ("" if final else f" Partial: {len(results)} of {expected} runs so far.")])
         (out / "results.json").write_text(json.dumps({"runs": results + randoms, "rows": rows,
-                                                      "position depth": where}, indent=1, default=str))
+                                                      "position depth": where, "depth bounds": bounds},
+                                                     indent=1, default=str))
         (out / "table.md").write_text(text + "\n")
         plot(rows, out / "compare.png")
         return text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from densessl.evaluation.depth_bound import BOUND_STEPS
 from densessl.model.builder import ModelConfig
 from densessl.model.methods import method_config
 from densessl.pipeline import DataConfig, PairSpec
@@ -18,7 +19,8 @@ ARCH = "resnet18"  # the encoder of every objective but the ViT ones
 VIT_ARCH = "vit_tiny_patch8_224"  # ``<objective>_vit``'s: ViT-Ti with 8-pixel patches (a 64-pixel view: 8x8 tokens)
 TINY_DATA = SyntheticConfig(height=96, width=128, train_per_class=4, val_per_class=2, videos=1, frames=4)  # tests
 # --tiny (the tests, seconds): these where no flag is given, on TINY_DATA
-TINY = {"seeds": [0], "steps": 4, "batch": 8, "view_size": 64, "objectives": ["vader", "mocov2", "vader_multicrop"]}
+TINY = {"seeds": [0], "steps": 4, "batch": 8, "view_size": 64, "objectives": ["vader", "mocov2", "vader_multicrop"],
+        "bound_steps": 2}
 NAMES = {"vader": "VADeR", "densecl": "DenseCL", "mocov2": "MoCo v2", "vader_multicrop": "VADeR multi-crop",
          "vader_vit": "VADeR ViT-Ti/8", "mocov2_vit": "MoCo v2 ViT-Ti/8"}
 RANDOM_NAMES = {ARCH: "random init", VIT_ARCH: "random init ViT-Ti/8"}  # each encoder's random baseline
@@ -29,11 +31,12 @@ METRICS = (("mIoU", True, "segmentation mIoU ↑"), ("J&F", True, "propagation J
 # steps VADeR separates from every random read-out on segmentation and propagation over three seeds, at 200 only
 # on propagation; it runs on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
 PRESETS = {
-    "cpu": {"steps": 400, "batch": 32, "view_size": 64, "workers": 2, "device": "auto",
+    "cpu": {"steps": 400, "batch": 32, "view_size": 64, "workers": 2, "device": "auto", "bound_steps": BOUND_STEPS,
             "objectives": ["vader", "densecl", "mocov2", "vader_vit", "mocov2_vit"],  # VADeR multi-crop's step is
             # ~20x slower here: its queue holds 8 batches of its 288 keys per image (RESULTS.md)
             "seeds": {"compare": [0, 1, 2], "ablations": [0, 1], "curve": [0]}},
     "gpu": {"steps": 1600, "batch": 32, "view_size": 96, "workers": max(2, (os.cpu_count() or 4) - 2), "device": "cuda",
+            "bound_steps": BOUND_STEPS,
             "objectives": list(NAMES), "seeds": {"compare": [0, 1, 2], "ablations": [0, 1, 2], "curve": [0]}},
 }
 # The reviewers' questions: the objective each row trains and its configuration keys ('init MoCo v2' reads the

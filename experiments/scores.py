@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from densessl.evaluation.depth_bound import depth_upper_bound
 from densessl.evaluation.embedded import PROBE_SIZE, PROBES, EmbeddedTasks, flat_scores, score_embedded
 from densessl.evaluation.features import model_extractors, random_model
 from densessl.model.builder import MoCo
@@ -44,6 +45,12 @@ def pretrain(cfg: TrainConfig) -> dict:
 def checkpoint_path(run_dir, steps: int) -> Path:
     """A run's checkpoint after ``steps`` steps (its last one: ``base_config`` checkpoints at the end)."""
     return Path(run_dir) / "checkpoints" / f"step_{steps:08d}.pt"
+
+
+def _data_key(data: Path) -> dict:
+    """What a score depends on besides the model: the data set's path and contents, and the probe size."""
+    return {"data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE),
+            "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16]}
 
 
 # scores.json as densessl kept it before each probe had its own version (one protocol number for all):
@@ -89,8 +96,7 @@ def evaluate(model, data: Path, device, kinds, folder: Path, of: str, rescore: b
     (unless ``rescore``): the comparison, the ablations, the curve and a table built in pieces evaluate each model
     once, and a probe whose protocol changed is run again alone."""
     cache = folder / "scores.json"
-    key = json.dumps({"model": of, "data": str(Path(data).resolve()), "probe size": list(PROBE_SIZE),
-                      "data set": hashlib.sha256((Path(data) / "meta.json").read_bytes()).hexdigest()[:16]})
+    key = json.dumps({"model": of, **_data_key(data)})
     kept = _kept_scores(cache, key, rescore)
     tasks = None
     extractors = model_extractors(model, kinds)  # the kinds this model has (MoCo v2 has no dense output)
@@ -125,6 +131,26 @@ def random_baseline(arch: str, seed: int, data: Path, device, kinds, folder: Pat
     scores, eval_s = evaluate(model, data, device, kinds, folder, f"random {arch} seed {seed}", rescore)
     return model, {"model": RANDOM_NAMES.get(arch, f"random init {arch}"), "objective": None, "arch": arch,
                    "seed": seed, "random": True, "run": str(folder), "eval_s": eval_s, "scores": scores}
+
+
+def depth_bound(arch: str, steps: int, data: Path, device, folder: Path, rescore: bool = False) -> dict:
+    """``arch``'s supervised depth upper bound (``evaluation.depth_bound``) on the embedded set, kept in
+    ``folder/bound.json`` under what it was computed from and read back from there when asked again (unless
+    ``rescore``): computed once for the comparison, the ablations and the tables built in pieces."""
+    cache = folder / "bound.json"
+    key = json.dumps({"bound": arch, "steps": steps, "version": PROBES["depth"], **_data_key(data)})
+    if cache.is_file() and not rescore:
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            print(f"== depth upper bound, {arch}: read back from {cache}", flush=True)
+            return kept["bound"]
+    print(f"== depth upper bound, {arch}: training for depth, {steps} steps", flush=True)
+    result = depth_upper_bound(arch, EmbeddedTasks.load(data).depth, PROBE_SIZE, steps, device)
+    bound = {k: v for k, v in result.items() if k != "trivial"}
+    folder.mkdir(parents=True, exist_ok=True)
+    cache.with_suffix(".tmp").write_text(json.dumps({"key": key, "bound": bound}, indent=1))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return bound
 
 
 def score_random(args, data: Path, runs: Path, objectives=()) -> list[dict]:

@@ -3,6 +3,7 @@ folders in each real layout (VOC, Cityscapes, NYU, DAVIS) built from the embedde
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from densessl.evaluation.propagation import propagate
 from densessl.model.builder import MoCo, ModelConfig, model_config
 from densessl.model.methods import method_config
 from densessl.model import checkpoint
-from densessl.model.network import FPNDecoder, load_weights
+from densessl.model.network import FPNDecoder, build_encoder, load_weights
 from densessl.pipeline.synthetic import DAVIS_PALETTE
 from released import released_checkpoints
 from densessl.train.config import TrainConfig, to_dict
@@ -223,7 +224,7 @@ def test_readers_decode_each_layout(layouts):
     city = datasets.cityscapes(layouts["cityscapes"], "val")
     assert set(np.unique(city.read_target(0))) <= {0, 1, 2, 3, 4}  # labelIds 7..13 -> train ids
     depth = datasets.nyu_depth(layouts["nyu"], "test").read_target(0)
-    assert depth.dtype == np.float32 and 1.0 < depth.max() < 7.0  # metres
+    assert depth.dtype == np.float32 and 1.0 < depth.max() <= 8.0  # metres (the embedded set: its back wall at 8 m)
     videos = datasets.davis(layouts["davis"], "val")
     assert len(videos) == 1 and len(videos[0].frames) == len(videos[0].masks) == 3
     with pytest.raises(FileNotFoundError, match="PASCAL VOC"):
@@ -312,11 +313,16 @@ def test_all_prints_one_table_with_figures(synthetic_root, tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "vader")
     out = tmp_path / "all"
     assert evaluation_main(["all", "--checkpoint", str(ckpt), "--root", str(synthetic_root), "--probe-steps", "3",
-                            "--size", "96", "128", "--out", str(out)]) == 0
+                            "--size", "96", "128", "--depth-bound-steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for row in ("vader/step_00000002 [hypercolumn]", "vader/step_00000002 [dense]", "random init [hypercolumn]"):
         assert f"| {row} |" in printed
     assert "depth RMSE" in printed
+    # depth's references: position alone and the supervised bound, depth columns only, the bound with its cost
+    assert re.search(r"\| depth from position alone \| - \| \d\.\d{3} \| \d\.\d{3} \| - \|", printed)
+    assert re.search(r"\| supervised depth resnet18, 2 steps \(upper bound\) \[hypercolumn\] \| - \| \d", printed)
+    assert re.search(r"Depth upper bound: resnet18 trained for depth with labels on the training scenes \(2 steps of "
+                     r"8 images, \d+\.\d min\), read by the same probe: RMSE \d", (out / "table.md").read_text())
     for png in ("pca.png", "retrieval.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -506,8 +512,29 @@ def test_a_feature_cache_extracts_each_image_set_once_and_changes_no_score(synth
 
 
 def test_depth_from_position_alone_reads_the_ground_plane(synthetic_root):
-    """The embedded set's depth is mostly its ground plane, which recedes with the row: a probe that sees only
-    where each pixel is beats the mean-depth baseline by far, and the image's content is not read at all."""
+    """The embedded set's depth is mostly its floor and back wall, whose depth is fixed by the row: a probe that
+    sees only where each pixel is beats the mean-depth baseline by far, and the image's content is not read."""
     from densessl.evaluation.embedded import EmbeddedTasks, position_depth
     where = position_depth(EmbeddedTasks.load(synthetic_root))
     assert where["RMSE"] < 0.7 * where["trivial"]["RMSE"] and where["delta1"] > where["trivial"]["delta1"]
+
+
+def test_the_depth_bound_trains_the_encoder_for_depth(synthetic_root):
+    """The supervised upper bound trains the encoder end to end on the depth labels (its loss falls, its weights
+    move) and is read out as a hypercolumn; wrong input is refused in one line."""
+    from densessl.evaluation.datasets import synthetic
+    from densessl.evaluation.depth_bound import train_for_depth
+    train = synthetic(synthetic_root, "train", "depth")
+    torch.manual_seed(0)
+    start = Hypercolumn("resnet18", build_encoder("resnet18").net.state_dict())
+    trained, cost = train_for_depth("resnet18", train, (64, 96), steps=20, batch=4, seed=0)
+    assert not trained.training and cost["steps"] == 20 and cost["batch"] == 4 and cost["seconds"] > 0
+    assert cost["train L1"] < 0.8 * cost["first L1"]
+    moved = [not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.cpu().state_dict().values())
+             if a.is_floating_point()]
+    assert all(moved)  # every weight and statistic of the encoder trained
+    assert trained(torch.zeros(1, 3, 64, 96)).shape[-2:] == (16, 24)
+    with pytest.raises(ValueError, match="a depth set is needed"):
+        train_for_depth("resnet18", synthetic(synthetic_root, "train"), (64, 96), steps=1)
+    with pytest.raises(ValueError, match="at least one step"):
+        train_for_depth("resnet18", train, (64, 96), steps=0)

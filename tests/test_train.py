@@ -340,9 +340,12 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     out = tmp_path / "compare"
     assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert "read back" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "read back" not in said and "== depth upper bound, resnet18: training for depth, 2 steps" in said
     assert main(["--tiny", "--synthetic-dir", str(tmp_path / "data"), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("scores read back") == 7  # every model and kind, random init included
+    said = capsys.readouterr().out
+    assert said.count("scores read back") == 7  # every model and kind, random init included
+    assert "== depth upper bound, resnet18: read back" in said  # and the supervised depth bound
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     # a probe whose protocol changed is run again alone, then kept: the other probes' scores are read back
     asked = []
@@ -390,6 +393,7 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     table = (out / "table.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "strongest random baseline" in table
     assert "Depth from position alone" in table and "Cost: 4 runs" in table and "Partial" not in table
+    assert "Depth upper bound: resnet18 trained for depth with labels on the training scenes (2 steps" in table
     assert (out / "compare.png").stat().st_size > 10_000
     # a finished run is reused, not retrained, and reports the costs its steps had
     run_dir = runs / "vader_seed0"
@@ -534,7 +538,7 @@ def test_make_demo_and_evaluation_read_well_in_a_log_file(tmp_path):
                                "8", "--view-size", "64"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=900)
         evaluation = subprocess.run([sys.executable, "-m", "densessl.evaluation", "all", "--checkpoint",
                                      str(tmp_path / "demo"), "--root", str(tmp_path / "data"), "--probe-steps", "3",
-                                     "--size", "64", "96", "--out", str(tmp_path / "eval")], cwd=REPO, stdout=out,
+                                     "--size", "64", "96", "--depth-bound-steps", "2", "--out", str(tmp_path / "eval")], cwd=REPO, stdout=out,
                                     stderr=subprocess.STDOUT, timeout=900)
     text = log.read_bytes().decode()  # read_text() would turn a carriage return into \n
     assert evaluation.returncode == 0 and demo.returncode in (0, 1), text[-3000:]  # 1: the tiny run won nothing

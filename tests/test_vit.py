@@ -238,8 +238,11 @@ def test_evaluation_all_scores_a_vit_run_against_a_random_vit(tmp_path):
     data = generate(tmp_path / "data", TINY_DATA, progress=False)
     run(parse(vit_args(data, tmp_path / "run", **{"optim.steps": 1})))
     assert main(["all", "--checkpoint", str(tmp_path / "run"), "--root", str(data), "--probe-steps", "3",
-                 "--size", "64", "96", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+                 "--size", "64", "96", "--depth-bound-steps", "1", "--out", str(tmp_path / "eval"), "--device",
+                 "cpu"]) == 0
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    bound = f"supervised depth {VIT}, 1 steps (upper bound) [hypercolumn]"  # the ViT trained for depth
     assert set(rows) == {"run/step_00000001 [hypercolumn]", "run/step_00000001 [dense]", "random init [hypercolumn]",
-                         "random init [dense]"}
-    assert all(0 <= row["seg mIoU"] <= 1 and row["depth RMSE (m)"] > 0 for row in rows.values())
+                         "random init [dense]", "depth from position alone", bound}
+    assert all(0 <= row["seg mIoU"] <= 1 for row in rows.values() if "seg mIoU" in row)
+    assert all(row["depth RMSE (m)"] > 0 for row in rows.values())
