@@ -86,7 +86,7 @@ def run_all(checkpoint: str, data: str, out: Path, size, steps: int, device, kin
         bound = depth_upper_bound(arch, tasks.depth, size, bound_steps, device)
         rows[f"supervised depth {arch}, {bound_steps} steps (upper bound) [hypercolumn]"] = {
             "depth RMSE (m)": bound["RMSE"], "depth delta1": bound["delta1"], "cost (min)": bound["seconds"] / 60}
-        notes += "\n" + describe(bound)
+        notes += "\n\n" + describe(bound)
     plot_pca(extractors, tasks.segmentation[1].images[:6], out / "pca.png", size)
     plot_retrieval(extractors, tasks.segmentation[1].images[:5], out / "retrieval.png", size)
     _report(rows, ["seg mIoU", "depth RMSE (m)", "depth delta1", "J", "F", "J&F", "shape top-1"], out,

@@ -104,7 +104,7 @@ class Camera:
 
 # each class's physical size (the radius of its outline, metres): a shape's image size is this over its depth
 CLASS_SIZE_M = {"disc": 0.48, "square": 0.5, "triangle": 0.56, "ring": 0.52}
-SHAPE_DEPTH_M = (1.7, 5.0)  # where shapes stand: every depth in it keeps a shape whole within the frame
+SHAPE_DEPTH_M = (1.7, 5.0)  # where shapes stand: at any depth in it a shape's top stays inside the frame
 PERIOD_M = (0.1, 0.18)  # physical texture period
 
 
