@@ -18,27 +18,20 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from densessl.model.network import build_encoder
 from densessl.pipeline.augment import PhotometricAugment
-from densessl.pipeline.folder import FORMATS
 from densessl.pipeline.progress import progress
 
 from .datasets import DenseSet
 from .features import Hypercolumn
-from .probe import linear_probe, resize_target
+from .probe import linear_probe, load_uint8, resize_target
 
 BOUND_STEPS = 300  # the default budget (its cost and scores against fewer steps: benchmarks/RESULTS.md)
 BOUND_BATCH = 8
 BOUND_LR = 1e-3
-
-
-def _uint8_image(path, size: tuple[int, int]) -> torch.Tensor:
-    with Image.open(path, formats=FORMATS) as im:
-        return torch.from_numpy(np.array(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR))).permute(2, 0, 1)
 
 
 def _depth_statistics(train: DenseSet) -> tuple[float, float]:
@@ -78,7 +71,7 @@ def train_for_depth(arch: str, train: DenseSet, size: tuple[int, int], steps: in
         if len(queue) < batch:
             queue = torch.cat([queue, torch.randperm(len(train), generator=order)])
         pick, queue = queue[:batch], queue[batch:]  # images read as drawn: a set of any size fits in memory
-        x = augment(torch.stack([_uint8_image(train.images[j], size) for j in pick.tolist()]), order)
+        x = augment(torch.stack([load_uint8(train.images[j], size) for j in pick.tolist()]), order)
         y = torch.stack([resize_target(train.read_target(j), size) for j in pick.tolist()])[:, None].float()
         flip = torch.rand(len(pick), generator=order) < 0.5
         x, y = torch.where(flip[:, None, None, None], x.flip(-1), x), torch.where(flip[:, None, None, None], y.flip(-1), y)

@@ -25,11 +25,15 @@ from .datasets import DenseSet
 from .metrics import IGNORE, confusion, depth_errors, eigen_crop, iou_per_class, mean_errors, mean_iou
 
 
+def load_uint8(path, size: tuple[int, int]) -> torch.Tensor:
+    """An image resized to ``size`` (H, W) as uint8 ``[3, H, W]``."""
+    with Image.open(path, formats=FORMATS) as im:
+        return torch.from_numpy(np.array(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR))).permute(2, 0, 1)
+
+
 def load_image(path, size: tuple[int, int]) -> torch.Tensor:
     """An image resized to ``size`` (H, W), normalised as in training."""
-    with Image.open(path, formats=FORMATS) as im:
-        x = torch.from_numpy(np.array(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)))
-    return normalize(x.permute(2, 0, 1).float() / 255)
+    return normalize(load_uint8(path, size).float() / 255)
 
 
 def resize_target(target: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -70,8 +70,7 @@ class Camera:
     ``horizon`` of the way down the image; the floor runs from ``NEAR`` metres at the bottom row to the back wall
     at ``FAR`` metres. A floor point at depth Z is seen at row ``horizon_row + focal * height_m / Z``."""
 
-    height: int
-    width: int
+    height: int  # the image's, in pixels
     NEAR = 1.5  # metres, the floor at the bottom row
     FAR = 8.0  # metres, the back wall
     horizon = 0.2
@@ -177,7 +176,7 @@ def _random_shape(rng: np.random.Generator, cfg: SyntheticConfig, cls: int | Non
     h = rng.random()  # appearance is the instance's, not the class's
     light = _hsv(h, rng.uniform(0.5, 0.9), rng.uniform(0.75, 1.0))
     dark = _hsv(h + rng.uniform(-0.04, 0.04), rng.uniform(0.6, 1.0), rng.uniform(0.2, 0.45))
-    camera = Camera(cfg.height, cfg.width)
+    camera = Camera(cfg.height)
     depth = rng.uniform(*SHAPE_DEPTH_M)
     radius = camera.pixels(CLASS_SIZE_M[CLASSES[cls]] * rng.uniform(0.92, 1.08), depth)
     angle = rng.uniform(0, 2 * np.pi)
@@ -203,7 +202,7 @@ def _smooth_noise(rng: np.random.Generator, cells: tuple[int, int], u: np.ndarra
 def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """The room: a back wall and a floor, each in its own two-colour value noise laid on its own surface (the
     floor's in metres on the ground, so it shrinks towards the wall), and their depth (``Camera.depth_at_row``)."""
-    camera = Camera(cfg.height, cfg.width)
+    camera = Camera(cfg.height)
     ys, xs = np.mgrid[0:cfg.height, 0:cfg.width].astype(np.float32) + 0.5
     depth = np.broadcast_to(camera.depth_at_row(ys[:, :1]), (cfg.height, cfg.width)).copy()
     half_width = camera.FAR * cfg.width / 2 / camera.focal  # the floor's extent where it meets the wall

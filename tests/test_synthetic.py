@@ -113,7 +113,7 @@ def test_depth_shows_in_the_pixels_through_perspective():
     (perspective, then occlusion), and its base touches the floor at the row where the floor is as deep."""
     from densessl.pipeline.synthetic import Camera, SyntheticConfig, render, scene
     cfg = SyntheticConfig()
-    camera = Camera(cfg.height, cfg.width)
+    camera = Camera(cfg.height)
     nothing = (np.zeros((cfg.height, cfg.width, 3), np.float32), np.full((cfg.height, cfg.width), 99, np.float32))
     areas, depths, gaps = {}, {}, []
     for cls in range(len(CLASSES)):
@@ -135,7 +135,7 @@ def test_depth_shows_in_the_pixels_through_perspective():
 
 def test_camera_floor_and_wall():
     from densessl.pipeline.synthetic import Camera
-    camera = Camera(144, 192)
+    camera = Camera(144)
     rows = np.arange(144) + 0.5
     depth = camera.depth_at_row(rows)
     assert abs(depth[-1] - Camera.NEAR) < 0.05 and (depth[:20] == Camera.FAR).all()
