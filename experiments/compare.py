@@ -46,7 +46,7 @@ from densessl.train.distributed import resolve_device
 
 from .presets import ABLATIONS, ARCH, NAMES, PRESETS, TINY, TINY_DATA, arch_of, base_config
 from .scores import depth_bound, score_random, train_and_score
-from .tables import against, costs, plot, summarise, table, verdict
+from .tables import against, against_random, costs, plot, summarise, table, verdict
 
 
 def main(argv=None) -> int:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     def report(results: list[dict], final: bool = False) -> str:
         rows = summarise(results + randoms)
         text = "\n\n".join([
-            table(rows, header), *([against(rows, "VADeR")] if args.ablations else []),
+            table(rows, header), *([against(rows, "VADeR")] if args.ablations else against_random(rows)),
             f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
             f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}." + "".join(f"\n\n{describe(b)}" for b in bounds),
             costs(results + randoms, time.monotonic() - started)

@@ -113,6 +113,18 @@ def against(rows: dict[str, dict], reference: str) -> str:
                       markdown_table([m for m, *_ in METRICS], cells, "model")])
 
 
+def against_random(rows: dict[str, dict]) -> list[str]:
+    """Per encoder, ``against`` with that encoder's random network as the reference: for every trained model and
+    score, whether it beats random init (its strongest read-out) beyond the spread, not only the best model."""
+    out = []
+    for arch in dict.fromkeys(r.get("arch", ARCH) for r in rows.values()):
+        mine = {n: r for n, r in rows.items() if r.get("arch", ARCH) == arch}
+        reference = next((r["model"] for r in mine.values() if r["random"]), None)
+        if reference and any(not r["random"] for r in mine.values()):
+            out.append(against(mine, reference))
+    return out
+
+
 def plot(rows: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 

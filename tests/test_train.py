@@ -394,6 +394,8 @@ def test_comparison_runs_end_to_end_at_tiny_size(tmp_path, capsys, monkeypatch):
     table = (out / "table.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "strongest random baseline" in table
     assert "Depth from position alone" in table and "Cost: 4 runs" in table and "Partial" not in table
+    against = table.split("Against random init (")[1]  # every method, not only the best, judged against random
+    assert all(f"| {model} |" in against for model in ("VADeR", "MoCo v2", "VADeR multi-crop"))
     assert "Depth upper bound: resnet18 trained for depth with labels on the training scenes (2 steps" in table
     assert (out / "compare.png").stat().st_size > 10_000
     # a finished run is reused, not retrained, and reports the costs its steps had

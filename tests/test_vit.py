@@ -208,6 +208,7 @@ def test_make_compare_has_vit_rows_judged_against_a_random_vit(tmp_path):
     verdicts = re.findall(r"^- (\S+): mIoU: best trained (.+?) \[\w+\] \S+ vs strongest random baseline (.+?) \[",
                           table, re.M)  # each arch's best trained row, judged against its own random network
     judged = {arch: (best, baseline) for arch, best, baseline in verdicts}
+    assert "Against random init ViT-Ti/8 (" in table and "Against random init (" in table  # each its own reference
     assert len(verdicts) == 2 and judged["resnet18"] == ("VADeR", "random init")
     assert judged[VIT] in (("VADeR ViT-Ti/8", "random init ViT-Ti/8"), ("MoCo v2 ViT-Ti/8", "random init ViT-Ti/8"))
 
