@@ -28,8 +28,9 @@ RANDOM_NAMES = {ARCH: "random init", VIT_ARCH: "random init ViT-Ti/8"}  # each e
 METRICS = (("mIoU", True, "segmentation mIoU ↑"), ("J&F", True, "propagation J&F ↑"),
            ("RMSE", False, "depth RMSE (m) ↓"), ("top-1", True, "shape classification top-1 ↑"))
 # The budgets: 'cpu' is the one chosen for a 2-core machine from the margin-against-steps curve (README: at 400
-# steps VADeR separates from every random read-out on segmentation, propagation and depth over three seeds; at 200
-# (seed 0) it is behind on depth; it runs on a GPU where there is one); 'gpu' is the larger one for a GPU machine. Seeds per mode.
+# steps VADeR separates from every random read-out on segmentation, propagation and depth over three seeds, while
+# at 200, seed 0, it is behind on depth). It runs on a GPU where there is one; 'gpu' is the larger one for a GPU
+# machine. Seeds per mode.
 PRESETS = {
     "cpu": {"steps": 400, "batch": 32, "view_size": 64, "workers": 2, "device": "auto", "bound_steps": BOUND_STEPS,
             "objectives": ["vader", "densecl", "mocov2", "vader_vit", "mocov2_vit"],  # VADeR multi-crop's step is
