@@ -2,10 +2,11 @@
 
 Generates the synthetic set, trains resnet18 + FPN (a few minutes on 2 cores; resumes if interrupted), and
 scores the trained and a randomly initialised network, each read two ways (its encoder's hypercolumn and its
-FPN output), by the comparison's protocols (``experiments/compare.py``): segmentation and depth probes, and label
-propagation. Writes ``report.md`` with the table, the verdict against the strongest random baseline, a loss
-curve and PCA-of-features images. Exits with status 1 if the trained model does not beat the strongest random
-baseline on any of the scores.
+FPN output), by the comparison's protocols (``experiments/compare.py``): segmentation and depth probes, label
+propagation, and the shape classifier. Writes ``report.md`` with the table, the verdict against the strongest
+random baseline, depth's two references (from position alone, and the supervised upper bound, trained once and
+kept in ``OUT/depth_bound_resnet18``), a loss curve and PCA-of-features images. Exits with status 1 if the
+trained model does not beat the strongest random baseline on any of the scores.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from densessl.evaluation.datasets import synthetic
-from densessl.evaluation.embedded import PROBE_SIZE
+from densessl.evaluation.depth_bound import describe
+from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth
 from densessl.evaluation.features import model_extractors
 from densessl.evaluation.visualize import plot_pca
 from densessl.pipeline.owned import NotOurs
 from densessl.pipeline.synthetic import SyntheticConfig, generate
 from densessl.train.config import ConfigError, with_overrides
 
-from .presets import PRESETS, TINY_DATA, base_config
-from .scores import evaluate, pretrain, random_baseline
+from .presets import PRESETS, TINY, TINY_DATA, base_config
+from .scores import depth_bound, evaluate, pretrain, random_baseline
 from .tables import summarise, table, verdict
 
 KINDS = ("hypercolumn", "dense")
@@ -59,9 +61,16 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where training and the probes run (auto: the GPU when there is one)")
+    p.add_argument("--depth-bound-steps", dest="bound_steps", type=int,
+                   help="steps the supervised depth upper bound trains resnet18 for depth (default: make "
+                        "compare's; 0: none)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny data set (tests)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.bound_steps is None:
+        args.bound_steps = (TINY if args.tiny else PRESETS["cpu"])["bound_steps"]
+    if args.bound_steps < 0:
+        p.error(f"--depth-bound-steps {args.bound_steps}: give 0 (no bound) or more")
 
     if args.data:
         p.error("--data is now --synthetic-dir: the folder the embedded set is written to (not a data set of yours)")
@@ -85,16 +94,22 @@ def main(argv=None) -> int:
     plot_pca(extractors, test_images[:: max(1, len(test_images) // 6)][:6], out / "pca.png", PROBE_SIZE)
 
     checks = verdict(rows)
+    where = position_depth(EmbeddedTasks.load(root))
+    references = [f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
+                  f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}."]
+    if args.bound_steps:
+        bound = depth_bound(cfg.model.arch, args.bound_steps, root, device, out / f"depth_bound_{cfg.model.arch}")
+        references.append(describe(bound))
     header = (f"# VADeR demo on the embedded data set\n\nresnet18 + FPN, {args.steps} steps, batch {args.batch}, "
               f"{args.view_size} px views, on {device}. Frozen features; linear probes fitted on the training "
               "scenes and scored on the validation scenes (lit differently); propagation through clips whose "
               "lighting changes every frame. The random init row is the network this run started from.")
-    lines = [table(rows, header), "", "![loss](loss.png)", "",
+    lines = [table(rows, header), "", *(line for ref in references for line in (ref, "")), "![loss](loss.png)", "",
              "The loss first rises while the queue's random initial keys are replaced by real ones.", "",
              "![pca](pca.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     better = [c["metric"] for c in checks if c["margin"] > 0]
-    print("\n".join(c["line"] for c in checks))
+    print("\n".join([c["line"] for c in checks] + references))
     print(f"trained VADeR beats the strongest random baseline on {', '.join(better) or 'nothing'}. "
           f"Report: {out / 'report.md'}")
     return 0 if better or args.tiny else 1
