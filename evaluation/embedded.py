@@ -93,3 +93,9 @@ def position_depth(tasks: EmbeddedTasks, size=PROBE_SIZE) -> dict:
         return torch.stack([rows, cols, rows ** 2, cols ** 2])[None].expand(n, -1, -1, -1)
 
     return linear_probe(where, *tasks.depth, size)
+
+
+def describe_position(where: dict) -> str:
+    """One line for a report: what ``position_depth`` is and what it scores."""
+    return (f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
+            f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}.")

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from densessl.evaluation.depth_bound import describe
-from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth
+from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, describe_position, position_depth
 from densessl.evaluation.report import markdown_table
 from densessl.pipeline.owned import NotOurs, claim, json_keys
 from densessl.pipeline.synthetic import SyntheticConfig, generate
@@ -127,8 +127,7 @@ def main(argv=None) -> int:
         rows = summarise(results + randoms)
         text = "\n\n".join([
             table(rows, header), *([against(rows, "VADeR")] if args.ablations else against_random(rows)),
-            f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
-            f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}." + "".join(f"\n\n{describe(b)}" for b in bounds),
+            describe_position(where) + "".join(f"\n\n{describe(b)}" for b in bounds),
             costs(results + randoms, time.monotonic() - started)
             + ("" if final else f" Partial: {len(results)} of {expected} runs so far.")])
         (out / "results.json").write_text(json.dumps({"runs": results + randoms, "rows": rows,

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 
 from densessl.evaluation.datasets import synthetic
 from densessl.evaluation.depth_bound import describe
-from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, position_depth
+from densessl.evaluation.embedded import PROBE_SIZE, EmbeddedTasks, describe_position, position_depth
 from densessl.evaluation.features import model_extractors
 from densessl.evaluation.visualize import plot_pca
 from densessl.pipeline.owned import NotOurs
@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     plot_pca(extractors, test_images[:: max(1, len(test_images) // 6)][:6], out / "pca.png", PROBE_SIZE)
 
     checks = verdict(rows)
-    where = position_depth(EmbeddedTasks.load(root))
-    references = [f"Depth from position alone (the probe sees each pixel's row and column, nothing of the image): "
-                  f"RMSE {where['RMSE']:.3f}, δ1 {where['delta1']:.3f}."]
+    references = [describe_position(position_depth(EmbeddedTasks.load(root)))]
     if args.bound_steps:
         bound = depth_bound(cfg.model.arch, args.bound_steps, root, device, out / f"depth_bound_{cfg.model.arch}")
         references.append(describe(bound))
