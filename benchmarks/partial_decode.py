@@ -73,16 +73,18 @@ def rate(decode, items, reps: int) -> list[float]:
 def scanline_decoder():
     """``decode(data, top, left, height, width, m)`` -> the decoded rows of that region at scale m/8 (HxWx3,
     widened to iMCU columns) and the first column's index, through ``decode_region`` in partial_decode.c,
-    compiled into a temporary library; None if it cannot be built here."""
-    out = Path(tempfile.mkdtemp(prefix="partial_decode-")) / "libregion.so"
+    compiled into a temporary library (removed once loaded: the loaded copy stays mapped); None if it cannot be
+    built here."""
     source = Path(__file__).with_name("partial_decode.c")
-    try:
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ljpeg"], check=True,
-                       capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as err:
-        print(f"libjpeg scanline rows skipped: cannot build partial_decode.c ({err})")
-        return None
-    lib = ctypes.CDLL(str(out))
+    with tempfile.TemporaryDirectory(prefix="partial_decode-") as scratch:
+        out = Path(scratch) / "libregion.so"
+        try:
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ljpeg"], check=True,
+                           capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"libjpeg scanline rows skipped: cannot build partial_decode.c ({err})")
+            return None
+        lib = ctypes.CDLL(str(out))
     lib.decode_region.argtypes = ([ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 +
                                   [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)])
     lib.decode_region.restype = ctypes.c_int

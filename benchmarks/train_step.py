@@ -21,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import torch
@@ -113,15 +114,17 @@ def step_flops(trainer: Trainer, batch: dict, step: int = 0) -> int:
     return counter.get_total_flops()
 
 
-def make_trainer(objective: str, arch: str, args, device: torch.device, batch: dict) -> tuple[Trainer, int]:
-    """The trainer, and the FLOPs of one of its steps on ``batch``, counted on the eager step before the
-    model is compiled (under the FLOP counter's dispatch mode torch.compile would run the model eagerly)."""
+def make_trainer(objective: str, arch: str, args, device: torch.device, batch: dict,
+                 run_dir: Path) -> tuple[Trainer, int]:
+    """The trainer (its run folder ``run_dir``, where nothing is written unless a step goes wrong), and the FLOPs
+    of one of its steps on ``batch``, counted on the eager step before the model is compiled (under the FLOP
+    counter's dispatch mode torch.compile would run the model eagerly)."""
     views = PairSpec(size=args.size)
     keys = method_class(objective)(method_config(objective)).keys_per_sample(views)
     cfg = TrainConfig(views=views, model=ModelConfig(arch=arch),
                       method=method_config(objective, queue_size=args.batch * keys * 16),
                       optim=OptimConfig(batch_size=args.batch),
-                      run=RunConfig(dir=tempfile.mkdtemp(prefix="train_step-"), progress=False, compile=False,
+                      run=RunConfig(dir=str(run_dir), progress=False, compile=False,
                                     sync_every=args.sync_every, tensorboard=False,
                                     channels_last=not args.contiguous))
     cfg.validate()
@@ -209,7 +212,11 @@ def main(argv=None) -> None:
     p.add_argument("--contiguous", action="store_true", help="run.channels_last=false: NCHW activations")
     p.add_argument("--profile", metavar="DIR", help="write a profiler trace per objective to DIR")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="train_step-") as scratch:  # the trainers' run folders, removed after
+        run(args, Path(scratch))
 
+
+def run(args, scratch: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_tflops(device)
     print(f"train step (Trainer.step): {args.arch}, {args.size}px views, batch {args.batch}, {args.steps} timed "
@@ -227,7 +234,9 @@ def main(argv=None) -> None:
     for arch in args.arch.split(","):
         for objective in args.objectives.split(","):
             batches = synthetic_batches(args.batch, args.size, pin=device.type == "cuda")
-            trainer, flops = make_trainer(objective, arch, args, device, next(batches))
+            run_dir = scratch / f"{arch}_{objective}"
+            run_dir.mkdir()
+            trainer, flops = make_trainer(objective, arch, args, device, next(batches), run_dir)
             first = first or trainer
             rate, _ = timed_steps(trainer, batches, args.steps, args.warmup)
             tflops = rate / args.batch * flops / 1e12

@@ -67,10 +67,13 @@ def test_photo_set_is_imagenet_like_and_reproducible(tmp_path):
     assert len({f.parent.name for f in a}) == 8  # one class per photograph
 
 
-def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys):
+def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys, monkeypatch):
     """The step benchmark counts real FLOPs (a VADeR step is more than its query forward), times the RN50
-    anchor in the same run, and writes a profiler trace."""
+    anchor in the same run, writes a profiler trace, and leaves no temporary folder behind."""
+    import tempfile
+
     from densessl.benchmarks.train_step import main as train_step
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     train_step(["--objectives", "vader,mocov2", "--arch", "resnet18", "--size", "64", "--batch", "4", "--steps", "1",
                 "--warmup", "1", "--sync-every", "2", "--profile", str(tmp_path / "prof")])
     out = capsys.readouterr().out
@@ -79,13 +82,17 @@ def test_train_step_benchmark_counts_flops_and_times_the_anchor(tmp_path, capsys
     gflop = {k: float(v.split("GFLOP")[0].split()[-1]) for k, v in rows.items()}
     assert gflop["vader"] > gflop["mocov2"] > 0  # the FPN decoder costs FLOPs
     assert (tmp_path / "prof" / "trace_vader.json").stat().st_size > 1000
+    assert not list(tmp_path.glob("train_step-*"))  # the trainers' run folders are removed
 
 
-def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(synthetic_root, capsys):
+def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(synthetic_root, capsys, tmp_path,
+                                                                            monkeypatch):
     """The feasibility benchmark of issue 20 measures the right thing: its union covers both windows at the
     smallest scale that keeps them at view size, and its libjpeg region decoder returns the full decode's
     pixels of that region (at 8/8). The two outermost columns on each side may differ (measured up to 11 grey
     levels): chroma upsampling has no neighbour beyond a cropped edge."""
+    import tempfile
+
     import simplejpeg
 
     from densessl.benchmarks import partial_decode
@@ -93,7 +100,9 @@ def test_partial_decode_plans_cover_both_windows_and_decode_the_right_pixels(syn
 
     spec = PairSpec(size=(64, 64))
     files = list(scan_image_folder(synthetic_root / "train").files)[:12]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     region = partial_decode.scanline_decoder()
+    assert region is not None and not list(tmp_path.iterdir())  # built, loaded, and its library file removed
     for i, path in enumerate(files):
         data = open(path, "rb").read()
         plan = partial_decode.plan(data, i, spec)
