@@ -21,8 +21,8 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torchvision

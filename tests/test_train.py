@@ -326,7 +326,7 @@ def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
         assert f"| {row} |" in report
     assert "strongest random baseline" in report
     assert "Depth from position alone" in report and "Depth upper bound: resnet18" in report  # depth's references
-    assert (out / "depth_bound_resnet18" / "bound.json").is_file()  # kept: a second demo reads it back
+    assert (out / "depth_bound_resnet18" / "bound.json").is_file()  # kept for the next demo (depth_bound's cache)
     for png in ("loss.png", "pca.png"):
         assert (out / png).stat().st_size > 1000
 
